@@ -1,0 +1,59 @@
+"""Shared fixtures: one tiny offline backbone per test session, a fresh TWN model per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from twn_cli.toyworld.backbone import ToyBackboneSpec, build_toy_backbone  # noqa: E402
+
+# Smaller than the toy recipe: the tests check mechanics, not what the model can learn.
+TEST_SPEC = ToyBackboneSpec(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vision_depth=1,
+    vision_embed_dim=64,
+    vision_num_heads=2,
+)
+# Real photographs and scans that ship inside scikit-image, of different sizes and aspect ratios.
+REAL_IMAGE_NAMES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "horse.png"]
+
+
+@pytest.fixture(scope="session")
+def toy_backbone_dir(tmp_path_factory) -> Path:
+    return build_toy_backbone(tmp_path_factory.mktemp("backbone") / "toy", seed=0, spec=TEST_SPEC)
+
+
+@pytest.fixture(scope="session")
+def other_backbone_dir(tmp_path_factory) -> Path:
+    """A second toy backbone (another seed): same architecture, different model."""
+    return build_toy_backbone(tmp_path_factory.mktemp("backbone") / "other", seed=1, spec=TEST_SPEC)
+
+
+@pytest.fixture(scope="session")
+def real_image_paths() -> list[Path]:
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    return [folder / name for name in REAL_IMAGE_NAMES]
+
+
+@pytest.fixture
+def make_model(toy_backbone_dir):
+    """Build a fresh TWN model on the session's toy backbone (settings overridable)."""
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.model import TWNConfig, TWNModel
+
+    def build(**settings):
+        config = TWNConfig(**{"lora_rank": 4, "max_think_tokens": 12, **settings})
+        return TWNModel(load_backbone(str(toy_backbone_dir), device="cpu"), config)
+
+    return build

@@ -1,0 +1,120 @@
+"""The shared-prefill forward: cache correctness, padding, mixed think/no-think batches, the reencode ablation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twn_cli.data.images import load_image
+from twn_cli.engine.model import ModelInput, TWNModel
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def inputs(request) -> list[ModelInput]:
+    paths = request.getfixturevalue("real_image_paths")
+    astronaut, cat, coffee, rocket = (load_image(path) for path in paths[:4])
+    return [
+        ModelInput(text="a cat on a chair", images=[cat]),
+        ModelInput(text="the shape with one more side than a square, coloured like grass"),
+        ModelInput(images=[astronaut, rocket]),
+        ModelInput(text="a cup", images=[coffee], instruction="Find the matching caption."),
+    ]
+
+
+def teach_short_thoughts(model: TWNModel, inputs: list[ModelInput], steps: int = 100) -> None:
+    """SFT the reasoning adapter on CoTs of different lengths, so greedy CoTs end early and unevenly."""
+    cots = ["cat", "one more side than a square is a pentagon; grass is green; so a green pentagon", "rocket", "cup"]
+    cot_ids = [model.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]
+    encoded = model.encode(inputs)
+    optimizer = torch.optim.Adam(model.adapter_parameters("reasoning").values(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model.teacher_forced(encoded, cot_ids).sft_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def one_at_a_time(model: TWNModel, inputs: list[ModelInput], think: str) -> torch.Tensor:
+    return torch.cat([model.embed([item], think=think).embeddings for item in inputs])
+
+
+@pytest.mark.parametrize("think", ["never", "always"])
+def test_padded_batch_equals_one_input_at_a_time(make_model, inputs, think):
+    model = make_model()
+    batch = model.embed(inputs, think=think)
+    assert batch.embeddings.shape == (len(inputs), model.embedding_dim)
+    assert torch.allclose(batch.embeddings.norm(dim=-1), torch.ones(len(inputs)), atol=1e-5)
+    assert torch.allclose(batch.embeddings, one_at_a_time(model, inputs, think), atol=ATOL)
+
+
+@pytest.mark.parametrize("think", ["never", "always"])
+def test_cached_path_equals_full_recompute_in_one_pass(make_model, inputs, think):
+    """Fresh LoRA adapters are the identity (B = 0), so the shared-prefill embedding (prefill, decode step by
+    step into the cache, queries over the cache) must equal one uncached forward over prompt + CoT + queries."""
+    shared = make_model()
+    reencode = make_model(interface="reencode")
+    result = shared.embed(inputs, think=think)
+    assert torch.allclose(result.embeddings, reencode.embed(inputs, think=think).embeddings, atol=ATOL)
+    assert result.reasoning_tokens == ([12] * 4 if think == "always" else [0] * 4)
+
+
+def test_decoded_thoughts_equal_teacher_forced_prefix(make_model, inputs):
+    """After SFT the CoTs end at different steps (masked holes in the batch cache); each row's embedding still
+    equals the one from re-running its prompt + CoT from scratch in a single prefill."""
+    model = make_model()
+    teach_short_thoughts(model, inputs)
+    result = model.embed(inputs, think="always")
+    lengths = result.reasoning_tokens
+    assert min(lengths) < model.config.max_think_tokens and len(set(lengths)) > 1, lengths
+    with torch.no_grad():
+        for row, item in enumerate(inputs):
+            cot_ids = model.tokenizer.encode(result.cot[row], add_special_tokens=False)
+            views = model.teacher_forced(model.encode([item]), [cot_ids])
+            assert torch.allclose(model.query_pass(views.think_view)[0], result.embeddings[row], atol=ATOL)
+            assert torch.allclose(
+                model.query_pass(views.no_think_view)[0], model.embed([item]).embeddings[0], atol=ATOL
+            )
+
+
+def test_mixed_think_batch_equals_forced_modes(make_model, inputs):
+    model = make_model()
+    teach_short_thoughts(model, inputs)
+    probabilities = model.embed(inputs).p_think
+    threshold = float(probabilities.median())
+    mixed = model.embed(inputs, think="auto", threshold=threshold)
+    assert 0 < int(mixed.think.sum()) < len(inputs)
+    for row, item in enumerate(inputs):
+        mode = "always" if mixed.think[row] else "never"
+        single = model.embed([item], think=mode)
+        assert torch.allclose(mixed.embeddings[row], single.embeddings[0], atol=ATOL)
+        assert mixed.cot[row] == single.cot[0]
+        assert mixed.reasoning_tokens[row] == single.reasoning_tokens[0]
+    assert all(tokens == 0 for tokens, thinks in zip(mixed.reasoning_tokens, mixed.think) if not thinks)
+
+
+def test_sampled_thoughts_are_reproducible_for_a_seed(make_model, inputs):
+    from twn_cli.engine.model import Sampling
+
+    model = make_model()
+
+    def sample(seed: int) -> list[str]:
+        generator = torch.Generator().manual_seed(seed)
+        return model.embed(inputs, think="always", sampling=Sampling(temperature=1.0, top_p=0.9, generator=generator)).cot
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_adapters_cover_language_model_only(make_model):
+    model = make_model()
+    adapted = {name.split(".lora_")[0] for name in model.adapter_parameters("reasoning")}
+    assert adapted and all(".language_model." in name for name in adapted)
+    assert not any("visual" in name for name in adapted)
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    overhead = model.parameter_overhead()
+    assert overhead["reasoning_adapter"] == overhead["embedding_adapter"] > 0
+    assert overhead["added_percent"] == pytest.approx(100 * overhead["added"] / overhead["backbone"])

@@ -1,0 +1,3 @@
+from twn_cli.cli import app
+
+app(prog_name="twn")

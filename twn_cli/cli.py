@@ -1,0 +1,288 @@
+"""The `twn` command line: a thin Typer layer over the engine and the stages.
+
+Results go to stdout (a path, or JSONL records) so that stages chain in shell pipelines; logs and progress
+go to stderr. Heavy modules (torch, transformers, peft) are imported inside the commands so that `--help`
+and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from twn_cli.errors import TWNError
+
+app = typer.Typer(
+    name="twn",
+    help=(
+        "Think When Needed multimodal embeddings: a frozen multimodal LLM with a reasoning LoRA that writes a "
+        "chain of thought, an embedding LoRA that embeds, and a gate that decides per input whether to think.\n\n"
+        "Pipeline: prepare -> train-embed -> train-gate -> train-rl -> embed / route / eval. "
+        "Results go to stdout, logs and progress to stderr."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+class ThinkOption(str, enum.Enum):
+    never = "never"
+    always = "always"
+    auto = "auto"
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import warnings
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=_stderr_console(), show_path=False, show_time=False)],
+        force=True,
+    )
+    # Deprecation chatter from inside transformers/peft that a user cannot act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def user_errors(command):
+    """Report TWNError as one line on stderr with exit code 1 (2 for usage errors from Typer itself)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TWNError as error:
+            print(f"twn {command.__name__.replace('_', '-')}: error: {error}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print("twn: interrupted; partial outputs were removed", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _not_built(stage: str) -> None:
+    print(f"twn {stage}: this stage is not built yet in twn {_version()}; see CHANGELOG.md for what is.", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _version() -> str:
+    from twn_cli import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------------------------- toy backbone
+@app.command("toy-backbone")
+@user_errors
+def toy_backbone(
+    output: Path = typer.Option(..., "-o", "--output", help="Directory to write the backbone to."),
+    seed: int = typer.Option(0, help="Seed of the tokenizer corpus and the weights: the same seed gives the same files."),
+    recipe: Optional[Path] = typer.Option(
+        None, help="YAML of backbone sizes (default: recipes/toy/toy-backbone.yaml's values, built in)."
+    ),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress on stderr."),
+):
+    """Build the offline toy backbone: a tiny Qwen2-VL with a locally trained tokenizer and a PIL image processor.
+
+    It has a real backbone's architecture and file layout, so every command loads it like
+    Qwen/Qwen2-VL-2B-Instruct (`--backbone DIR`), with no download. Prints the directory written.
+    """
+    _setup_logging(verbose)
+    from twn_cli.recipes import load_recipe
+    from twn_cli.toyworld.backbone import ToyBackboneSpec, build_toy_backbone
+
+    spec = load_recipe(recipe, ToyBackboneSpec)
+    print(build_toy_backbone(output, seed=seed, spec=spec))
+
+
+# --------------------------------------------------------------------------------------------- embed
+@app.command()
+@user_errors
+def embed(
+    inputs: str = typer.Argument(..., help="An image folder, a JSONL file of records (id, text, image/images, instruction), or - for JSONL on stdin."),
+    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint directory to embed with."),
+    backbone: Optional[str] = typer.Option(
+        None, help="Backbone directory or hub id: with --checkpoint, load the checkpoint onto it; alone, a fresh untrained TWN model."
+    ),
+    output: str = typer.Option("-", "-o", "--output", help="Output file: .safetensors, .pt, .parquet, .jsonl, or - for JSONL on stdout."),
+    think: ThinkOption = typer.Option(ThinkOption.never, help="never: no CoT; always: a CoT for every input; auto: the gate decides."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Same as --think auto: think where the checkpoint's gate says it helps."),
+    threshold: Optional[float] = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
+    batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
+    max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
+    seed: int = typer.Option(0, help="Seed for sampled CoTs and for a fresh model's adapters."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details on stderr."),
+):
+    """Embed images, texts or both with the shared-prefill dual-LoRA model.
+
+    Writes one vector per input with its id, whether it thought, its CoT and reasoning-token count. File
+    outputs also record the checkpoint, the think mode and that vectors are L2-normalised, and are written
+    atomically; with `-o -` (default) JSONL records stream to stdout. Prints the path written.
+    """
+    _setup_logging(verbose)
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twn_cli.data.embedding_files import EmbeddingWriter
+    from twn_cli.data.inputs import read_inputs
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.checkpoint import load_checkpoint
+    from twn_cli.engine.model import Sampling, TWNConfig, TWNModel
+    from twn_cli.stages.embed import EmbedSettings, run_embed
+
+    if checkpoint is None and backbone is None:
+        raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
+    mode = "auto" if adaptive else think.value
+    if adaptive and think is ThinkOption.always:
+        raise TWNError("--adaptive and --think always contradict each other")
+    load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    records = read_inputs(inputs)
+    if checkpoint is not None:
+        loaded_backbone = load_backbone(backbone, **load_options) if backbone else None
+        model = load_checkpoint(checkpoint, loaded_backbone, **load_options)
+        if mode == "auto" and "gate" not in model.manifest:
+            logging.warning("checkpoint '%s' has no trained gate: --adaptive uses an untrained one", checkpoint)
+    else:
+        logging.warning("no --checkpoint: embedding with fresh, untrained adapters on '%s'", backbone)
+        model = TWNModel(load_backbone(backbone, **load_options), TWNConfig(seed=seed))
+    if max_think_tokens is not None:
+        model.config.max_think_tokens = max_think_tokens
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    settings = EmbedSettings(
+        think=mode,
+        threshold=threshold,
+        batch_size=batch_size,
+        skip_bad=skip_bad,
+        sampling=Sampling(temperature=temperature, top_p=top_p, generator=generator),
+    )
+    metadata = {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "backbone": model.backbone.source,
+        "think_mode": mode,
+        "threshold": (model.config.gate_threshold if threshold is None else threshold) if mode == "auto" else None,
+        "normalized": True,
+        "embedding_dim": model.embedding_dim,
+        "twn_version": _version(),
+    }
+    writer = EmbeddingWriter(output, metadata)
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"), console=_stderr_console(), transient=False,
+    ) as progress:
+        task = progress.add_task("embed", total=None, rate="")
+
+        def advance(count: int) -> None:
+            done = progress.tasks[0].completed + count
+            progress.update(task, advance=count, rate=f"{done / (time.perf_counter() - started):.1f} inputs/s")
+
+        summary = run_embed(model, records, writer, settings, on_batch=advance)
+    print(
+        f"embedded {summary.embedded} inputs ({summary.thought} thought, {summary.reasoning_tokens} reasoning tokens, "
+        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
+    if writer.path is not None:
+        print(writer.path)
+
+
+# --------------------------------------------------------------------------------------------- stages to come
+@app.command(context_settings=PASS_THROUGH)
+def prepare(ctx: typer.Context):
+    """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).
+
+    SOURCE: JSONL, CSV, Parquet, a `datasets` directory, an image folder (one sub-folder per class), the
+    MMEB-train or MMEB-V2-eval layouts, video frame folders or document pages; or `synthetic` for the
+    built-in toy reasoning world. Every image is opened; bad records fail the run or, with --skip-bad, are
+    skipped and listed in the manifest. Optionally adds teacher CoT from a column or a teacher MLLM.
+    Usage: twn prepare SOURCE -o DIR [--skip-bad] [--cot-column NAME | --cot-teacher MODEL].
+    """
+    _not_built("prepare")
+
+
+@app.command("train-embed", context_settings=PASS_THROUGH)
+def train_embed(ctx: typer.Context):
+    """Jointly train the reasoning adapter (SFT on teacher CoT) and the embedding adapter + queries (InfoNCE).
+
+    Both views of each query (with and without its CoT) share one prefill; the embedding side reads the
+    detached cache, so the contrastive loss never reaches the reasoning adapter. In-batch and hard negatives,
+    gradient cache for large batches, multi-process via accelerate. Writes a checkpoint directory.
+    Usage: twn train-embed DATA --backbone MODEL -o RUN [--recipe YAML] [--resume].
+    """
+    _not_built("train-embed")
+
+
+@app.command("train-gate", context_settings=PASS_THROUGH)
+def train_gate(ctx: typer.Context):
+    """Train the routing gate on self-supervised labels: does thinking improve this input's retrieval margin?
+
+    Labels come from embedding each training input with and without a generated CoT; only the gate's
+    parameters change. Picks the threshold for a think budget (--think-budget F) or the best validation
+    score (--target best). Writes a checkpoint directory.
+    Usage: twn train-gate DATA --checkpoint RUN -o RUN2 [--think-budget F | --target best].
+    """
+    _not_built("train-gate")
+
+
+@app.command("train-rl", context_settings=PASS_THROUGH)
+def train_rl(ctx: typer.Context):
+    """Improve the reasoning adapter with GRPO, rewarded in the embedding space against a global negatives cache.
+
+    For each query, G sampled CoTs are embedded; the reward compares each to the positive against the
+    cache's negatives. Group-normalised advantages, clipped ratios, KL to the pre-RL adapter; only the
+    reasoning adapter changes. Writes a checkpoint directory.
+    Usage: twn train-rl DATA --checkpoint RUN --negatives-cache cache.pt -o RUN2.
+    """
+    _not_built("train-rl")
+
+
+@app.command(context_settings=PASS_THROUGH)
+def route(ctx: typer.Context):
+    """Gate decisions only: prefill each input and report p_think and think, without decoding anything.
+
+    Reads inputs like `twn embed`; writes JSONL (id, p_think, think) to stdout or a file.
+    Usage: twn route INPUTS --checkpoint RUN [--threshold T] [-o FILE].
+    """
+    _not_built("route")
+
+
+@app.command(name="eval", context_settings=PASS_THROUGH)
+def evaluate(ctx: typer.Context):
+    """MMEB-style evaluation in modes never / always / adaptive, or a sweep of gate thresholds.
+
+    Hit@k, NDCG@k, MRR and Recall@k per task, meta-task, modality and overall, with think rate, reasoning
+    tokens and throughput. Writes report.json, report.md, predictions.jsonl and a quality-vs-tokens plot.
+    Usage: twn eval DATA --checkpoint RUN -o REPORT_DIR --mode never|always|adaptive|sweep.
+    """
+    _not_built("eval")

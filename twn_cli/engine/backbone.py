@@ -1,0 +1,118 @@
+"""Loading a frozen multimodal LLM backbone and its processor, from a local directory or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from twn_cli.errors import TWNError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config keys that say how a model was loaded or saved, not what it is.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "_commit_hash",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+@dataclass
+class Backbone:
+    """A frozen image-text-to-text model with the processor that prepares its inputs."""
+
+    model: Any
+    processor: Any
+    source: str
+    fingerprint: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config(decoder=True).hidden_size
+
+    def parameter_count(self) -> int:
+        return sum(parameter.numel() for parameter in self.model.parameters())
+
+
+def config_fingerprint(config) -> str:
+    """A hash of everything in a model config that defines the model (not how it was loaded)."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {key: strip(item) for key, item in sorted(value.items()) if key not in _VOLATILE_CONFIG_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [strip(item) for item in value]
+        return value
+
+    canonical = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_backbone(
+    source: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """Load `source` (a directory or hub id) frozen and in eval mode.
+
+    `attn_implementation` is passed through to transformers (`sdpa`, `eager`, `flash_attention_2`, ...); the
+    default lets transformers choose. Remote code runs only with `trust_remote_code=True`.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from twn_cli.engine.processors import register_image_only_processors
+
+    if dtype not in DTYPES:
+        raise TWNError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    register_image_only_processors()
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TWNError(f"cannot load backbone '{source}': {first_line}") from None
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise TWNError(f"backbone '{source}' has no image processor: it is not an image-text model")
+    model.requires_grad_(False)
+    model.eval()
+    model.to(resolve_device(device))
+    return Backbone(model=model, processor=processor, source=str(source), fingerprint=config_fingerprint(model.config))

@@ -1,0 +1,177 @@
+"""Checkpoint directories (METHOD section 3), written atomically and checked on load.
+
+    twn.json               manifest: backbone + fingerprint, model settings, stages run, versions, file hashes
+    reasoning/             PEFT LoRA adapter dir (loadable by peft alone)
+    embedding/             PEFT LoRA adapter dir
+    queries.safetensors    the K learnable query embeddings
+    gate.safetensors       the routing gate MLP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from twn_cli.engine.backbone import Backbone, load_backbone
+from twn_cli.engine.model import ADAPTERS, TWNConfig, TWNModel
+from twn_cli.errors import TWNError
+
+MANIFEST = "twn.json"
+FORMAT = "twn-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_FILES = (
+    "reasoning/adapter_config.json",
+    "reasoning/adapter_model.safetensors",
+    "embedding/adapter_config.json",
+    "embedding/adapter_model.safetensors",
+    "queries.safetensors",
+    "gate.safetensors",
+)
+
+
+def package_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    import twn_cli
+
+    return {"twn": twn_cli.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def save_checkpoint(model: TWNModel, output_dir: str | Path, stages: list[dict], extra: dict | None = None) -> Path:
+    """Write `model` to `output_dir` atomically: a temporary sibling directory renamed into place.
+
+    `stages` is the history of stages that produced the model (each: name, arguments, time); `extra` holds
+    stage results that later stages read (gate statistics, ...). An existing checkpoint at `output_dir` is
+    replaced only once the new one is complete.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        model.peft.save_pretrained(staging, selected_adapters=list(ADAPTERS))
+        save_file({"queries": model.queries.detach().float().cpu().contiguous()}, staging / "queries.safetensors")
+        save_file(
+            {name: tensor.detach().float().cpu().contiguous() for name, tensor in model.gate.state_dict().items()},
+            staging / "gate.safetensors",
+        )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "backbone": {
+                "source": model.backbone.source,
+                "fingerprint": model.backbone.fingerprint,
+                "model_type": model.backbone.model.config.model_type,
+            },
+            "model": model.config.to_dict(),
+            "embedding_dim": model.embedding_dim,
+            "parameters": model.parameter_overhead(),
+            "stages": stages,
+            **(extra or {}),
+            "versions": package_versions(),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": {name: _sha256(staging / name) for name in REQUIRED_FILES},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_directory(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def read_manifest(checkpoint_dir: str | Path) -> dict:
+    """The checked manifest of a checkpoint: every file present and unchanged since it was written."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise TWNError(f"checkpoint '{checkpoint_dir}' does not exist")
+    manifest_path = checkpoint_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise TWNError(f"'{checkpoint_dir}' is not a TWN checkpoint (no {MANIFEST}; an interrupted write leaves none)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST} is corrupted ({error})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise TWNError(
+            f"checkpoint '{checkpoint_dir}': {MANIFEST} is not a version-{FORMAT_VERSION} TWN manifest"
+        )
+    for name in REQUIRED_FILES:
+        path = checkpoint_dir / name
+        if not path.is_file():
+            raise TWNError(f"checkpoint '{checkpoint_dir}' is incomplete: {name} is missing")
+        if _sha256(path) != manifest.get("files", {}).get(name):
+            raise TWNError(f"checkpoint '{checkpoint_dir}' is corrupted: {name} differs from what was saved")
+    return manifest
+
+
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    backbone: Backbone | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> TWNModel:
+    """Load a checkpoint onto its backbone (by default the one it names) and check they belong together."""
+    checkpoint_dir = Path(checkpoint_dir)
+    manifest = read_manifest(checkpoint_dir)
+    if backbone is None:
+        backbone = load_backbone(
+            manifest["backbone"]["source"],
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    expected = manifest["backbone"]["fingerprint"]
+    if backbone.fingerprint != expected:
+        raise TWNError(
+            f"checkpoint '{checkpoint_dir}' was trained on backbone '{manifest['backbone']['source']}' "
+            f"({expected[:19]}), not on '{backbone.source}' ({backbone.fingerprint[:19]})"
+        )
+    model = TWNModel(
+        backbone,
+        TWNConfig.from_dict(manifest["model"]),
+        adapter_dirs={name: checkpoint_dir / name for name in ADAPTERS},
+    )
+    queries = load_file(checkpoint_dir / "queries.safetensors")["queries"]
+    if queries.shape != model.queries.shape:
+        raise TWNError(f"checkpoint '{checkpoint_dir}': queries.safetensors has shape {tuple(queries.shape)}, expected {tuple(model.queries.shape)}")
+    model.queries.data.copy_(queries.to(model.device))
+    try:
+        model.gate.load_state_dict(load_file(checkpoint_dir / "gate.safetensors", device=str(model.device)))
+    except RuntimeError as error:
+        raise TWNError(f"checkpoint '{checkpoint_dir}': gate.safetensors does not fit the gate ({str(error).splitlines()[0]})") from None
+    model.manifest = manifest
+    return model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move `staging` to `target`; a previous `target` is removed only after the new one is in place."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if not (target / MANIFEST).is_file() and any(target.iterdir()):
+        raise TWNError(f"'{target}' exists and is not a TWN checkpoint: refusing to replace it")
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,20 @@
+"""The routing gate: a small MLP that reads the last prompt state and says how likely thinking helps."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RoutingGate(nn.Module):
+    """p_think = sigmoid(MLP(h)) on the detached last hidden state of the reasoning-adapter prefill."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+
+    def logits(self, last_prompt_state: torch.Tensor) -> torch.Tensor:
+        return self.mlp(last_prompt_state.detach().float()).squeeze(-1)
+
+    def forward(self, last_prompt_state: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(last_prompt_state))
