@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from twn_cli.errors import TWNError
+from twn_cli.errors import BadRecordError, TWNError
 
 app = typer.Typer(
     name="twn",
@@ -75,7 +75,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except TWNError as error:
-            print(f"twn {command.__name__.replace('_', '-')}: error: {error}", file=sys.stderr)
+            hint = " (--skip-bad skips such records)" if isinstance(error, BadRecordError) else ""
+            print(f"twn {command.__name__.replace('_', '-')}: error: {error}{hint}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             print("twn: interrupted; partial outputs were removed", file=sys.stderr)
@@ -218,17 +219,50 @@ def embed(
 
 
 # --------------------------------------------------------------------------------------------- stages to come
-@app.command(context_settings=PASS_THROUGH)
-def prepare(ctx: typer.Context):
+@app.command()
+@user_errors
+def prepare(
+    source: str = typer.Argument(..., help="JSONL/CSV/Parquet file, `datasets` directory, image folder (one sub-folder per class), MMEB-train or MMEB-V2-eval parquet, or `synthetic`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory of the prepared dataset to write."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (each listed in manifest.json) instead of failing."),
+    frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video frame folder."),
+    cot_column: Optional[str] = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
+    instruction: Optional[str] = typer.Option(None, help="Task instruction for records that carry none."),
+    split: Optional[str] = typer.Option(None, help="Split for records that name none (default: train; test for MMEB-V2 eval files)."),
+    task: Optional[str] = typer.Option(None, help="Task name for records that name none (default: from the file or folder name)."),
+    image_root: Optional[Path] = typer.Option(None, help="Where relative image paths resolve (default: beside each file)."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
     """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).
 
-    SOURCE: JSONL, CSV, Parquet, a `datasets` directory, an image folder (one sub-folder per class), the
-    MMEB-train or MMEB-V2-eval layouts, video frame folders or document pages; or `synthetic` for the
-    built-in toy reasoning world. Every image is opened; bad records fail the run or, with --skip-bad, are
-    skipped and listed in the manifest. Optionally adds teacher CoT from a column or a teacher MLLM.
-    Usage: twn prepare SOURCE -o DIR [--skip-bad] [--cot-column NAME | --cot-teacher MODEL].
+    Every image is opened; missing or unreadable images, empty texts, records without a positive and
+    duplicate ids fail the run with the first problems listed or, with --skip-bad, are skipped and listed in
+    the manifest. Eval tasks keep their candidate pools (per query or global) and gold ids. Written
+    atomically: an interrupted run leaves no directory that looks complete. Prints the directory written.
     """
-    _not_built("prepare")
+    _setup_logging(verbose)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    import datasets
+
+    from twn_cli.stages.prepare import run_prepare
+
+    datasets.disable_progress_bars()
+    with Progress(
+        SpinnerColumn(), TextColumn("preparing {task.completed} records"), TimeElapsedColumn(),
+        console=_stderr_console(),
+    ) as progress:
+        bar = progress.add_task("prepare", total=None)
+        summary = run_prepare(
+            source, output, skip_bad=skip_bad, frames=frames, cot_column=cot_column, instruction=instruction,
+            split=split, task=task, image_root=image_root, progress=lambda count: progress.advance(bar, count),
+        )
+    table = Table("split", "task", "queries", title=str(summary.output_dir), caption=f"{summary.candidates} candidates, {summary.skipped} skipped")
+    for split_name, task_name, count in summary.table():
+        table.add_row(split_name, task_name, str(count))
+    _stderr_console().print(table)
+    print(summary.output_dir)
 
 
 @app.command("train-embed", context_settings=PASS_THROUGH)

@@ -9,15 +9,14 @@ record by record; the other formats are written once, at the end.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
+from twn_cli.atomic import AtomicFile
 from twn_cli.errors import TWNError
 
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -46,10 +45,8 @@ class EmbeddingWriter:
         self.format = FORMATS.get(self.path.suffix)
         if self.format is None:
             raise TWNError(f"unknown output format '{self.path.suffix}' for '{output}': use {', '.join(FORMATS)} or -")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent)
-        os.close(handle)
-        self._temporary = Path(temporary)
+        self._file = AtomicFile(self.path)
+        self._temporary = self._file.staging
         self._batches: list[EmbeddingBatch] = []
         self._stream = open(self._temporary, "w", encoding="utf-8") if self.format == "jsonl" else None
 
@@ -80,8 +77,7 @@ class EmbeddingWriter:
             self._write_parquet()
         else:
             self._write_tensors()
-        os.replace(self._temporary, self.path)
-        return self.path
+        return self._file.commit()
 
     def abort(self) -> None:
         """Drop a partial output."""
@@ -89,7 +85,7 @@ class EmbeddingWriter:
             return
         if self._stream is not None:
             self._stream.close()
-        self._temporary.unlink(missing_ok=True)
+        self._file.discard()
 
     def _columns(self) -> dict:
         batches = self._batches

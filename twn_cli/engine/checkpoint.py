@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from twn_cli.atomic import atomic_directory
 from twn_cli.engine.backbone import Backbone, load_backbone
 from twn_cli.engine.model import ADAPTERS, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
@@ -54,10 +52,11 @@ def save_checkpoint(model: TWNModel, output_dir: str | Path, stages: list[dict],
     replaced only once the new one is complete.
     """
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    if output_dir.exists() and not (output_dir / MANIFEST).is_file() and any(output_dir.iterdir()):
+        raise TWNError(f"'{output_dir}' exists and is not a TWN checkpoint: refusing to replace it")
+    with atomic_directory(output_dir) as staging:
         model.peft.save_pretrained(staging, selected_adapters=list(ADAPTERS))
+        (staging / "README.md").unlink(missing_ok=True)  # peft's generic model card; twn.json describes the model
         save_file({"queries": model.queries.detach().float().cpu().contiguous()}, staging / "queries.safetensors")
         save_file(
             {name: tensor.detach().float().cpu().contiguous() for name, tensor in model.gate.state_dict().items()},
@@ -81,10 +80,6 @@ def save_checkpoint(model: TWNModel, output_dir: str | Path, stages: list[dict],
             "files": {name: _sha256(staging / name) for name in REQUIRED_FILES},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_directory(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -163,15 +158,3 @@ def _sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move `staging` to `target`; a previous `target` is removed only after the new one is in place."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    if not (target / MANIFEST).is_file() and any(target.iterdir()):
-        raise TWNError(f"'{target}' exists and is not a TWN checkpoint: refusing to replace it")
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""The command line as a user meets it: help, the toy backbone, `twn embed` end to end on real images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.data.embedding_files import read_embeddings
+from twn_cli.engine.checkpoint import save_checkpoint
+
+from conftest import TEST_SPEC
+
+STAGES_TO_COME = ["train-embed", "train-gate", "train-rl", "route", "eval"]
+
+
+def run(*arguments, input: str | None = None):
+    return CliRunner().invoke(app, [str(argument) for argument in arguments], input=input)
+
+
+def error_line(result) -> str:
+    """The one line that reports the error (progress bars may precede it on stderr)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("twn ") and ": error: " in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def image_folder(tmp_path, real_image_paths) -> Path:
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    for path in real_image_paths[:3]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(real_image_paths[3], folder / "nested" / real_image_paths[3].name)
+    (folder / "notes.txt").write_text("not an image, not an input")
+    return folder
+
+
+@pytest.fixture
+def checkpoint(make_model, tmp_path) -> Path:
+    return save_checkpoint(make_model(), tmp_path / "run", stages=[])
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = "import sys; from twn_cli.cli import app; sys.argv = ['twn', '--help']\ntry: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    for command in ["toy-backbone", "prepare", "embed", *STAGES_TO_COME]:
+        assert command in result.stdout
+    assert result.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("stage", STAGES_TO_COME)
+def test_stages_not_built_yet_say_so_and_fail(stage):
+    result = run(stage, "data", "--checkpoint", "somewhere")
+    assert result.exit_code == 2
+    assert "not built yet" in result.stderr
+    help_text = run(stage, "--help").stdout
+    assert "Usage: twn" in help_text and len(help_text) > 300
+
+
+def test_python_dash_m_runs_the_same_app():
+    result = subprocess.run([sys.executable, "-m", "twn_cli", "--help"], capture_output=True, text=True, check=True)
+    assert "toy-backbone" in result.stdout
+
+
+def test_toy_backbone_is_deterministic_for_a_seed(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in vars(TEST_SPEC).items()}))
+    paths = {}
+    for name, seed in [("a", 5), ("b", 5), ("c", 6)]:
+        result = run("toy-backbone", "-o", tmp_path / name, "--seed", seed, "--recipe", recipe)
+        assert result.exit_code == 0, result.stderr
+        paths[name] = Path(result.stdout.strip())
+    weights = {name: (path / "model.safetensors").read_bytes() for name, path in paths.items()}
+    assert weights["a"] == weights["b"] != weights["c"]
+    assert (paths["a"] / "tokenizer.json").read_bytes() == (paths["b"] / "tokenizer.json").read_bytes()
+
+
+def test_toy_backbone_loads_offline_like_a_real_one(toy_backbone_dir):
+    code = (
+        "from twn_cli.engine.backbone import load_backbone\n"
+        f"b = load_backbone({str(toy_backbone_dir)!r}, device='cpu')\n"
+        "print(type(b.model).__name__, type(b.processor.image_processor).__name__)"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["Qwen2VLForConditionalGeneration", "Qwen2VLImageProcessorPil"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".parquet", ".jsonl"])
+def test_embed_an_image_folder_into_each_format(image_folder, checkpoint, tmp_path, suffix):
+    output = tmp_path / f"embeddings{suffix}"
+    result = run("embed", image_folder, "--checkpoint", checkpoint, "-o", output, "--think", "always", "--batch-size", 3)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(output)
+    expected_ids = ["astronaut.png", "chelsea.png", "coffee.png", "nested/rocket.jpg"]
+    if suffix == ".jsonl":
+        records = [json.loads(line) for line in output.read_text().splitlines()]
+        assert [r["id"] for r in records] == expected_ids
+        assert all(r["think"] and r["reasoning_tokens"] > 0 for r in records)
+        return
+    ids, embeddings, metadata = read_embeddings(output)
+    assert ids == expected_ids
+    assert embeddings.shape == (4, metadata["embedding_dim"])
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert metadata["checkpoint"] == str(checkpoint)
+    assert metadata["think_mode"] == "always"
+    assert metadata["normalized"] is True
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_every_format_holds_the_same_vectors(image_folder, checkpoint, tmp_path):
+    vectors = []
+    for suffix in (".safetensors", ".pt", ".parquet"):
+        assert run("embed", image_folder, "--checkpoint", checkpoint, "-o", tmp_path / f"e{suffix}").exit_code == 0
+        vectors.append(read_embeddings(tmp_path / f"e{suffix}")[1])
+    assert torch.equal(vectors[0], vectors[1]) and torch.equal(vectors[0], vectors[2])
+
+
+def test_embed_jsonl_from_stdin_streams_jsonl_to_stdout(checkpoint, real_image_paths):
+    lines = [
+        {"id": "q1", "text": "a cat sitting", "image": str(real_image_paths[1])},
+        {"id": "q2", "text": "the shape with one more side than a square"},
+        {"id": "q3", "images": [str(real_image_paths[0]), str(real_image_paths[2])], "instruction": "Find the caption."},
+    ]
+    stdin = "".join(json.dumps(line) + "\n" for line in lines)
+    result = run("embed", "-", "--checkpoint", checkpoint, "--adaptive", "--threshold", "0.0", input=stdin)
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["q1", "q2", "q3"]
+    assert all(r["think"] and 0 <= r["p_think"] <= 1 and len(r["embedding"]) == 64 for r in records)
+
+
+def test_embed_with_fresh_adapters_on_a_backbone(image_folder, toy_backbone_dir, tmp_path):
+    result = run("embed", image_folder, "--backbone", toy_backbone_dir, "-o", tmp_path / "e.pt")
+    assert result.exit_code == 0, result.stderr
+    assert "untrained" in result.stderr
+    assert read_embeddings(tmp_path / "e.pt")[2]["checkpoint"] is None
+
+
+def test_a_bad_record_stops_embed_with_its_name_and_leaves_no_output(checkpoint, tmp_path, real_image_paths):
+    records = tmp_path / "queries.jsonl"
+    records.write_text(
+        json.dumps({"id": "good", "image": str(real_image_paths[0])}) + "\n"
+        + json.dumps({"id": "missing", "image": "nowhere.png"}) + "\n"
+    )
+    output = tmp_path / "e.safetensors"
+    result = run("embed", records, "--checkpoint", checkpoint, "-o", output)
+    assert result.exit_code == 1
+    error = error_line(result)
+    assert f"{records}:2" in error and "record 'missing'" in error and "not found" in error
+    assert not output.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ('{"id": "empty", "text": "  "}', "neither text nor images"),
+        ('{"id": "corrupt", "image": "corrupt.png"}', "Pillow can decode"),
+        ('{"id": "good", "text": "again"}', "duplicate id 'good'"),
+        ("{not json", "not valid JSON"),
+    ],
+    ids=["empty", "corrupt-image", "duplicate-id", "invalid-json"],
+)
+def test_skip_bad_skips_and_reports_each_bad_record(checkpoint, tmp_path, bad_line, reason):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage that is no picture")
+    records = tmp_path / "queries.jsonl"
+    records.write_text('{"id": "good", "text": "a red triangle"}\n' + bad_line + "\n" + '{"id": "last", "text": "a blue star"}\n')
+    strict = run("embed", records, "--checkpoint", checkpoint, "-o", tmp_path / "strict.pt")
+    assert strict.exit_code == 1 and reason in error_line(strict) and "--skip-bad" in error_line(strict)
+    result = run("embed", records, "--checkpoint", checkpoint, "-o", tmp_path / "e.pt", "--skip-bad")
+    assert result.exit_code == 0, result.stderr
+    ids, _, metadata = read_embeddings(tmp_path / "e.pt")
+    assert ids == ["good", "last"]
+    assert len(metadata["skipped"]) == 1
+    assert metadata["skipped"][0]["record"] == f"{records}:2" and reason in metadata["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--checkpoint", "no-such-run"], "does not exist"),
+        (["-o", "e.npy"], "unknown output format"),
+        ([], "give --checkpoint"),
+    ],
+)
+def test_usage_errors_are_one_clear_line(image_folder, checkpoint, arguments, message):
+    if arguments and arguments[0] == "-o":
+        arguments = ["--checkpoint", str(checkpoint), *arguments]
+    result = run("embed", image_folder, *arguments)
+    assert result.exit_code == 1
+    assert message in error_line(result)
