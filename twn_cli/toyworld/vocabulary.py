@@ -98,7 +98,8 @@ EVERYDAY_WORDS = (
 
 
 def tokenizer_corpus(seed: int = 0, sentences: int = 4000) -> list[str]:
-    """Sentences covering the toy world's vocabulary, for training a small byte-level BPE."""
+    """Sentences covering the toy world's vocabulary (every clue phrasing, query, CoT and caption form), for
+    training a small byte-level BPE."""
     rng = random.Random(seed)
     colours, shapes = list(COLOURS), list(SHAPES)
     lines = [f"a {size} {colour} {shape} on the {position}" for size, colour, shape, position in itertools.product(SIZES, colours, shapes, POSITIONS)]
