@@ -161,11 +161,18 @@ def read_source(source: Path, options: ReadOptions) -> Iterator[SourceItem]:
 
 
 def find_record_files(directory: Path) -> list[Path]:
-    """The record files under `directory`, in a stable order, leaving out hidden folders (partial outputs)."""
+    """The record files under `directory`, in a stable order, leaving out hidden ones.
+
+    Hidden folders and files are partial outputs and caches (a prepare's teacher-CoT cache), not records.
+    """
     found = []
     for folder, subfolders, files in os.walk(directory):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found += [Path(folder, name) for name in files if Path(name).suffix.lower() in RECORD_FILE_SUFFIXES]
+        found += [
+            Path(folder, name)
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in RECORD_FILE_SUFFIXES
+        ]
     return sorted(found)
 
 

@@ -4,6 +4,9 @@ Validation opens every image (query, target, negative, pool candidate, video fra
 fails (missing or unreadable image, no text and no image, no positive, duplicate id, unparseable row) is
 a `BadRecordError`; by default any of them stops the run before anything is written, and with `skip_bad`
 they are left out and listed in the manifest. Nothing is dropped without being reported.
+
+Queries without a CoT get one from a teacher MLLM when one is named (after validation, so that bad data
+fails before a large model loads); its CoTs are cached beside the output so that an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from twn_cli.data.sources import (
     read_source,
 )
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.stages.teacher_cot import check_generation_limits, generate_teacher_cots
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,13 @@ def run_prepare(
     progress: Callable[[int], None] | None = None,
     image_root: Path | None = None,
     task: str | None = None,
+    cot_teacher: str | None = None,
+    teacher_batch_size: int = 8,
+    teacher_max_new_tokens: int = 128,
+    teacher_device: str = "auto",
+    teacher_dtype: str = "float32",
+    trust_remote_code: bool = False,
+    cot_progress: Callable[[int, int], None] | None = None,
 ) -> PreparedSummary:
     """Prepare `source` (a path in any layout of `twn_cli.data.sources`) into `output_dir`.
 
@@ -67,11 +78,17 @@ def run_prepare(
     `instruction`, `split`, `task`: used for records that do not give their own. `image_root`: where
     relative image paths resolve (default: each file's folder). `progress(n)` is told of every n records
     handled (like `run_embed`'s `on_batch`), to advance a progress bar of unknown total.
+
+    `cot_teacher` (a directory or hub id) writes the CoT of every query that has none, `teacher_batch_size`
+    queries at a time, greedily, at most `teacher_max_new_tokens` each, on `teacher_device` in
+    `teacher_dtype`; `cot_progress(done, total)` follows it.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
     if frames < 1:
         raise TWNError(f"frames per video must be at least 1, not {frames}")
+    if cot_teacher is not None:
+        check_generation_limits(teacher_batch_size, teacher_max_new_tokens)
     options = ReadOptions(
         image_root=Path(image_root) if image_root else None,
         task=task,
@@ -98,6 +115,15 @@ def run_prepare(
     if problems:
         logger.warning("skipped %d of %d records (each is listed in manifest.json)", len(problems), builder.records)
 
+    query_rows = [row for rows in builder.queries.values() for row in rows]
+    if cot_teacher is None:
+        cot_info = _cot_info(query_rows, teacher=None, generated=0)
+    else:
+        teacher_settings = _TeacherSettings(
+            cot_teacher, teacher_batch_size, teacher_max_new_tokens, teacher_device, teacher_dtype, trust_remote_code
+        )
+        cot_info = _add_teacher_cots(query_rows, teacher_settings, teacher_cot_cache_path(output_dir), cot_progress)
+
     write_prepared(
         output_dir,
         builder.queries,
@@ -107,8 +133,11 @@ def run_prepare(
             "tasks": builder.tasks,
             "skipped": [{"record": problem.record, "reason": problem.reason} for problem in problems],
             "frames_per_video": frames,
+            "cot": cot_info,
         },
     )
+    if cot_teacher is not None:
+        teacher_cot_cache_path(output_dir).unlink(missing_ok=True)
     summary = PreparedSummary(
         output_dir=output_dir,
         queries={split: split_counts(rows)["tasks"] for split, rows in builder.queries.items()},
@@ -118,6 +147,60 @@ def run_prepare(
     queries = sum(map(len, builder.queries.values()))
     logger.info("wrote %s: %d queries, %d candidates", output_dir, queries, summary.candidates)
     return summary
+
+
+def teacher_cot_cache_path(output_dir: Path) -> Path:
+    """Where the teacher CoTs of a prepare into `output_dir` are cached until the dataset is written."""
+    return output_dir.parent / f".{output_dir.name}.cot-cache.jsonl"
+
+
+@dataclass(frozen=True)
+class _TeacherSettings:
+    """The teacher MLLM that writes missing CoTs, and how it runs."""
+
+    source: str  # a directory or hub id
+    batch_size: int
+    max_new_tokens: int
+    device: str
+    dtype: str
+    trust_remote_code: bool
+
+
+def _add_teacher_cots(
+    query_rows: list[dict], settings: _TeacherSettings, cache_path: Path, progress: Callable[[int, int], None] | None
+) -> dict:
+    """Fill the empty `cot` of query rows with the teacher's; the manifest's account of where CoTs came from."""
+    lacking = [row for row in query_rows if not row["cot"]]
+    if not lacking:
+        logger.info("every query has a CoT already: the teacher is not needed")
+        return _cot_info(query_rows, teacher=None, generated=0)
+    from twn_cli.engine.backbone import load_backbone
+
+    # A local teacher is named by its absolute path, so that a resumed run from elsewhere matches the cache.
+    source = str(Path(settings.source).absolute()) if Path(settings.source).exists() else settings.source
+    teacher = load_backbone(
+        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+    )
+    cots = generate_teacher_cots(
+        lacking,
+        teacher,
+        cache_path,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        progress=progress,
+    )
+    for row in lacking:
+        row["cot"] = cots[row["id"]]
+    generated = sum(1 for row in lacking if row["cot"])
+    if generated < len(lacking):
+        logger.warning("the teacher wrote an empty CoT for %d of %d queries", len(lacking) - generated, len(lacking))
+    return _cot_info(query_rows, teacher=source, generated=generated)
+
+
+def _cot_info(query_rows: list[dict], *, teacher: str | None, generated: int) -> dict:
+    from_column = sum(1 for row in query_rows if row["cot"]) - generated
+    source = "teacher" if teacher else "column" if from_column else "none"
+    return {"source": source, "teacher": teacher, "generated": generated, "from_column": from_column}
 
 
 class _DatasetBuilder:
