@@ -101,23 +101,52 @@ def _version() -> str:
 @user_errors
 def toy_backbone(
     output: Path = typer.Option(..., "-o", "--output", help="Directory to write the backbone to."),
-    seed: int = typer.Option(0, help="Seed of the tokenizer corpus and the weights: the same seed gives the same files."),
+    seed: int = typer.Option(0, help="Seed of the tokenizer, the weights and the pre-training stream: the same seed gives the same files."),
     recipe: Optional[Path] = typer.Option(
-        None, help="YAML of backbone sizes (default: recipes/toy/toy-backbone.yaml's values, built in)."
+        None, help="YAML of backbone sizes (default: the values of recipes/toy/toy-backbone.yaml, built in)."
+    ),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Pre-train every weight on the toy world (captioning, scene QA, knowledge) before saving."),
+    pretrain_recipe: Optional[Path] = typer.Option(
+        None, help="YAML of pre-training settings (default: the values of recipes/toy/pretrain.yaml, built in)."
     ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress on stderr."),
 ):
     """Build the offline toy backbone: a tiny Qwen2-VL with a locally trained tokenizer and a PIL image processor.
 
     It has a real backbone's architecture and file layout, so every command loads it like
-    Qwen/Qwen2-VL-2B-Instruct (`--backbone DIR`), with no download. Prints the directory written.
+    Qwen/Qwen2-VL-2B-Instruct (`--backbone DIR`), with no download. With --pretrain it is first pre-trained
+    on the toy world (a few minutes on 2 CPU cores), and the caption loss and shape/colour naming accuracy
+    on unseen pictures, before and after, are printed. Written atomically. Prints the directory written.
     """
     _setup_logging(verbose)
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twn_cli.atomic import atomic_directory
     from twn_cli.recipes import load_recipe
     from twn_cli.toyworld.backbone import ToyBackboneSpec, build_toy_backbone
+    from twn_cli.toyworld.pretrain import PretrainSettings, pretrain_toy_backbone
 
     spec = load_recipe(recipe, ToyBackboneSpec)
-    print(build_toy_backbone(output, seed=seed, spec=spec))
+    settings = load_recipe(pretrain_recipe, PretrainSettings) if pretrain else None
+    config = output / "config.json"
+    if output.exists() and any(output.iterdir()) and not (config.is_file() and "twn_toy_backbone" in config.read_text()):
+        raise TWNError(f"'{output}' exists and is not a toy backbone: refusing to replace it")
+    with atomic_directory(output) as staging:
+        build_toy_backbone(staging, seed=seed, spec=spec)
+        if settings is not None:
+            with Progress(
+                TextColumn("pre-training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("loss {task.fields[loss]}"), console=_stderr_console(),
+            ) as progress:
+                task = progress.add_task("pretrain", total=settings.steps, loss="")
+                report = pretrain_toy_backbone(
+                    staging, settings, world_seed=seed,
+                    on_step=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.3f}"),
+                )
+            print(json.dumps(vars(report), indent=2), file=sys.stderr)
+    print(output)
 
 
 # --------------------------------------------------------------------------------------------- embed
@@ -231,9 +260,22 @@ def prepare(
     split: Optional[str] = typer.Option(None, help="Split for records that name none (default: train; test for MMEB-V2 eval files)."),
     task: Optional[str] = typer.Option(None, help="Task name for records that name none (default: from the file or folder name)."),
     image_root: Optional[Path] = typer.Option(None, help="Where relative image paths resolve (default: beside each file)."),
+    cot_teacher: Optional[str] = typer.Option(None, help="Teacher MLLM (directory or hub id) that writes a CoT for every query without one; resumable."),
+    teacher_batch_size: int = typer.Option(8, min=1, help="Queries per teacher generation batch."),
+    teacher_max_new_tokens: int = typer.Option(128, min=1, help="Longest teacher CoT, in tokens."),
+    device: str = typer.Option("auto", help="Device of the teacher (cpu, cuda, ...; auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Teacher dtype: float32, bfloat16 or float16 (bfloat16 on GPUs)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub teacher to run its own code."),
+    n: int = typer.Option(2000, min=10, help="synthetic: number of queries over train/validation/test."),
+    seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
+    image_size: int = typer.Option(56, min=28, help="synthetic: side of the rendered pictures in pixels."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
     """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).
+
+    `twn prepare synthetic -o DIR` writes the toy reasoning world instead: rendered shape scenes with simple,
+    one-step and two-step clue queries and teacher CoTs; its test split holds unseen colour-shape
+    combinations and clue phrasings.
 
     Every image is opened; missing or unreadable images, empty texts, records without a positive and
     duplicate ids fail the run with the first problems listed or, with --skip-bad, are skipped and listed in
@@ -241,28 +283,48 @@ def prepare(
     atomically: an interrupted run leaves no directory that looks complete. Prints the directory written.
     """
     _setup_logging(verbose)
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
     import datasets
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
 
     from twn_cli.stages.prepare import run_prepare
 
     datasets.disable_progress_bars()
+    if source == "synthetic":
+        from twn_cli.toyworld.dataset import write_synthetic_dataset
+
+        write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size)
+        _print_prepared_summary(output)
+        return
     with Progress(
-        SpinnerColumn(), TextColumn("preparing {task.completed} records"), TimeElapsedColumn(),
-        console=_stderr_console(),
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console(),
     ) as progress:
-        bar = progress.add_task("prepare", total=None)
+        records = progress.add_task("reading", total=None)
+        teacher = progress.add_task("teacher CoT", total=None, visible=False)
         summary = run_prepare(
             source, output, skip_bad=skip_bad, frames=frames, cot_column=cot_column, instruction=instruction,
-            split=split, task=task, image_root=image_root, progress=lambda count: progress.advance(bar, count),
+            split=split, task=task, image_root=image_root,
+            progress=lambda count: progress.update(records, advance=count, description=f"validated {progress.tasks[records].completed + count:.0f} records"),
+            cot_teacher=cot_teacher, teacher_batch_size=teacher_batch_size, teacher_max_new_tokens=teacher_max_new_tokens,
+            teacher_device=device, teacher_dtype=dtype, trust_remote_code=trust_remote_code,
+            cot_progress=lambda done, total: progress.update(teacher, visible=True, description=f"teacher CoT {done}/{total}"),
         )
-    table = Table("split", "task", "queries", title=str(summary.output_dir), caption=f"{summary.candidates} candidates, {summary.skipped} skipped")
-    for split_name, task_name, count in summary.table():
-        table.add_row(split_name, task_name, str(count))
+    _print_prepared_summary(summary.output_dir)
+
+
+def _print_prepared_summary(dataset_dir: Path) -> None:
+    """The queries per split and task as a table on stderr, and the dataset's path on stdout."""
+    import json
+
+    from rich.table import Table
+
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    table = Table("split", "task", "queries", title=str(dataset_dir), caption=f"{manifest['candidates']} candidates, {len(manifest['skipped'])} skipped")
+    for split_name, counts in manifest["splits"].items():
+        for task_name, count in counts["tasks"].items():
+            table.add_row(split_name, task_name, str(count))
     _stderr_console().print(table)
-    print(summary.output_dir)
+    print(dataset_dir)
 
 
 @app.command("train-embed", context_settings=PASS_THROUGH)

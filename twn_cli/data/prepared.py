@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +95,12 @@ def write_prepared(
     queries_by_split: Mapping[str, Sequence[Mapping]],
     candidates: Sequence[Mapping],
     manifest_extra: Mapping,
+    write_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a prepared dataset to `output_dir` atomically and return its path.
+
+    `write_files(staging_dir)` may add files that belong to the dataset (rendered images, say) before the
+    directory is renamed into place; rows refer to them by their final paths under `output_dir`.
 
     Everything goes to a hidden temporary sibling that is renamed into place at the end, with manifest.json
     written last, so an interrupted run never leaves a directory that looks complete. An existing prepared
@@ -120,6 +124,8 @@ def write_prepared(
         **{key: value for key, value in manifest_extra.items() if key != "source"},
     }
     with atomic_directory(output_dir) as staging:
+        if write_files is not None:
+            write_files(staging)
         queries = datasets.DatasetDict(
             {split: _to_dataset(rows, QUERY_FEATURES) for split, rows in queries_by_split.items()}
         )

@@ -74,10 +74,16 @@ def train_tokenizer(vocab_size: int, seed: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
+    corpus = tokenizer_corpus(seed=seed)
+    # The chat template's own words ("system", "user", "assistant", ...) are in every prompt.
+    corpus += ["system\nYou are a helpful assistant.\nuser\n" + line + "\nassistant\n" for line in corpus[:200]]
+    bpe.train_from_iterator(corpus, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None)
+    # As in Qwen2-VL-Instruct: a turn (and so an answer) ends with <|im_end|>, padding is <|endoftext|>.
+    tokenizer = Qwen2Tokenizer(
+        vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.add_tokens(THINK_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE

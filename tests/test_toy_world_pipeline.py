@@ -1,0 +1,78 @@
+"""The toy world as the pipeline sees it: `twn prepare synthetic` and the pre-trained toy backbone."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.data.images import load_image
+from twn_cli.data.prepared import load_prepared
+from twn_cli.engine.backbone import config_fingerprint, load_backbone
+from twn_cli.toyworld.backbone import build_toy_backbone
+from twn_cli.toyworld.pretrain import PretrainSettings, pretrain_toy_backbone
+
+from conftest import TEST_SPEC
+
+
+def prepare_synthetic(output, n=150, seed=3):
+    result = CliRunner().invoke(app, ["prepare", "synthetic", "-o", str(output), "--n", str(n), "--seed", str(seed)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(output)
+    return load_prepared(output)
+
+
+def test_prepare_synthetic_writes_a_self_contained_prepared_dataset(tmp_path):
+    dataset = prepare_synthetic(tmp_path / "toy")
+    assert set(dataset.queries) == {"train", "validation", "test"}
+    assert dataset.manifest["world"]["seed"] == 3 and dataset.manifest["source"] == "synthetic"
+    candidate_ids = set(dataset.candidates["id"])
+    ids_by_split = {split: set(rows["id"]) for split, rows in dataset.queries.items()}
+    assert not ids_by_split["train"] & ids_by_split["test"]
+    for split, rows in dataset.queries.items():
+        for row in rows:
+            assert row["cot"] and row["difficulty"]
+            assert set(row["positive_ids"]) <= set(row["candidate_ids"]) <= candidate_ids
+            assert all(pool_id.startswith(f"{split}/") for pool_id in row["candidate_ids"])
+            for path in row["images"]:
+                assert str(path).startswith(str(tmp_path / "toy" / "images"))
+    picture = next(row["images"][0] for row in dataset.candidates if row["images"])
+    assert load_image(picture).size == (56, 56)
+    analysis = [json.loads(line) for line in (tmp_path / "toy" / "analysis.jsonl").read_text().splitlines()]
+    assert len(analysis) == sum(len(rows) for rows in dataset.queries.values())
+
+
+def test_prepare_synthetic_is_deterministic_for_a_seed(tmp_path):
+    first, second, other = (prepare_synthetic(tmp_path / name, seed=seed) for name, seed in [("a", 1), ("b", 1), ("c", 2)])
+    assert first.queries["test"]["text"] == second.queries["test"]["text"] != other.queries["test"]["text"]
+    image_a = first.queries["test"].filter(lambda row: bool(row["images"]))[0]["images"][0]
+    image_b = image_a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert open(image_a, "rb").read() == open(image_b, "rb").read()
+
+
+def test_pretraining_lowers_caption_loss_on_unseen_pictures(tmp_path):
+    backbone_dir = build_toy_backbone(tmp_path / "backbone", seed=0, spec=TEST_SPEC)
+    random_fingerprint = load_backbone(str(backbone_dir), device="cpu").fingerprint
+    settings = PretrainSettings(steps=60, batch_size=8, learning_rate=3e-3, warmup_steps=5, eval_pictures=16)
+    report = pretrain_toy_backbone(backbone_dir, settings, world_seed=0)
+    assert report.caption_loss_after < 0.5 * report.caption_loss_before
+    reloaded = load_backbone(str(backbone_dir), device="cpu")
+    assert reloaded.fingerprint != random_fingerprint == config_fingerprint(
+        load_backbone(str(build_toy_backbone(tmp_path / "again", seed=0, spec=TEST_SPEC)), device="cpu").model.config
+    )
+    assert reloaded.model.config.twn_toy_backbone["pretraining"]["report"]["steps"] == 60
+
+
+def test_toy_backbone_command_pretrains_with_a_recipe(tmp_path):
+    sizes = tmp_path / "sizes.yaml"
+    sizes.write_text(yaml.safe_dump(dict(vars(TEST_SPEC))))
+    pretraining = tmp_path / "pretrain.yaml"
+    pretraining.write_text(yaml.safe_dump({"steps": 4, "batch_size": 4, "eval_pictures": 4}))
+    result = CliRunner().invoke(
+        app, ["toy-backbone", "-o", str(tmp_path / "toy"), "--recipe", str(sizes), "--pretrain", "--pretrain-recipe", str(pretraining)]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert '"caption_loss_after"' in result.stderr
+    assert load_backbone(result.stdout.strip(), device="cpu").model.config.twn_toy_backbone["pretraining"]["settings"]["steps"] == 4
