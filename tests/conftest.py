@@ -57,3 +57,13 @@ def make_model(toy_backbone_dir):
         return TWNModel(load_backbone(str(toy_backbone_dir), device="cpu"), config)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def toy_dataset_dir(tmp_path_factory) -> Path:
+    """A small toy world as a prepared dataset (pictures rendered into it)."""
+    from twn_cli.toyworld.dataset import write_synthetic_dataset
+
+    output = tmp_path_factory.mktemp("data") / "toy"
+    write_synthetic_dataset(output, n=80, seed=0)
+    return output

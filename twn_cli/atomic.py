@@ -20,10 +20,12 @@ def hidden_sibling(target: Path, purpose: str) -> Path:
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging directory that replaces `target` on success and is removed on any failure.
 
-    Created with mkdir, not tempfile.mkdtemp, so the finished directory gets the umask's mode, not 0700.
+    Entries of the old `target` named in `keep` (a training run's logs and states beside its checkpoint)
+    are moved into the new one. Created with mkdir, not tempfile.mkdtemp, so the finished directory gets
+    the umask's mode, not 0700.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +33,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        for name in keep:
+            if (target / name).exists() and not (staging / name).exists():
+                os.replace(target / name, staging / name)
         if target.exists():
             # rename cannot replace a non-empty directory: move the old one aside first.
             retired = hidden_sibling(target, "old")

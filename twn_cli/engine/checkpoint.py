@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,17 +45,29 @@ def package_versions() -> dict[str, str]:
     return {"twn": twn_cli.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def save_checkpoint(model: TWNModel, output_dir: str | Path, stages: list[dict], extra: dict | None = None) -> Path:
+RUN_FILES = ("train",)  # what a training run keeps beside its checkpoint: metrics and resumable states
+
+
+def save_checkpoint(
+    model: TWNModel,
+    output_dir: str | Path,
+    stages: list[dict],
+    extra: dict | None = None,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write `model` to `output_dir` atomically: a temporary sibling directory renamed into place.
 
     `stages` is the history of stages that produced the model (each: name, arguments, time); `extra` holds
-    stage results that later stages read (gate statistics, ...). An existing checkpoint at `output_dir` is
-    replaced only once the new one is complete.
+    stage results that later stages read (gate statistics, ...); `write_files(staging_dir)` may add files
+    (a trainer's state). An existing checkpoint at `output_dir` is replaced only once the new one is
+    complete; a training run's `train/` folder beside it is kept.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not (output_dir / MANIFEST).is_file() and any(output_dir.iterdir()):
+    if output_dir.exists() and not (output_dir / MANIFEST).is_file() and {p.name for p in output_dir.iterdir()} - set(RUN_FILES):
         raise TWNError(f"'{output_dir}' exists and is not a TWN checkpoint: refusing to replace it")
-    with atomic_directory(output_dir) as staging:
+    with atomic_directory(output_dir, keep=RUN_FILES) as staging:
+        if write_files is not None:
+            write_files(staging)
         model.peft.save_pretrained(staging, selected_adapters=list(ADAPTERS))
         (staging / "README.md").unlink(missing_ok=True)  # peft's generic model card; twn.json describes the model
         save_file({"queries": model.queries.detach().float().cpu().contiguous()}, staging / "queries.safetensors")

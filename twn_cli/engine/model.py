@@ -124,11 +124,21 @@ class Thoughts:
 
 @dataclass
 class TeacherForced:
-    """A teacher-forced prefill over prompt + CoT: SFT loss and both views of the shared cache."""
+    """A teacher-forced prefill over prompt + CoT: SFT cross-entropy and both views of the shared cache.
 
-    sft_loss: torch.Tensor | None
+    The cross-entropy is kept as a sum over labelled tokens with their count, so that a batch split into
+    chunks (gradient cache, several processes) can be normalised by the whole batch's token count.
+    """
+
+    sft_loss_sum: torch.Tensor
+    sft_tokens: int
     think_view: Prefix
     no_think_view: Prefix
+
+    @property
+    def sft_loss(self) -> torch.Tensor:
+        """Mean cross-entropy per CoT token."""
+        return self.sft_loss_sum / max(self.sft_tokens, 1)
 
 
 @dataclass
@@ -318,7 +328,7 @@ class TWNModel(nn.Module):
     def teacher_forced(self, encoded: dict, cot_ids: list[list[int] | None]) -> TeacherForced:
         """One reasoning-adapter prefill over prompt + teacher CoT, as in training.
 
-        Returns the SFT cross-entropy on the CoT and end-marker tokens (None if no row has a CoT) and two
+        Returns the SFT cross-entropy on the CoT and end-marker tokens (zero if no row has a CoT) and two
         views of the one cache: with the CoT (think) and with the CoT masked out (no-think). Backpropagate
         the SFT loss before switching adapters.
         """
@@ -341,16 +351,24 @@ class TWNModel(nn.Module):
             if length:
                 start = full["input_ids"].shape[1] - length
                 labelled[row, start : start + len(self._think_start_ids)] = False
-        sft_loss = None
-        if bool(labelled.any()):
-            predictors = hidden[:, :-1][labelled[:, 1:]]
-            targets = full["input_ids"][:, 1:][labelled[:, 1:]]
-            sft_loss = F.cross_entropy(self._lm_head(predictors).float(), targets)
+        predictors = hidden[:, :-1][labelled[:, 1:]]
+        targets = full["input_ids"][:, 1:][labelled[:, 1:]]
+        sft_loss_sum = F.cross_entropy(self._lm_head(predictors).float(), targets, reduction="sum")
         think_view = Prefix(cache, full["attention_mask"], next_position)
         no_think_view = Prefix(
             cache, full["attention_mask"] * (~in_suffix).long(), next_position - suffix_lengths
         )
-        return TeacherForced(sft_loss, think_view, no_think_view)
+        return TeacherForced(sft_loss_sum, len(targets), think_view, no_think_view)
+
+    def cot_token_ids(self, cots: list[str]) -> list[list[int]]:
+        """Token ids of CoT texts, as the reasoning adapter writes them (between the think markers)."""
+        return [self.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]
+
+    @torch.no_grad()
+    def embed_with_thoughts(self, inputs: list[ModelInput], cots: list[str]) -> torch.Tensor:
+        """Embeddings of inputs that think the given CoTs (a teacher's, say) instead of decoding their own."""
+        views = self.teacher_forced(self.encode(inputs), self.cot_token_ids(cots))
+        return self.query_pass(views.think_view)
 
     def reencode(self, encoded: dict, thoughts: list[list[int] | None]) -> torch.Tensor:
         """The `interface=reencode` ablation: prompt + CoT + queries encoded from scratch by the embedding adapter."""
@@ -372,6 +390,12 @@ class TWNModel(nn.Module):
         return self._pool(hidden[:, -count:])
 
     # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def think_probability(self, inputs: list[ModelInput]) -> torch.Tensor:
+        """p_think of each input: the prefill and the gate only, no decoding and no query pass."""
+        _, last_state = self.prefill(self.encode(inputs))
+        return self.gate_probability(last_state)
+
     @torch.no_grad()
     def embed(
         self,

@@ -9,7 +9,6 @@ after, and how often its greedy caption of a one-shape picture names the right s
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from twn_cli.engine.backbone import load_backbone
+from twn_cli.training import warmup_cosine
 from twn_cli.toyworld.render import Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
 from twn_cli.toyworld.world import PretrainingExample, describe_scene, pretraining_examples
@@ -150,7 +150,7 @@ def pretrain_toy_backbone(
         {"params": [p for p in model.parameters() if id(p) not in vision_ids], "lr": settings.learning_rate},
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.warmup_steps, settings.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup_steps, settings.steps))
     stream = pretraining_examples(seed=world_seed)
     loss = torch.tensor(float("nan"))
     for step in range(1, settings.steps + 1):
@@ -189,12 +189,3 @@ def pretrain_toy_backbone(
     model.save_pretrained(backbone_dir)
     return report
 
-
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor

@@ -1,0 +1,174 @@
+"""train-embed: the gradient cache is exact, each loss trains only its side, resume is exact, NaN stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.data.prepared import load_prepared
+from twn_cli.engine.checkpoint import load_checkpoint
+from twn_cli.errors import TWNError
+from twn_cli.stages import train_embed
+from twn_cli.stages.train_embed import EmbedTrainer, TrainEmbedConfig, TrainingData, run_train_embed
+
+SMALL = dict(batch_size=6, chunk_size=6, hard_negatives=1, learning_rate=5e-3, warmup_steps=1, temperature=0.1, validation_queries=0, lora_rank=4)
+
+
+def trainer_for(make_model, toy_dataset_dir, **settings) -> EmbedTrainer:
+    config = TrainEmbedConfig(**{**SMALL, **settings})
+    model = make_model(**{name: getattr(config, name) for name in train_embed.MODEL_SETTINGS})
+    return EmbedTrainer(model, TrainingData(load_prepared(toy_dataset_dir), "train", config.hard_negatives, config.seed), config)
+
+
+def gradients(trainer: EmbedTrainer) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in trainer.parameters.items() if p.grad is not None}
+
+
+def test_gradient_cache_gives_the_whole_batch_gradient(make_model, toy_dataset_dir):
+    whole = trainer_for(make_model, toy_dataset_dir, chunk_size=6)
+    # Train once so that LoRA B is no longer zero and every parameter has a gradient to compare.
+    whole.step()
+    chunked = trainer_for(make_model, toy_dataset_dir, chunk_size=2)
+    chunked.model.load_state_dict(whole.model.state_dict())
+    chunked.step_done = whole.step_done
+    metrics_whole, metrics_chunked = whole.compute_gradients(), chunked.compute_gradients()
+    assert metrics_whole["loss"] == pytest.approx(metrics_chunked["loss"], rel=1e-5)
+    expected, actual = gradients(whole), gradients(chunked)
+    assert expected.keys() == actual.keys() == whole.parameters.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_step_trains_both_adapters_and_queries_and_nothing_else(make_model, toy_dataset_dir):
+    trainer = trainer_for(make_model, toy_dataset_dir)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    for _ in range(2):  # LoRA A only gets a gradient once B has left zero
+        trainer.step()
+    after = dict(trainer.model.named_parameters())
+    trained = {name for name in before if not torch.equal(before[name], after[name].detach())}
+    expected = {name for name in before if "lora_" in name} | {"queries"}
+    assert trained == expected
+
+
+def test_resumed_run_equals_uninterrupted_run(make_model, toy_dataset_dir, tmp_path):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainEmbedConfig(**{**SMALL, "steps": 4, "checkpoint_every": 2, "log_every": 1})
+
+    def fresh():
+        return make_model(**{name: getattr(config, name) for name in train_embed.MODEL_SETTINGS})
+
+    straight = fresh()
+    run_train_embed(straight, dataset, tmp_path / "straight", config, resume=False, stages=[])
+
+    def interrupt_after_step_two(metrics: dict) -> None:
+        if metrics["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train_embed(fresh(), dataset, tmp_path / "resumed", config, resume=False, stages=[], on_step=interrupt_after_step_two)
+    resumed = fresh()  # a new process starts from scratch and loads the state
+    run_train_embed(resumed, dataset, tmp_path / "resumed", config, resume=True, stages=[])
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert losses("straight") == losses("resumed") and len(losses("straight")) == 4
+    for name, parameter in straight.named_parameters():
+        assert torch.equal(parameter, dict(resumed.named_parameters())[name]), name
+
+
+def test_nan_loss_stops_training_and_names_the_last_good_state(make_model, toy_dataset_dir, tmp_path, monkeypatch):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainEmbedConfig(**{**SMALL, "steps": 3, "checkpoint_every": 1})
+    model = make_model(**{name: getattr(config, name) for name in train_embed.MODEL_SETTINGS})
+    original = train_embed.contrastive_loss
+    calls = {"count": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["count"] == 2 else loss
+
+    monkeypatch.setattr(train_embed, "contrastive_loss", poisoned)
+    with pytest.raises(TWNError, match=r"loss became nan at step 2.*last good state is .*step-00000001"):
+        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[])
+    assert load_checkpoint(tmp_path / "run" / "train" / "states" / "step-00000001", device="cpu")
+
+
+def test_a_second_run_into_the_same_directory_needs_resume(make_model, toy_dataset_dir, tmp_path):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainEmbedConfig(**{**SMALL, "steps": 1})
+    model = make_model(lora_rank=4)
+    run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[])
+    with pytest.raises(TWNError, match="--resume"):
+        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[])
+
+
+def test_train_embed_command_end_to_end(toy_backbone_dir, toy_dataset_dir, tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "toy" / "train-embed.yaml"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-embed", str(toy_dataset_dir), "--backbone", str(toy_backbone_dir), "-o", str(tmp_path / "run"),
+            "--recipe", str(recipe), "--steps", "2", "--batch-size", "4", "--set", "validation_queries=4", "--set", "lora_rank=4",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "run")
+    assert "hit@1_never" in result.stderr and "added parameters" in result.stderr
+    model = load_checkpoint(tmp_path / "run", device="cpu")
+    assert [stage["stage"] for stage in model.manifest["stages"]] == ["train-embed"]
+    assert set(model.manifest["train_embed"]["validation"]) == {"hit@1_never", "hit@1_teacher_cot", "hit@1_generated_cot"}
+    assert (tmp_path / "run" / "train" / "metrics.jsonl").is_file()
+
+
+TWO_PROCESS_SCRIPT = """
+import json, os, sys, torch
+torch.distributed.init_process_group("gloo")
+from twn_cli.data.prepared import load_prepared
+from twn_cli.engine.backbone import load_backbone
+from twn_cli.engine.model import TWNModel
+from twn_cli.stages import train_embed
+backbone_dir, dataset_dir, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+config = train_embed.TrainEmbedConfig(**settings)
+model = TWNModel(load_backbone(backbone_dir, device="cpu"), config.model_config())
+trainer = train_embed.EmbedTrainer(model, train_embed.TrainingData(load_prepared(dataset_dir), "train", config.hard_negatives, config.seed), config)
+metrics = trainer.compute_gradients()
+if torch.distributed.get_rank() == 0:
+    torch.save({"loss": metrics["loss"], "grads": {n: p.grad for n, p in trainer.parameters.items() if p.grad is not None}}, sys.argv[4])
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_dir, toy_dataset_dir, tmp_path):
+    settings = {**SMALL, "lora_rank": 4, "max_think_tokens": 12}
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    output = tmp_path / "two.pt"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script),
+         str(toy_backbone_dir), str(toy_dataset_dir), json.dumps(settings), str(output)],
+        check=True, env=environment, capture_output=True, timeout=300,
+    )
+    two = torch.load(output, weights_only=True)
+
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.model import TWNModel
+
+    config = TrainEmbedConfig(**settings)
+    model = TWNModel(load_backbone(str(toy_backbone_dir), device="cpu"), config.model_config())
+    single = EmbedTrainer(model, TrainingData(load_prepared(toy_dataset_dir), "train", config.hard_negatives, config.seed), config)
+    metrics = single.compute_gradients()
+    assert two["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+    for name, gradient in gradients(single).items():
+        assert torch.allclose(two["grads"][name], gradient, rtol=1e-4, atol=1e-6), name

@@ -1,0 +1,470 @@
+"""`twn train-embed`: joint training of the reasoning adapter (SFT on teacher CoT) and the embedding side.
+
+One step, for a global batch of queries (METHOD section 2):
+1. the reasoning adapter prefills prompt + teacher CoT (teacher forcing): SFT cross-entropy on the CoT;
+2. the embedding adapter and the queries read the *detached* cache of that same prefill twice, with the CoT
+   (think view) and with the CoT masked out (no-think view); targets and hard negatives are embedded
+   without thinking;
+3. InfoNCE for each view against the batch's targets (in-batch negatives) and the hard negatives; a
+   candidate that is also a positive of the query (several gold ids, shared labels) is masked, not a
+   negative.
+The SFT loss is backpropagated while the reasoning adapter is active, the contrastive loss while the
+embedding adapter is: peft only lets the active adapter receive gradients.
+
+Large batches use a gradient cache (Gao et al., 2021): embed the whole batch without gradients, take the
+loss's gradient with respect to the embeddings, then re-run each chunk with gradients and backpropagate
+those cached embedding gradients. The result is the gradient of the whole-batch loss with the memory of
+one chunk. With several processes (torchrun / accelerate launch), each process holds a slice of the global
+batch, embeddings are gathered so that every query sees the global batch's negatives, and the trainable
+parameters' gradients are summed across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.engine.checkpoint import save_checkpoint
+from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
+from twn_cli.errors import TWNError
+from twn_cli.training import (
+    RunDirectory,
+    load_trainer_state,
+    restore_rng_state,
+    rng_state,
+    save_trainer_state,
+    warmup_cosine,
+)
+
+log = logging.getLogger(__name__)
+
+# Settings that define the model (used when training starts from a backbone); the rest drive training.
+MODEL_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_queries", "pooling", "gate_hidden_size", "max_think_tokens", "temperature", "seed")
+
+
+@dataclass
+class TrainEmbedConfig:
+    """Hyper-parameters of train-embed; recipes/<backbone>/train-embed.yaml sets them."""
+
+    # The model, when training starts from a backbone.
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    num_queries: int = 4
+    pooling: str = "mean"
+    gate_hidden_size: int = 256
+    max_think_tokens: int = 64
+    # The objective.
+    temperature: float = 0.02
+    sft_weight: float = 1.0
+    think_view_weight: float = 1.0
+    no_think_view_weight: float = 1.0
+    hard_negatives: int = 1
+    # Optimisation.
+    steps: int = 300
+    batch_size: int = 32
+    chunk_size: int = 32
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    # Bookkeeping.
+    checkpoint_every: int = 100
+    log_every: int = 10
+    validation_queries: int = 200
+    split: str = "train"
+    validation_split: str = "validation"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 2:
+            raise TWNError("batch_size must be at least 2: InfoNCE needs in-batch negatives")
+        if self.chunk_size < 1 or self.steps < 1:
+            raise TWNError("chunk_size and steps must be positive")
+
+    def model_config(self) -> TWNConfig:
+        return TWNConfig(**{name: getattr(self, name) for name in MODEL_SETTINGS})
+
+
+@dataclass
+class Example:
+    """One query of a batch with its target, hard negatives and teacher CoT, images opened."""
+
+    query: ModelInput
+    cot: str | None
+    target_id: str
+    target: ModelInput
+    negative_ids: list[str]
+    negatives: list[ModelInput]
+    positive_ids: set[str]
+
+
+class Distributed:
+    """The process group, or a single process; only trainable gradients and embeddings cross processes."""
+
+    def __init__(self):
+        self.active = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if self.active else 0
+        self.world_size = torch.distributed.get_world_size() if self.active else 1
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank-ordered concatenation of every process's `tensor` (equal shapes)."""
+        if not self.active:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def gather_objects(self, items: list) -> list:
+        if not self.active:
+            return items
+        parts: list = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class TrainingData:
+    """Batches of examples from a prepared dataset, in a seeded order that a resumed run reproduces."""
+
+    def __init__(self, dataset: PreparedDataset, split: str, hard_negatives: int, seed: int):
+        if split not in dataset.queries:
+            raise TWNError(f"prepared dataset '{dataset.path}' has no '{split}' split (it has {', '.join(dataset.queries)})")
+        self.rows = dataset.queries[split]
+        self.candidates = dataset.candidates
+        self.candidate_index = {candidate_id: index for index, candidate_id in enumerate(dataset.candidates["id"])}
+        self.hard_negatives = hard_negatives
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch_indices(self, step: int, batch_size: int) -> list[int]:
+        """The query indices of global batch `step` (0-based): epochs of seeded permutations, end to end."""
+        count = len(self.rows)
+        indices = []
+        for position in range(step * batch_size, (step + 1) * batch_size):
+            epoch, offset = divmod(position, count)
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            indices.append(int(order[offset]))
+        return indices
+
+    def examples(self, indices: list[int], step: int) -> list[Example]:
+        rng = random.Random(f"{self.seed}/{step}")
+        return [self._example(self.rows[index], rng) for index in indices]
+
+    def _example(self, row: dict, rng: random.Random) -> Example:
+        positives = set(row["positive_ids"])
+        negative_ids = list(row["negative_ids"])[: self.hard_negatives]
+        while len(negative_ids) < self.hard_negatives:
+            # Topped up with random candidates so every query brings as many negatives (equal shapes across processes).
+            candidate_id = self.candidates[rng.randrange(len(self.candidates))]["id"]
+            if candidate_id not in positives:
+                negative_ids.append(candidate_id)
+        target_id = row["positive_ids"][0]
+        return Example(
+            query=prepared_input(row),
+            cot=row["cot"] or None,
+            target_id=target_id,
+            target=self._candidate_input(target_id),
+            negative_ids=negative_ids,
+            negatives=[self._candidate_input(candidate_id) for candidate_id in negative_ids],
+            positive_ids=positives,
+        )
+
+    def _candidate_input(self, candidate_id: str) -> ModelInput:
+        return prepared_input(self.candidates[self.candidate_index[candidate_id]])
+
+
+def contrastive_loss(
+    think: torch.Tensor,
+    no_think: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: torch.Tensor,
+    candidate_ids: list[str],
+    positive_ids: list[set[str]],
+    config: TrainEmbedConfig,
+) -> torch.Tensor:
+    """Weighted InfoNCE of both query views against targets + hard negatives, other positives masked.
+
+    `candidate_ids` names the columns (targets then negatives); query i's own target is column i.
+    """
+    candidates = torch.cat([targets, negatives])
+    own = torch.arange(len(think), device=think.device)
+    also_positive = torch.tensor(
+        [[candidate in positives for candidate in candidate_ids] for positives in positive_ids], device=think.device
+    )
+    also_positive[own, own] = False
+    loss = think.new_zeros(())
+    for weight, queries in ((config.think_view_weight, think), (config.no_think_view_weight, no_think)):
+        if weight:
+            logits = (queries @ candidates.T / config.temperature).masked_fill(also_positive, float("-inf"))
+            loss = loss + weight * F.cross_entropy(logits, own)
+    return loss
+
+
+class EmbedTrainer:
+    """One model, one dataset, one optimiser: `step()` does a full (chunked) update."""
+
+    def __init__(self, model: TWNModel, data: TrainingData, config: TrainEmbedConfig, distributed: Distributed | None = None):
+        self.model = model
+        self.data = data
+        self.config = config
+        self.distributed = distributed or Distributed()
+        if config.batch_size % self.distributed.world_size:
+            raise TWNError(f"batch_size {config.batch_size} must divide evenly over {self.distributed.world_size} processes")
+        parts = model.trainable_parameters()
+        self.parameters = {**parts["reasoning"], **parts["embedding"]}
+        self.optimizer = torch.optim.AdamW(
+            list(self.parameters.values()), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup_steps, config.steps))
+        self.step_done = 0
+
+    # ------------------------------------------------------------------ one update
+    def step(self) -> dict:
+        """Train on global batch number `step_done`: gradients, clipping, one optimiser step; returns its losses."""
+        metrics = self.compute_gradients()
+        trainable = list(self.parameters.values())
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.schedule.step()
+        self.step_done += 1
+        metrics["learning_rate"] = self.schedule.get_last_lr()[0]
+        return metrics
+
+    def compute_gradients(self) -> dict:
+        """The whole global batch's gradient in the trainable parameters (summed over processes)."""
+        config, model = self.config, self.model
+        indices = self.data.batch_indices(self.step_done, config.batch_size)
+        share = config.batch_size // self.distributed.world_size
+        local = indices[self.distributed.rank * share : (self.distributed.rank + 1) * share]
+        examples = self.data.examples(local, self.step_done)
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        cot_ids = model.cot_token_ids([example.cot or "" for example in examples])
+        cot_ids = [ids if example.cot else None for ids, example in zip(cot_ids, examples)]
+        sft_tokens = sum(len(ids) + len(model._think_end_ids) for ids in cot_ids if ids is not None)
+        sft_tokens = int(self.distributed.gather(torch.tensor([sft_tokens])).sum())
+
+        chunks = [range(start, min(start + config.chunk_size, len(examples))) for start in range(0, len(examples), config.chunk_size)]
+        rng_states = []
+        with torch.no_grad():
+            embedded = [self._embed_chunk(examples, cot_ids, chunk, rng_states) for chunk in chunks]
+        local_reps = {key: torch.cat([part[key] for part in embedded]) for key in ("think", "no_think", "targets", "negatives")}
+        global_reps = {key: self.distributed.gather(value).detach().requires_grad_() for key, value in local_reps.items()}
+        candidate_ids = self.distributed.gather_objects([e.target_id for e in examples]) + self.distributed.gather_objects(
+            [candidate for e in examples for candidate in e.negative_ids]
+        )
+        positive_ids = self.distributed.gather_objects([e.positive_ids for e in examples])
+        contrastive = contrastive_loss(**global_reps, candidate_ids=candidate_ids, positive_ids=positive_ids, config=config)
+        contrastive.backward()
+        offset = self.distributed.rank * share
+        upstream = {
+            "think": global_reps["think"].grad[offset : offset + share],
+            "no_think": global_reps["no_think"].grad[offset : offset + share],
+            "targets": global_reps["targets"].grad[offset : offset + share],
+            "negatives": global_reps["negatives"].grad[offset * config.hard_negatives : (offset + share) * config.hard_negatives],
+        }
+
+        sft_sum = 0.0
+        for chunk, state in zip(chunks, rng_states):
+            sft_sum += self._backward_chunk(examples, cot_ids, chunk, state, upstream, sft_tokens)
+        sft_loss = float(self.distributed.gather(torch.tensor([sft_sum])).sum()) / max(sft_tokens, 1)
+        total = contrastive.item() + config.sft_weight * sft_loss
+        if not torch.isfinite(torch.tensor(total)):
+            raise FloatingPointError(f"loss became {total} at step {self.step_done + 1}")
+
+        self.distributed.sum_gradients(list(self.parameters.values()))
+        model.eval()
+        return {"step": self.step_done + 1, "loss": total, "contrastive_loss": contrastive.item(), "sft_loss": sft_loss}
+
+    def _embed_chunk(self, examples, cot_ids, chunk, rng_states) -> dict:
+        """The no-gradient pass of the gradient cache; remembers the RNG so the re-run matches it exactly."""
+        rng_states.append(rng_state())
+        return self._forward_chunk(examples, cot_ids, chunk)
+
+    def _forward_chunk(self, examples, cot_ids, chunk, sft_backward: Callable[[torch.Tensor], None] | None = None) -> dict:
+        model = self.model
+        picked = [examples[i] for i in chunk]
+        forced = model.teacher_forced(model.encode([e.query for e in picked]), [cot_ids[i] for i in chunk])
+        if sft_backward is not None:
+            sft_backward(forced)  # now, while the reasoning adapter is active
+        think = model.query_pass(forced.think_view)
+        no_think = model.query_pass(forced.no_think_view)
+        return {
+            "think": think,
+            "no_think": no_think,
+            "targets": self._embed_candidates([e.target for e in picked]),
+            "negatives": self._embed_candidates([n for e in picked for n in e.negatives]),
+        }
+
+    def _embed_candidates(self, inputs: list[ModelInput]) -> torch.Tensor:
+        """No-think embeddings; the prefill needs no graph, since the embedding side reads a detached cache."""
+        if not inputs:
+            return torch.empty(0, self.model.embedding_dim, device=self.model.device)
+        with torch.no_grad():
+            prefix, _ = self.model.prefill(self.model.encode(inputs))
+        return self.model.query_pass(prefix)
+
+    def _backward_chunk(self, examples, cot_ids, chunk, state, upstream, sft_tokens) -> float:
+        """Re-run one chunk with gradients: SFT backward, then the cached embedding gradients."""
+        restore_rng_state(state)
+        sft_value = 0.0
+
+        def sft_backward(forced) -> None:
+            nonlocal sft_value
+            sft_value = forced.sft_loss_sum.item()
+            if self.config.sft_weight and forced.sft_tokens:
+                (self.config.sft_weight * forced.sft_loss_sum / sft_tokens).backward()
+
+        outputs = self._forward_chunk(examples, cot_ids, chunk, sft_backward)
+        negatives = range(chunk.start * self.config.hard_negatives, chunk.stop * self.config.hard_negatives)
+        surrogate = sum(
+            (outputs[key] * upstream[key][rows]).sum()
+            for key, rows in (("think", chunk), ("no_think", chunk), ("targets", chunk), ("negatives", negatives))
+        )
+        surrogate.backward()
+        return sft_value
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_done,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": rng_state(),
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_done = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        restore_rng_state(state["rng"])
+
+
+def train_config_from(values: dict) -> TrainEmbedConfig:
+    known = {item.name for item in fields(TrainEmbedConfig)}
+    return TrainEmbedConfig(**{key: value for key, value in values.items() if key in known})
+
+
+@torch.no_grad()
+def validation_hit_at_1(model: TWNModel, dataset: PreparedDataset, split: str, limit: int, batch_size: int = 16) -> dict[str, float]:
+    """Hit@1 of up to `limit` queries of `split` against their pools: never-think, teacher CoT, generated CoT."""
+    rows = dataset.queries[split].select(range(min(limit, len(dataset.queries[split]))))
+    index = {candidate_id: i for i, candidate_id in enumerate(dataset.candidates["id"])}
+    pools = [dataset.candidate_pool(row) for row in rows]
+    needed = sorted({candidate for pool in pools for candidate in pool})
+    candidate_embeddings = {}
+    for start in range(0, len(needed), batch_size):
+        ids = needed[start : start + batch_size]
+        inputs = [prepared_input(dataset.candidates[index[i]]) for i in ids]
+        candidate_embeddings.update(zip(ids, model.embed(inputs).embeddings))
+    hits = {"never": 0, "teacher_cot": 0, "generated_cot": 0}
+    for start in range(0, len(rows), batch_size):
+        batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        inputs = [prepared_input(row) for row in batch]
+        views = {
+            "never": model.embed(inputs).embeddings,
+            "teacher_cot": model.embed_with_thoughts(inputs, [row["cot"] for row in batch]),
+            "generated_cot": model.embed(inputs, think="always").embeddings,
+        }
+        for offset, row in enumerate(batch):
+            pool = pools[start + offset]
+            pool_embeddings = torch.stack([candidate_embeddings[c] for c in pool])
+            for name, queries in views.items():
+                best = pool[int((pool_embeddings @ queries[offset]).argmax())]
+                hits[name] += best in row["positive_ids"]
+    return {f"hit@1_{name}": count / len(rows) for name, count in hits.items()}
+
+
+def run_train_embed(
+    model: TWNModel,
+    dataset: PreparedDataset,
+    run_dir: Path,
+    config: TrainEmbedConfig,
+    *,
+    resume: bool,
+    stages: list[dict],
+    on_step: Callable[[dict], None] = lambda metrics: None,
+) -> dict:
+    """Train, checkpointing every `checkpoint_every` steps into `run_dir/train/states`; returns the summary."""
+    distributed = Distributed()
+    run = RunDirectory(run_dir)
+    data = TrainingData(dataset, config.split, config.hard_negatives, config.seed)
+    trainer = EmbedTrainer(model, data, config, distributed)
+    if distributed.is_main:
+        run.start(resume)
+    if resume:
+        latest = run.latest_state()
+        if latest is None:
+            raise TWNError(f"nothing to resume in '{run_dir}': it holds no training state")
+        _load_adapters_into(model, latest)
+        state = load_trainer_state(latest)
+        changed = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
+        if changed:
+            log.warning("resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed))
+        trainer.load_state_dict(state)
+        if distributed.is_main:
+            run.truncate_log(trainer.step_done)
+        log.info("resumed from %s at step %d", latest, trainer.step_done)
+    started = time.perf_counter()
+    samples = 0
+    while trainer.step_done < config.steps:
+        try:
+            metrics = trainer.step()
+        except FloatingPointError as error:
+            last = run.latest_state()
+            raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+        samples += config.batch_size
+        metrics["samples_per_second"] = samples / (time.perf_counter() - started)
+        if distributed.is_main and (trainer.step_done % config.log_every == 0 or trainer.step_done == config.steps):
+            run.log(metrics)
+        if distributed.is_main and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
+            save_checkpoint(
+                model,
+                run.state_path(trainer.step_done),
+                stages=stages,
+                write_files=lambda staging: save_trainer_state(staging, trainer.state_dict()),
+            )
+            run.prune()
+        on_step(metrics)
+    summary = {"steps": trainer.step_done, "parameters": model.parameter_overhead()}
+    if distributed.is_main and config.validation_queries and config.validation_split in dataset.queries:
+        summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries)
+    return summary
+
+
+def _load_adapters_into(model: TWNModel, state_dir: Path) -> None:
+    """Copy a saved state's adapters and queries into `model` (same backbone, same settings)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for adapter in ("reasoning", "embedding"):
+        saved = load_file(state_dir / adapter / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model.peft, saved, adapter_name=adapter)
+        if any(adapter in key for key in result.missing_keys):
+            raise TWNError(f"state '{state_dir}' does not match the model's {adapter} adapter")
+    model.queries.data.copy_(load_file(state_dir / "queries.safetensors")["queries"])

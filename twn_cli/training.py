@@ -1,0 +1,102 @@
+"""What every training stage shares: the learning-rate schedule, resumable states, the metrics log.
+
+A run directory holds the final checkpoint at its top level (so `--checkpoint RUN` works for later stages)
+and, in `train/`, the metrics log and the last resumable states:
+
+    RUN/train/metrics.jsonl                   one JSON object per logged step
+    RUN/train/states/step-00000050/           a full TWN checkpoint + trainer_state.pt, written atomically
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from twn_cli.errors import TWNError
+
+TRAIN_DIR = "train"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+class RunDirectory:
+    """The `train/` part of a run directory: metrics log and resumable training states."""
+
+    def __init__(self, run_dir: str | Path, keep_states: int = 2):
+        self.run_dir = Path(run_dir)
+        self.train_dir = self.run_dir / TRAIN_DIR
+        self.states_dir = self.train_dir / "states"
+        self.metrics_path = self.train_dir / "metrics.jsonl"
+        self.keep_states = keep_states
+
+    def start(self, resume: bool) -> None:
+        """Begin a run: a fresh one refuses to overwrite another run's states unless it resumes."""
+        if not resume and self.latest_state() is not None:
+            raise TWNError(f"'{self.run_dir}' holds a run already: pass --resume to continue it, or choose another -o")
+        self.states_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, after_step: int) -> None:
+        """Drop log lines past `after_step`: a resumed run logs them again."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def state_path(self, step: int) -> Path:
+        return self.states_dir / f"step-{step:08d}"
+
+    def latest_state(self) -> Path | None:
+        """The newest complete state (interrupted writes never leave one that looks complete)."""
+        if not self.states_dir.is_dir():
+            return None
+        steps = sorted(
+            int(match.group(1))
+            for path in self.states_dir.iterdir()
+            if (match := re.fullmatch(r"step-(\d+)", path.name)) and (path / TRAINER_STATE).is_file()
+        )
+        return self.state_path(steps[-1]) if steps else None
+
+    def prune(self) -> None:
+        states = sorted(p for p in self.states_dir.iterdir() if re.fullmatch(r"step-\d+", p.name))
+        for old in states[: -self.keep_states]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_trainer_state(directory: Path, state: dict) -> None:
+    torch.save(state, directory / TRAINER_STATE)
+
+
+def load_trainer_state(state_dir: Path) -> dict:
+    return torch.load(state_dir / TRAINER_STATE, weights_only=True)
