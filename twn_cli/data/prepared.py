@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 
 from twn_cli.atomic import atomic_directory
-from twn_cli.errors import TWNError
+from twn_cli.errors import BadRecordError, TWNError
 
 FORMAT = "twn-prepared"
 SCHEMA_VERSION = 1
@@ -249,3 +249,17 @@ def _to_dataset(rows: Sequence[Mapping], features: datasets.Features) -> dataset
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
+
+
+def prepared_input(row: Mapping) -> "ModelInput":
+    """The model input of a prepared query or candidate row; an empty instruction means the model's default."""
+    from twn_cli.data.images import load_image
+    from twn_cli.engine.model import ModelInput
+
+    images = []
+    for path in row["images"]:
+        try:
+            images.append(load_image(path))
+        except ValueError as error:
+            raise BadRecordError(f"record '{row['id']}'", f"image '{path}' {error}") from None
+    return ModelInput(text=row["text"], images=images, instruction=row["instruction"] or None)

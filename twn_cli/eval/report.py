@@ -1,0 +1,147 @@
+"""The tables of an eval report, rendered as markdown (report.md) or as rich tables (stderr).
+
+Scores are shown x100 with one decimal, as MMEB-V2 reports them; report.json keeps fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODALITIES = ("image", "video", "visdoc")
+TASK_METRICS = (
+    ("Hit@1", "hit@1"), ("Hit@5", "hit@5"), ("Hit@10", "hit@10"), ("NDCG@5", "ndcg@5"), ("NDCG@10", "ndcg@10"),
+    ("MRR", "mrr"), ("R@1", "recall@1"), ("R@5", "recall@5"), ("R@10", "recall@10"),
+)
+
+COMPACT_TASK_METRICS = ("hit@1", "hit@10", "ndcg@5", "mrr")
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+def report_tables(report: dict, compact: bool = False) -> list[Table]:
+    """The overall, per-meta-task, per-task and (for a sweep) sweep tables; `compact` keeps terminal-sized columns."""
+    result = report["result"]
+    modalities = [m for m in MODALITIES if m in result["modalities"]] + sorted(set(result["modalities"]) - set(MODALITIES))
+    cost_headers = ["think rate", "tokens/query", "seconds", "inputs/s"]
+    tables = [
+        Table(
+            f"Overall ({result['label']})",
+            ["score", *(f"{m} ({report['headline_metric'][m]})" for m in modalities), "tasks", *cost_headers],
+            [[_score(result["overall"]["score"]), *(_score(result["modalities"][m]["score"]) for m in modalities),
+              str(result["overall"]["tasks"]), *_cost(result["overall"])]],
+        ),
+        Table(
+            "Meta-tasks",
+            ["meta-task", "modality", "tasks", "score", *cost_headers],
+            [[name, group["modality"], str(group["tasks"]), _score(group["score"]), *_cost(group)]
+             for name, group in result["meta_tasks"].items()],
+        ),
+        _task_table(result["tasks"], compact),
+    ]
+    if report.get("sweep"):
+        tables.append(
+            Table(
+                "Sweep",
+                ["point", "threshold", "think rate", "tokens/query", "overall", *modalities, "seconds"],
+                [[point["mode"] + (" (chosen)" if is_chosen_point(point, report) else ""),
+                  "-" if point["threshold"] is None else f"{point['threshold']:.4g}",
+                  _rate(point["overall"]["think_rate"]), f"{point['overall']['reasoning_tokens_per_query']:.1f}",
+                  _score(point["overall"]["score"]), *(_score(point["modalities"][m]["score"]) for m in modalities),
+                  f"{point['overall']['wall_seconds']:.1f}"]
+                 for point in report["sweep"]],
+            )
+        )
+    return tables
+
+
+def markdown_report(report: dict) -> str:
+    dataset = report["dataset"]
+    checkpoint = report["checkpoint"]
+    if checkpoint is None:
+        model = "a fresh, untrained TWN model (no checkpoint)"
+    else:
+        stages = ", ".join(stage.get("name", "?") for stage in checkpoint.get("stages", [])) or "none"
+        model = f"checkpoint on `{checkpoint['backbone']['source']}` (stages: {stages}; saved {checkpoint.get('saved')})"
+    threshold = "" if report["threshold"] is None else f", gate threshold τ = {report['threshold']:.4g}"
+    lines = [
+        "# twn eval report",
+        "",
+        f"- dataset: `{dataset['path']}` (split `{dataset['split']}`, source `{dataset['source']}`)",
+        f"- model: {model}",
+        f"- mode: {report['mode']}{threshold}",
+        f"- command: `{report['command']}`" if report["command"] else "- command: (called from Python)",
+        f"- created: {report['created']}; this run took {report['run']['seconds']:.1f} s"
+        + (f" ({len(report['run']['tasks_from_cache'])} tasks from the cache)" if report["run"]["tasks_from_cache"] else ""),
+        "",
+        "Scores x100. Headline: Hit@1 for image and video tasks, NDCG@5 for visual documents; meta-task, modality "
+        "and overall scores are means over tasks. Ties count against the gold. Seconds are embedding time "
+        "(candidates and queries, in the view each point uses); tokens/query are reasoning tokens per query.",
+        "",
+    ]
+    for table in report_tables(report):
+        lines += [f"## {table.title}", "", _markdown_row(table.headers), _markdown_row(["---"] * len(table.headers))]
+        lines += [_markdown_row(row) for row in table.rows]
+        lines.append("")
+    lines += ["![overall score against reasoning tokens per query](quality_vs_tokens.png)", ""]
+    return "\n".join(lines)
+
+
+def print_tables(report: dict, console=None) -> None:
+    """The report's tables as rich tables on `console` (default: stderr)."""
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = console or Console(stderr=True)
+    for table in report_tables(report, compact=True):
+        rich_table = RichTable(title=table.title, title_justify="left")
+        for index, header in enumerate(table.headers):
+            rich_table.add_column(header, justify="left" if index == 0 else "right")
+        for row in table.rows:
+            rich_table.add_row(*row)
+        console.print(rich_table)
+
+
+def _task_table(tasks: dict, compact: bool) -> Table:
+    metrics = [m for m in TASK_METRICS if m[1] in COMPACT_TASK_METRICS] if compact else list(TASK_METRICS)
+    identity = ["task", "queries"] if compact else ["task", "meta-task", "pool", "queries", "candidates"]
+    rows = []
+    for name, task in tasks.items():
+        described = [name, str(task["queries"])] if compact else [
+            name, task["meta_task"], task["pool"], str(task["queries"]), str(task["candidates"])
+        ]
+        cost = _cost(task)
+        rows.append([*described, _score(task["score"]), *(_score(task["metrics"][m]) for _, m in metrics),
+                     *(cost[:2] if compact else cost)])
+    cost_headers = ["think rate", "tokens/query"] + ([] if compact else ["seconds", "inputs/s"])
+    return Table("Tasks", [*identity, "score", *(label for label, _ in metrics), *cost_headers], rows)
+
+
+def is_chosen_point(point: dict, report: dict) -> bool:
+    return point["mode"] == "adaptive" and point["threshold"] == report["threshold"]
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _score(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _rate(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def _cost(group: dict) -> list[str]:
+    speed = group["inputs_per_second"]
+    return [
+        _rate(group["think_rate"]),
+        f"{group['reasoning_tokens_per_query']:.1f}",
+        f"{group['wall_seconds']:.1f}",
+        "-" if speed is None else f"{speed:.1f}",
+    ]

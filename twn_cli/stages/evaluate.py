@@ -1,0 +1,484 @@
+"""The `eval` stage: MMEB-style evaluation of a TWN model on a prepared eval set (METHOD sections 3 and 4).
+
+Per task: embed the candidates (never thinking) and the queries in the views the mode needs, rank every
+query against its pool (its own `candidate_ids`, or the task's global pool), score the ranking; then
+aggregate per meta-task, modality and overall (twn_cli/eval/aggregate.py). Modes:
+
+- never / always: every query without / with a CoT;
+- adaptive: the gate decides per query (p_think >= threshold, by default the model's);
+- sweep: never, always, and adaptive at a range of thresholds. p_think comes from the prefill and does
+  not depend on the threshold, so every point is answered from each query's two embeddings (no-think and
+  think): a sweep embeds each query twice, never once per threshold.
+
+Outputs in REPORT_DIR: report.json, report.md, predictions.jsonl (the chosen point: the mode, or for a
+sweep the adaptive point at the threshold), quality_vs_tokens.png, and cache/ (twn_cli/eval/cache.py),
+from which an interrupted run resumes.
+
+Wall time is embedding time (image loading included, ranking excluded), measured per batch and shared
+equally by the batch's rows. A point's time is the sum over its inputs of the view it uses, so the
+points of a sweep, and an adaptive run that reuses cached views, report what that policy costs to run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from twn_cli.atomic import AtomicFile
+from twn_cli.data.prepared import PreparedDataset, load_prepared, prepared_input
+from twn_cli.engine.model import ModelInput, TWNModel
+from twn_cli.errors import TWNError
+from twn_cli.eval.aggregate import HEADLINE_METRIC, TaskCost, aggregate, task_summary
+from twn_cli.eval.cache import EmbeddingTable, model_key, task_cache_dir
+from twn_cli.eval.metrics import TOP_K, query_metrics, rank_in_chunks
+from twn_cli.eval.plot import plot_quality_vs_tokens
+from twn_cli.eval.report import markdown_report
+
+MODES = ("never", "always", "adaptive", "sweep")
+REPORT_FORMAT = "twn-eval-report"
+REPORT_VERSION = 1
+REPORT_FILES = ("report.json", "report.md", "predictions.jsonl", "quality_vs_tokens.png")
+CACHE_DIR = "cache"
+# The default sweep's thresholds: these quantiles of the queries' p_think (think rates 90 %, 80 %, ..., one query).
+SWEEP_QUANTILES = tuple(level / 10 for level in range(1, 11))
+# Save a table being filled at most this often, and never more than a tenth of the time spent embedding.
+SAVE_EVERY_SECONDS = 60.0
+TIE_RULE = "ties count against the gold: score desc, then relevance asc, then pool order"
+
+
+@dataclass
+class EvalProgress:
+    """Where an evaluation is: `step` is 'candidates', 'queries: never|always|auto' or 'done' (task finished)."""
+
+    task: str
+    task_number: int
+    tasks: int
+    step: str
+    done: int
+    total: int
+
+
+@dataclass
+class EvalTask:
+    """One task of the split, loaded: its query rows and the pool of each (an index into `pools`)."""
+
+    name: str
+    meta_task: str
+    modality: str
+    pool_kind: str
+    queries: list[dict]
+    pools: list[tuple[str, ...]]
+    pool_of_query: list[int]
+
+    @property
+    def candidate_ids(self) -> list[str]:
+        return list(dict.fromkeys(candidate for pool in self.pools for candidate in pool))
+
+
+@dataclass
+class TaskResult:
+    """What the report needs of a finished task; its rows and embeddings are dropped, so memory does not grow
+    with the number of tasks. `ranked[view][row]` holds a query's top-k ids and scores, gold ranks, metrics."""
+
+    name: str
+    meta_task: str
+    modality: str
+    pool_kind: str
+    query_ids: list[str]
+    golds: list[tuple[list[str], list[float]]]
+    candidates: int
+    candidate_seconds: float
+    p_think: torch.Tensor
+    reasoning_tokens: torch.Tensor
+    cot: list[str]
+    query_seconds: dict[str, torch.Tensor]
+    ranked: dict[str, dict[int, dict]]
+
+
+def run_eval(
+    model: TWNModel,
+    dataset_dir: str | Path,
+    report_dir: str | Path,
+    *,
+    mode: str,
+    split: str = "test",
+    threshold: float | None = None,
+    thresholds: Sequence[float] | None = None,
+    batch_size: int = 16,
+    rank_chunk_size: int = 8192,
+    command: str | None = None,
+    progress: Callable[[EvalProgress], None] | None = None,
+) -> dict:
+    """Evaluate `model` on `split` of the prepared dataset and write the report to `report_dir`; returns report.json's content.
+
+    `threshold` is the gate threshold of the adaptive point (default: the model's); `thresholds` replaces
+    the sweep's default grid (quantiles of p_think). Embeddings already in `report_dir/cache` are reused.
+    """
+    if mode not in MODES:
+        raise TWNError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+    report_dir = Path(report_dir)
+    _check_report_dir(report_dir)
+    dataset = load_prepared(dataset_dir)
+    if split not in dataset.queries:
+        raise TWNError(f"prepared dataset '{dataset_dir}' has no split '{split}' (it has {', '.join(dataset.queries)})")
+    tau = model.config.gate_threshold if threshold is None else threshold
+    if not all(math.isfinite(value) for value in [tau, *(thresholds or [])]):
+        raise TWNError("gate thresholds must be finite numbers")
+    rows_by_task = _rows_by_task(dataset, split)
+    if not rows_by_task:
+        raise TWNError(f"split '{split}' of '{dataset_dir}' has no queries")
+    key = {
+        "model": model_key(model),
+        "dataset": {"path": str(dataset.path.resolve()), "created": dataset.manifest.get("created"), "split": split},
+    }
+    started = time.perf_counter()
+    candidate_index = {candidate_id: index for index, candidate_id in enumerate(dataset.candidates["id"])}
+    results: dict[str, TaskResult] = {}
+    from_cache: list[str] = []
+    notify = progress or (lambda event: None)
+    for number, (name, rows) in enumerate(rows_by_task.items(), start=1):
+        def report_step(step: str, done: int, total: int, name=name, number=number) -> None:
+            notify(EvalProgress(name, number, len(rows_by_task), step, done, total))
+
+        task = load_task(dataset, split, name, rows)
+        candidates, queries, embedded = _embed_task(
+            model, dataset, candidate_index, task, report_dir / CACHE_DIR, key, mode, tau, batch_size, report_step
+        )
+        results[name] = _rank_task(task, candidates, queries, _views_needed(mode, tau, queries), rank_chunk_size, model.device)
+        if not embedded:
+            from_cache.append(name)
+        report_step("done", len(rows), len(rows))
+
+    sweep = None
+    if mode == "sweep":
+        grid = list(thresholds) if thresholds is not None else _default_thresholds(results)
+        grid = sorted({*grid, tau}, reverse=True)
+        adaptive_points = [_point(results, "adaptive", t) for t in grid]
+        sweep = [_point(results, "never", None), *adaptive_points, _point(results, "always", None)]
+        chosen = next(point for point in sweep if point["mode"] == "adaptive" and point["threshold"] == tau)
+    else:
+        chosen = _point(results, mode, tau if mode == "adaptive" else None)
+
+    report = {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "mode": mode,
+        "threshold": tau if mode in ("adaptive", "sweep") else None,
+        "dataset": {
+            "path": str(dataset.path),
+            "split": split,
+            "source": dataset.manifest.get("source"),
+            "created": dataset.manifest.get("created"),
+            "tasks": {name: dataset.manifest["tasks"].get(name) for name in rows_by_task},
+        },
+        "checkpoint": model.manifest,
+        "model": model.config.to_dict(),
+        "settings": {
+            "batch_size": batch_size,
+            "rank_chunk_size": rank_chunk_size,
+            "top_k": TOP_K,
+            "cot_decoding": "greedy",
+            "tie_rule": TIE_RULE,
+            "thresholds": [point["threshold"] for point in sweep if point["mode"] == "adaptive"] if sweep else None,
+        },
+        "headline_metric": HEADLINE_METRIC,
+        "result": chosen,
+        "sweep": sweep,
+        "run": {"seconds": time.perf_counter() - started, "tasks_from_cache": from_cache},
+    }
+    _write_outputs(report_dir, report, _predictions(results, chosen))
+    return report
+
+
+def _rows_by_task(dataset: PreparedDataset, split: str) -> dict[str, list[int]]:
+    """The split's row numbers per task, tasks in order of first appearance (reads only the task column)."""
+    rows: dict[str, list[int]] = {}
+    for row, name in enumerate(dataset.queries[split]["task"]):
+        rows.setdefault(name, []).append(row)
+    return rows
+
+
+def load_task(dataset: PreparedDataset, split: str, name: str, rows: list[int]) -> EvalTask:
+    """Task `name` (its `rows` of the split) with its queries grouped by pool."""
+    queries = list(dataset.queries[split].select(rows))
+    pool_kind = dataset.manifest["tasks"].get(name, {}).get("pool", "per_query")
+    task = EvalTask(name, queries[0]["meta_task"], queries[0]["modality"], pool_kind, queries, [], [])
+    pool_numbers: dict[tuple[str, ...] | None, int] = {}
+    for query in queries:
+        # The global pool is one shared list: key it once instead of hashing its ids for every query.
+        pool_key = tuple(dict.fromkeys(query["candidate_ids"])) if query["candidate_ids"] else None
+        if pool_key not in pool_numbers:
+            pool_numbers[pool_key] = len(task.pools)
+            task.pools.append(pool_key if pool_key is not None else tuple(dataset.candidate_pool(query)))
+        task.pool_of_query.append(pool_numbers[pool_key])
+    if any(not pool for pool in task.pools):
+        raise TWNError(f"task '{name}' has a query with an empty candidate pool")
+    return task
+
+
+# ------------------------------------------------------------------------------------------- embedding
+def _embed_task(
+    model, dataset, candidate_index, task, cache_root, key, mode, tau, batch_size, report_step
+) -> tuple[EmbeddingTable, EmbeddingTable, bool]:
+    """The task's candidate and query embeddings, from its cache where present; and whether any were computed."""
+    folder = task_cache_dir(cache_root, task.name)
+    task_key = {**key, "task": task.name}
+    candidate_ids = task.candidate_ids
+    candidates = EmbeddingTable.load_or_new(
+        folder / "candidates.safetensors", candidate_ids, model.embedding_dim, task_key, views=("no_think",)
+    )
+    queries = EmbeddingTable.load_or_new(
+        folder / "queries.safetensors", [row["id"] for row in task.queries], model.embedding_dim, task_key
+    )
+
+    def candidate_input(row: int) -> ModelInput:
+        return prepared_input(dataset.candidates[candidate_index[candidate_ids[row]]])
+
+    def query_input(row: int) -> ModelInput:
+        return prepared_input(task.queries[row])
+
+    embedded = False
+
+    def fill(table, path, rows, think, input_of, step):
+        nonlocal embedded
+        if rows:
+            embedded = True
+            with _saved(table, path) as checkpoint:
+                def on_batch(done: int) -> None:
+                    report_step(step, done, len(rows))
+
+                _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint)
+
+    fill(candidates, folder / "candidates.safetensors", candidates.missing("no_think"), "never", candidate_input, "candidates")
+    query_path = folder / "queries.safetensors"
+    if mode in ("never", "sweep"):
+        fill(queries, query_path, queries.missing("no_think"), "never", query_input, "queries: never")
+    if mode in ("always", "sweep"):
+        fill(queries, query_path, queries.missing("think"), "always", query_input, "queries: always")
+    if mode == "adaptive":
+        undecided = torch.isnan(queries.p_think).nonzero().flatten().tolist()
+        fill(queries, query_path, undecided, "auto", query_input, "queries: auto")
+        # Rows whose p_think came from the cache may lack the view this threshold picks for them.
+        for view, think in (("think", "always"), ("no_think", "never")):
+            wanted = set(_views_needed(mode, tau, queries)[view])
+            missing = [row for row in queries.missing(view) if row in wanted]
+            fill(queries, query_path, missing, think, query_input, f"queries: {think}")
+    return candidates, queries, embedded
+
+
+def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint) -> None:
+    for begin in range(0, len(rows), batch_size):
+        batch = rows[begin : begin + batch_size]
+        started = time.perf_counter()
+        inputs = [input_of(row) for row in batch]
+        result = model.embed(inputs, think=think, threshold=tau)
+        seconds = time.perf_counter() - started
+        table.record(batch, ["think" if flag else "no_think" for flag in result.think.tolist()], result, seconds)
+        on_batch(begin + len(batch))
+        checkpoint()
+
+
+@contextmanager
+def _saved(table: EmbeddingTable, path: Path):
+    """Save `table` when the block ends, however it ends, and now and then inside it (the yielded callable)."""
+    last_save = time.perf_counter()
+    save_cost = 0.0
+
+    def checkpoint() -> None:
+        nonlocal last_save, save_cost
+        if time.perf_counter() - last_save < max(SAVE_EVERY_SECONDS, 10 * save_cost):
+            return
+        began = time.perf_counter()
+        table.save(path)
+        last_save = time.perf_counter()
+        save_cost = last_save - began
+
+    try:
+        yield checkpoint
+    finally:
+        # Only finished batches are in the table, so an interrupted pass keeps everything it completed.
+        table.save(path)
+
+
+# ------------------------------------------------------------------------------------------- ranking
+def _views_needed(mode: str, tau: float, queries: EmbeddingTable) -> dict[str, list[int]]:
+    """The query rows to rank in each view for `mode`."""
+    every_row = list(range(len(queries.ids)))
+    if mode == "never":
+        return {"no_think": every_row}
+    if mode == "always":
+        return {"think": every_row}
+    if mode == "sweep":
+        return {"no_think": every_row, "think": every_row}
+    thinks = (queries.p_think >= tau).tolist()
+    return {
+        "think": [row for row in every_row if thinks[row]],
+        "no_think": [row for row in every_row if not thinks[row]],
+    }
+
+
+def _rank_task(
+    task: EvalTask, candidates: EmbeddingTable, queries: EmbeddingTable, rows_by_view, chunk_size, device
+) -> TaskResult:
+    candidate_index = {candidate_id: index for index, candidate_id in enumerate(candidates.ids)}
+    golds = [_golds(query) for query in task.queries]
+    ranked: dict[str, dict[int, dict]] = {}
+    for view, rows in rows_by_view.items():
+        ranked[view] = {}
+        by_pool: dict[int, list[int]] = {}
+        for row in rows:
+            by_pool.setdefault(task.pool_of_query[row], []).append(row)
+        for pool_number, members in by_pool.items():
+            pool_ids = task.pools[pool_number]
+            position_of = {candidate_id: position for position, candidate_id in enumerate(pool_ids)}
+            whole = len(pool_ids) == len(candidates.ids) and list(pool_ids) == candidates.ids
+            pool = None if whole else torch.tensor([candidate_index[c] for c in pool_ids], dtype=torch.long)
+            # Pool position -> relevance of the golds in the pool; a gold outside it can only be a miss.
+            positions = [
+                {position_of[g]: r for g, r in zip(*golds[row]) if g in position_of and r > 0} for row in members
+            ]
+            rankings = rank_in_chunks(
+                queries.embeddings[view][members], candidates.embeddings["no_think"], positions,
+                pool=pool, chunk_size=chunk_size, device=device,
+            )
+            for row, gold_positions, ranking in zip(members, positions, rankings):
+                rank_of = dict(zip(gold_positions, ranking.gold_ranks))
+                gold_ids, relevance = golds[row]
+                ranks = [rank_of.get(position_of.get(gold_id, -1)) for gold_id in gold_ids]
+                ranked[view][row] = {
+                    "top_ids": [pool_ids[position] for position in ranking.top_positions],
+                    "top_scores": ranking.top_scores,
+                    "gold_ranks": ranks,
+                    "metrics": query_metrics(ranks, relevance),
+                }
+    return TaskResult(
+        name=task.name,
+        meta_task=task.meta_task,
+        modality=task.modality,
+        pool_kind=task.pool_kind,
+        query_ids=queries.ids,
+        golds=golds,
+        candidates=len(candidates.ids),
+        candidate_seconds=float(candidates.seconds["no_think"].sum()),
+        p_think=queries.p_think,
+        reasoning_tokens=queries.reasoning_tokens,
+        cot=queries.cot,
+        query_seconds=queries.seconds,
+        ranked=ranked,
+    )
+
+
+def _golds(query: Mapping) -> tuple[list[str], list[float]]:
+    """A query's gold ids and relevances, a gold listed twice counted once."""
+    relevance = {}
+    for gold_id, value in zip(query["positive_ids"], query["positive_relevance"]):
+        relevance.setdefault(gold_id, float(value))
+    return list(relevance), list(relevance.values())
+
+
+# ------------------------------------------------------------------------------------------- points
+def _chosen_views(result: TaskResult, mode: str, threshold: float | None) -> list[str]:
+    count = len(result.query_ids)
+    if mode == "never":
+        return ["no_think"] * count
+    if mode == "always":
+        return ["think"] * count
+    return ["think" if thinks else "no_think" for thinks in (result.p_think >= threshold).tolist()]
+
+
+def _point(results: Mapping[str, TaskResult], mode: str, threshold: float | None) -> dict:
+    """Every number of one thinking policy: per task, per meta-task, per modality and overall."""
+    tasks, costs = {}, {}
+    for name, result in results.items():
+        views = _chosen_views(result, mode, threshold)
+        thinking = [row for row, view in enumerate(views) if view == "think"]
+        costs[name] = TaskCost(
+            queries=len(views),
+            thought=len(thinking),
+            reasoning_tokens=int(result.reasoning_tokens[thinking].sum()) if thinking else 0,
+            inputs=len(views) + result.candidates,
+            seconds=result.candidate_seconds + sum(float(result.query_seconds[view][row]) for row, view in enumerate(views)),
+        )
+        per_query = [result.ranked[view][row]["metrics"] for row, view in enumerate(views)]
+        tasks[name] = {
+            **task_summary(result.meta_task, result.modality, per_query, costs[name]),
+            "pool": result.pool_kind,
+            "candidates": result.candidates,
+        }
+    label = mode if threshold is None else f"adaptive τ={threshold:.4g}"
+    return {"label": label, "mode": mode, "threshold": threshold, **aggregate(tasks, costs), "tasks": tasks}
+
+
+def _default_thresholds(results: Mapping[str, TaskResult]) -> list[float]:
+    p_think = torch.cat([result.p_think for result in results.values()]).double()
+    return sorted({float(value) for value in torch.quantile(p_think, torch.tensor(SWEEP_QUANTILES, dtype=torch.double))})
+
+
+def _predictions(results: Mapping[str, TaskResult], point: dict) -> list[dict]:
+    records = []
+    for name, result in results.items():
+        for row, view in enumerate(_chosen_views(result, point["mode"], point["threshold"])):
+            ranked = result.ranked[view][row]
+            gold_ids, relevance = result.golds[row]
+            thinks = view == "think"
+            records.append(
+                {
+                    "task": name,
+                    "query_id": result.query_ids[row],
+                    "gold_ids": gold_ids,
+                    "gold_relevance": relevance,
+                    "gold_ranks": ranked["gold_ranks"],
+                    "top_ids": ranked["top_ids"],
+                    "top_scores": [round(score, 6) for score in ranked["top_scores"]],
+                    "think": thinks,
+                    "p_think": round(float(result.p_think[row]), 6),
+                    "reasoning_tokens": int(result.reasoning_tokens[row]) if thinks else 0,
+                    "cot": result.cot[row] if thinks else "",
+                }
+            )
+    return records
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _check_report_dir(report_dir: Path) -> None:
+    if not report_dir.exists():
+        return
+    if not report_dir.is_dir():
+        raise TWNError(f"report '{report_dir}' exists and is not a directory")
+    ours = (report_dir / CACHE_DIR).is_dir() or (report_dir / "report.json").is_file()
+    if any(report_dir.iterdir()) and not ours:
+        raise TWNError(f"'{report_dir}' exists and is not an eval report; choose another -o or remove it")
+
+
+def _write_outputs(report_dir: Path, report: dict, predictions: list[dict]) -> None:
+    _write_atomically(report_dir / "predictions.jsonl", "".join(json.dumps(record) + "\n" for record in predictions))
+    _write_atomically(report_dir / "report.md", markdown_report(report))
+    target = AtomicFile(report_dir / "quality_vs_tokens.png")
+    try:
+        plot_quality_vs_tokens(report, target.staging)
+        target.commit()
+    except BaseException:
+        target.discard()
+        raise
+    # Last, so a report.json always sits beside complete companions.
+    _write_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    target = AtomicFile(path)
+    try:
+        target.staging.write_text(text, encoding="utf-8")
+        target.commit()
+    except BaseException:
+        target.discard()
+        raise
+
