@@ -19,7 +19,7 @@ from twn_cli.engine.checkpoint import save_checkpoint
 
 from conftest import TEST_SPEC
 
-STAGES_TO_COME = ["train-embed", "train-gate", "train-rl", "route", "eval"]
+STAGES_TO_COME = ["train-gate", "train-rl"]
 
 
 def run(*arguments, input: str | None = None):
@@ -52,7 +52,7 @@ def checkpoint(make_model, tmp_path) -> Path:
 def test_help_lists_every_command_without_importing_torch():
     code = "import sys; from twn_cli.cli import app; sys.argv = ['twn', '--help']\ntry: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    for command in ["toy-backbone", "prepare", "embed", *STAGES_TO_COME]:
+    for command in ["toy-backbone", "prepare", "train-embed", "embed", "route", "eval", *STAGES_TO_COME]:
         assert command in result.stdout
     assert result.stdout.strip().endswith("False")
 
@@ -198,3 +198,45 @@ def test_usage_errors_are_one_clear_line(image_folder, checkpoint, arguments, me
     result = run("embed", image_folder, *arguments)
     assert result.exit_code == 1
     assert message in error_line(result)
+
+
+def test_route_streams_gate_decisions_from_stdin_without_decoding(checkpoint, real_image_paths, monkeypatch):
+    from twn_cli.engine.model import TWNModel
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("route must not decode")
+
+    monkeypatch.setattr(TWNModel, "think", no_decoding)
+    monkeypatch.setattr(TWNModel, "query_pass", no_decoding)
+    stdin = "".join(
+        json.dumps(line) + "\n"
+        for line in [{"id": "a", "text": "a red triangle"}, {"id": "b", "image": str(real_image_paths[1])}, {"id": "c", "text": "a cup"}]
+    )
+    result = run("route", "-", "--checkpoint", checkpoint, "--threshold", "0.5", "--batch-size", 2, input=stdin)
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["a", "b", "c"]
+    assert all(r["think"] == (r["p_think"] >= 0.5) for r in records)
+
+
+def test_route_probabilities_match_embed(checkpoint, image_folder, tmp_path):
+    routed = run("route", image_folder, "--checkpoint", checkpoint, "-o", tmp_path / "route.jsonl")
+    assert routed.exit_code == 0, routed.stderr
+    assert routed.stdout.strip() == str(tmp_path / "route.jsonl")
+    embedded = run("embed", image_folder, "--checkpoint", checkpoint, "-o", tmp_path / "e.jsonl")
+    p_route = [json.loads(line)["p_think"] for line in (tmp_path / "route.jsonl").read_text().splitlines()]
+    p_embed = [json.loads(line)["p_think"] for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert p_route == pytest.approx(p_embed, abs=1e-5)
+
+
+def test_eval_command_writes_the_report(checkpoint, toy_dataset_dir, tmp_path):
+    result = run("eval", toy_dataset_dir, "--checkpoint", checkpoint, "-o", tmp_path / "report", "--mode", "sweep", "--thresholds", "0.3,0.6")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["mode"] == "sweep" and report["command"].startswith("twn ")  # sys.argv: pytest's, in-process
+    assert [point["label"] for point in report["sweep"]][0] == "never"
+    for name in ("report.md", "predictions.jsonl", "quality_vs_tokens.png"):
+        assert (tmp_path / "report" / name).is_file()
+    bad = run("eval", toy_dataset_dir, "--checkpoint", checkpoint, "-o", tmp_path / "r2", "--thresholds", "high")
+    assert bad.exit_code == 1 and "--thresholds" in error_line(bad)

@@ -186,26 +186,15 @@ def embed(
 
     from twn_cli.data.embedding_files import EmbeddingWriter
     from twn_cli.data.inputs import read_inputs
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.checkpoint import load_checkpoint
-    from twn_cli.engine.model import Sampling, TWNConfig, TWNModel
+    from twn_cli.engine.model import Sampling
     from twn_cli.stages.embed import EmbedSettings, run_embed
 
-    if checkpoint is None and backbone is None:
-        raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
     mode = "auto" if adaptive else think.value
     if adaptive and think is ThinkOption.always:
         raise TWNError("--adaptive and --think always contradict each other")
-    load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     records = read_inputs(inputs)
-    if checkpoint is not None:
-        loaded_backbone = load_backbone(backbone, **load_options) if backbone else None
-        model = load_checkpoint(checkpoint, loaded_backbone, **load_options)
-        if mode == "auto" and "gate" not in model.manifest:
-            logging.warning("checkpoint '%s' has no trained gate: --adaptive uses an untrained one", checkpoint)
-    else:
-        logging.warning("no --checkpoint: embedding with fresh, untrained adapters on '%s'", backbone)
-        model = TWNModel(load_backbone(backbone, **load_options), TWNConfig(seed=seed))
+    model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=device,
+                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -245,6 +234,88 @@ def embed(
     )
     if writer.path is not None:
         print(writer.path)
+
+
+def _load_model(checkpoint: Optional[Path], backbone: Optional[str], *, uses_gate: bool, seed: int = 0, **load_options):
+    """A trained model from --checkpoint (optionally onto a local --backbone copy), or fresh adapters on --backbone."""
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.checkpoint import load_checkpoint
+    from twn_cli.engine.model import TWNConfig, TWNModel
+
+    if checkpoint is None and backbone is None:
+        raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
+    if checkpoint is None:
+        logging.warning("no --checkpoint: fresh, untrained adapters on '%s'", backbone)
+        return TWNModel(load_backbone(backbone, **load_options), TWNConfig(seed=seed))
+    model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+    if uses_gate and "gate" not in model.manifest:
+        logging.warning("checkpoint '%s' has no trained gate (run train-gate): the gate is untrained", checkpoint)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+class EvalMode(str, enum.Enum):
+    never = "never"
+    always = "always"
+    adaptive = "adaptive"
+    sweep = "sweep"
+
+
+@app.command(name="eval")
+@user_errors
+def evaluate(
+    data: Path = typer.Argument(..., help="Prepared eval dataset directory (from `twn prepare`)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Report directory: report.json, report.md, predictions.jsonl, quality_vs_tokens.png, cache/."),
+    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint to evaluate."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters."),
+    mode: EvalMode = typer.Option(EvalMode.adaptive, help="never / always think, adaptive (the gate at its threshold), or sweep (never, always and a range of thresholds)."),
+    split: str = typer.Option("test", help="Split of the prepared dataset to evaluate."),
+    threshold: Optional[float] = typer.Option(None, help="Gate threshold of the adaptive point (default: the checkpoint's)."),
+    thresholds: Optional[str] = typer.Option(None, help="Sweep thresholds, comma-separated (default: quantiles of p_think)."),
+    batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
+    rank_chunk_size: int = typer.Option(8192, min=1, help="Candidates scored at a time (bounds memory for huge pools)."),
+    max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
+    """MMEB-style evaluation: never / always / adaptive thinking, or a sweep of gate thresholds.
+
+    Per task Hit@1/5/10, NDCG@5/10, MRR and Recall@k, aggregated per meta-task, modality and overall the
+    MMEB-V2 way (Hit@1 for image and video, NDCG@5 for visual documents), with think rate, reasoning tokens
+    per query and throughput. Embeddings are cached per task in the report directory, so an interrupted
+    evaluation resumes. CoTs are decoded greedily. Prints the report directory.
+    """
+    _setup_logging(verbose)
+    import shlex
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from twn_cli.eval.report import print_tables
+    from twn_cli.stages.evaluate import run_eval
+
+    try:
+        sweep = [float(value) for value in thresholds.split(",")] if thresholds else None
+    except ValueError:
+        raise TWNError(f"--thresholds takes numbers separated by commas, not '{thresholds}'") from None
+    model = _load_model(checkpoint, backbone, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep), dtype=dtype, device=device,
+                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if max_think_tokens is not None:
+        model.config.max_think_tokens = max_think_tokens
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console()) as progress:
+        bar = progress.add_task("eval", total=None)
+
+        def show(state) -> None:
+            progress.update(bar, description=f"task {state.task_number}/{state.tasks} {state.task}: {state.step} {state.done}/{state.total}")
+
+        report = run_eval(
+            model, data, output, mode=mode.value, split=split, threshold=threshold, thresholds=sweep,
+            batch_size=batch_size, rank_chunk_size=rank_chunk_size, command=shlex.join(["twn", *sys.argv[1:]]), progress=show,
+        )
+    print_tables(report)
+    print(output)
 
 
 # --------------------------------------------------------------------------------------------- stages to come
@@ -327,16 +398,124 @@ def _print_prepared_summary(dataset_dir: Path) -> None:
     print(dataset_dir)
 
 
-@app.command("train-embed", context_settings=PASS_THROUGH)
-def train_embed(ctx: typer.Context):
+@app.command("train-embed")
+@user_errors
+def train_embed(
+    data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run directory: the checkpoint, plus train/ (metrics.jsonl, resumable states)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone directory or hub id to start from (fresh adapters)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint to continue training."),
+    recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-embed.yaml."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output from its last state."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Override: optimiser steps."),
+    batch_size: Optional[int] = typer.Option(None, min=2, help="Override: global contrastive batch (queries per step)."),
+    chunk_size: Optional[int] = typer.Option(None, min=1, help="Override: gradient-cache chunk per process (memory, not maths)."),
+    learning_rate: Optional[float] = typer.Option(None, help="Override: peak learning rate."),
+    temperature: Optional[float] = typer.Option(None, help="Override: InfoNCE temperature."),
+    seed: Optional[int] = typer.Option(None, help="Override: seed of the data order and fresh adapters."),
+    setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
     """Jointly train the reasoning adapter (SFT on teacher CoT) and the embedding adapter + queries (InfoNCE).
 
-    Both views of each query (with and without its CoT) share one prefill; the embedding side reads the
-    detached cache, so the contrastive loss never reaches the reasoning adapter. In-batch and hard negatives,
-    gradient cache for large batches, multi-process via accelerate. Writes a checkpoint directory.
-    Usage: twn train-embed DATA --backbone MODEL -o RUN [--recipe YAML] [--resume].
+    Each query is trained in two views of one prefill, with its CoT and without; the embedding side reads
+    the detached cache, so the contrastive loss never reaches the reasoning adapter. In-batch and hard
+    negatives; a gradient cache makes a large contrastive batch fit in the memory of one chunk. Under
+    torchrun / accelerate launch the batch is split over processes and negatives are gathered. States are
+    saved every `checkpoint_every` steps (--resume continues exactly); a NaN loss stops with the last good
+    state named. Prints the checkpoint (run) directory.
     """
-    _not_built("train-embed")
+    _setup_logging(verbose)
+    import yaml
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from twn_cli.data.prepared import load_prepared
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+    from twn_cli.engine.model import TWNModel
+    from twn_cli.recipes import load_recipe
+    from twn_cli.stages.train_embed import Distributed, TrainEmbedConfig, run_train_embed
+
+    if (backbone is None) == (checkpoint is None) and not resume:
+        raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
+    overrides = {}
+    for item in setting:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise TWNError(f"--set takes KEY=VALUE, not '{item}'")
+        overrides[key.strip()] = yaml.safe_load(value)
+    config = load_recipe(
+        recipe, TrainEmbedConfig, **overrides, steps=steps, batch_size=batch_size, chunk_size=chunk_size,
+        learning_rate=learning_rate, temperature=temperature, seed=seed,
+    )
+    _start_process_group()
+    distributed = Distributed()
+    load_options = dict(dtype=dtype, device=_process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    dataset = load_prepared(data)
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+        history = model.manifest["stages"]
+    elif backbone is not None:
+        model = TWNModel(load_backbone(backbone, **load_options), config.model_config())
+        history = []
+    else:
+        raise TWNError("--resume needs the --backbone or --checkpoint the run started from")
+    record = {
+        "stage": "train-embed",
+        "data": str(Path(data).resolve()),
+        "arguments": {key: value for key, value in vars(config).items()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with Progress(
+        TextColumn("train-embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=_stderr_console(), disable=not distributed.is_main,
+    ) as progress:
+        task = progress.add_task("train", total=config.steps, status="")
+
+        def show(metrics: dict) -> None:
+            progress.update(
+                task, completed=metrics["step"],
+                status=f"loss {metrics['loss']:.3f} (nce {metrics['contrastive_loss']:.3f}, sft {metrics['sft_loss']:.3f}) "
+                f"lr {metrics['learning_rate']:.2e} {metrics['samples_per_second']:.1f} samples/s",
+            )
+
+        summary = run_train_embed(model, dataset, output, config, resume=resume, stages=history + [record], on_step=show)
+    if not distributed.is_main:
+        return
+    save_checkpoint(model, output, stages=history + [record], extra={"train_embed": summary})
+    table = Table("", "value", title="train-embed")
+    for key, value in summary.get("validation", {}).items():
+        table.add_row(f"validation {key}", f"{value:.3f}")
+    overhead = summary["parameters"]
+    table.add_row("added parameters", f"{overhead['added']:,} ({overhead['added_percent']:.2f} % of the backbone)")
+    _stderr_console().print(table)
+    print(output)
+
+
+def _start_process_group() -> None:
+    """Join the process group that torchrun / accelerate launch describe in the environment, if any."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _process_device(device: str) -> str:
+    """Under several processes, `auto` means this process's own GPU."""
+    import os
+
+    import torch
+
+    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 @app.command("train-gate", context_settings=PASS_THROUGH)
@@ -363,22 +542,46 @@ def train_rl(ctx: typer.Context):
     _not_built("train-rl")
 
 
-@app.command(context_settings=PASS_THROUGH)
-def route(ctx: typer.Context):
+@app.command()
+@user_errors
+def route(
+    inputs: str = typer.Argument(..., help="An image folder, a JSONL file of records, or - for JSONL on stdin (as for `twn embed`)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint whose gate decides."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: with --checkpoint, a local copy to load it onto; alone, an untrained gate."),
+    output: str = typer.Option("-", "-o", "--output", help="JSONL file to write, or - for stdout."),
+    threshold: Optional[float] = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
+    batch_size: int = typer.Option(32, min=1, help="Inputs per prefill."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
     """Gate decisions only: prefill each input and report p_think and think, without decoding anything.
 
-    Reads inputs like `twn embed`; writes JSONL (id, p_think, think) to stdout or a file.
-    Usage: twn route INPUTS --checkpoint RUN [--threshold T] [-o FILE].
+    Writes one JSON line per input, {"id", "p_think", "think"}, streamed to stdout (or written atomically
+    to -o FILE), so it pipes into jq. It costs one prefill per input: no CoT, no query pass.
     """
-    _not_built("route")
+    _setup_logging(verbose)
+    from twn_cli.atomic import AtomicFile
+    from twn_cli.data.inputs import read_inputs
+    from twn_cli.stages.route import run_route
 
-
-@app.command(name="eval", context_settings=PASS_THROUGH)
-def evaluate(ctx: typer.Context):
-    """MMEB-style evaluation in modes never / always / adaptive, or a sweep of gate thresholds.
-
-    Hit@k, NDCG@k, MRR and Recall@k per task, meta-task, modality and overall, with think rate, reasoning
-    tokens and throughput. Writes report.json, report.md, predictions.jsonl and a quality-vs-tokens plot.
-    Usage: twn eval DATA --checkpoint RUN -o REPORT_DIR --mode never|always|adaptive|sweep.
-    """
-    _not_built("eval")
+    records = read_inputs(inputs)
+    model = _load_model(checkpoint, backbone, uses_gate=True, dtype=dtype, device=device,
+                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    threshold = model.config.gate_threshold if threshold is None else threshold
+    target = None if output == "-" else AtomicFile(output)
+    stream = sys.stdout if target is None else open(target.staging, "w", encoding="utf-8")
+    try:
+        routed, thinking, skipped = run_route(model, records, stream, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
+    except BaseException:
+        if target is not None:
+            stream.close()
+            target.discard()
+        raise
+    if target is not None:
+        stream.close()
+        print(target.commit())
+    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped)", file=sys.stderr)

@@ -44,7 +44,7 @@ def run_embed(
     """
     summary = EmbedSummary()
     try:
-        for ids, inputs in _loaded_batches(records, settings, summary):
+        for ids, inputs in loaded_batches(records, settings.batch_size, settings.skip_bad, summary.skipped):
             result = model.embed(inputs, think=settings.think, threshold=settings.threshold, sampling=settings.sampling)
             writer.add(
                 EmbeddingBatch(
@@ -68,23 +68,24 @@ def run_embed(
     return summary
 
 
-def _loaded_batches(
-    records: Iterable[InputRecord], settings: EmbedSettings, summary: EmbedSummary
+def loaded_batches(
+    records: Iterable[InputRecord], batch_size: int, skip_bad: bool, skipped: list[BadRecordError]
 ) -> Iterator[tuple[list[str], list[ModelInput]]]:
+    """Batches of (ids, loaded inputs); a bad record raises, or with `skip_bad` is logged and added to `skipped`."""
     ids: list[str] = []
     inputs: list[ModelInput] = []
     for record in records:
         try:
             loaded = record.load()
         except BadRecordError as error:
-            if not settings.skip_bad:
+            if not skip_bad:
                 raise
             log.warning("skipped %s", error)
-            summary.skipped.append(error)
+            skipped.append(error)
             continue
         ids.append(record.id)
         inputs.append(loaded)
-        if len(ids) == settings.batch_size:
+        if len(ids) == batch_size:
             yield ids, inputs
             ids, inputs = [], []
     if ids:

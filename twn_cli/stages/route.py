@@ -1,0 +1,40 @@
+"""The `route` stage: the gate's decision for each input, from the prefill alone (nothing is decoded)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import TextIO
+
+from twn_cli.data.inputs import InputRecord
+from twn_cli.engine.model import TWNModel
+from twn_cli.errors import BadRecordError
+from twn_cli.stages.embed import loaded_batches
+
+log = logging.getLogger(__name__)
+
+
+def run_route(
+    model: TWNModel,
+    records: Iterable[InputRecord],
+    output: TextIO,
+    *,
+    threshold: float,
+    batch_size: int,
+    skip_bad: bool,
+    on_batch: Callable[[int], None] = lambda count: None,
+) -> tuple[int, int, list[BadRecordError]]:
+    """Write one JSON line per input (id, p_think, think); returns (routed, thinking, skipped)."""
+    routed = thinking = 0
+    skipped: list[BadRecordError] = []
+    for ids, inputs in loaded_batches(records, batch_size, skip_bad, skipped):
+        probabilities = model.think_probability(inputs).tolist()
+        for record_id, probability in zip(ids, probabilities):
+            think = probability >= threshold
+            output.write(json.dumps({"id": record_id, "p_think": round(probability, 6), "think": think}) + "\n")
+            thinking += think
+        output.flush()
+        routed += len(ids)
+        on_batch(len(ids))
+    return routed, thinking, skipped
