@@ -262,6 +262,11 @@ class TWNModel(nn.Module):
 
     def prefill(self, encoded: dict) -> tuple[Prefix, torch.Tensor]:
         """Reasoning-adapter prefill of the prompts: their cached prefix and last prompt hidden states."""
+        hidden, prefix = self._reasoning_pass(encoded)
+        return prefix, hidden[:, -1]
+
+    def _reasoning_pass(self, encoded: dict) -> tuple[torch.Tensor, Prefix]:
+        """One uncached forward of left-padded token rows (with their pictures) through the reasoning adapter."""
         positions, next_position = self.positions.prompt_positions(encoded)
         self.use_adapter("reasoning")
         hidden, cache = self._forward(
@@ -270,7 +275,7 @@ class TWNModel(nn.Module):
             position_ids=positions,
             vision=_vision_inputs(encoded),
         )
-        return Prefix(cache, encoded["attention_mask"], next_position), hidden[:, -1]
+        return hidden, Prefix(cache, encoded["attention_mask"], next_position)
 
     def gate_probability(self, last_prompt_state: torch.Tensor) -> torch.Tensor:
         return self.gate(last_prompt_state)
@@ -334,14 +339,7 @@ class TWNModel(nn.Module):
         """
         suffixes = [self._think_block(ids) if ids is not None else [] for ids in cot_ids]
         full = _append_tokens(encoded, suffixes, self._pad_id)
-        positions, next_position = self.positions.prompt_positions(full)
-        self.use_adapter("reasoning")
-        hidden, cache = self._forward(
-            input_ids=full["input_ids"],
-            attention_mask=full["attention_mask"],
-            position_ids=positions,
-            vision=_vision_inputs(full),
-        )
+        hidden, think_view = self._reasoning_pass(full)
         suffix_lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
         columns = torch.arange(full["input_ids"].shape[1], device=self.device)
         in_suffix = columns[None] >= full["input_ids"].shape[1] - suffix_lengths[:, None]
@@ -354,9 +352,8 @@ class TWNModel(nn.Module):
         predictors = hidden[:, :-1][labelled[:, 1:]]
         targets = full["input_ids"][:, 1:][labelled[:, 1:]]
         sft_loss_sum = F.cross_entropy(self._lm_head(predictors).float(), targets, reduction="sum")
-        think_view = Prefix(cache, full["attention_mask"], next_position)
         no_think_view = Prefix(
-            cache, full["attention_mask"] * (~in_suffix).long(), next_position - suffix_lengths
+            think_view.cache, full["attention_mask"] * (~in_suffix).long(), think_view.next_position - suffix_lengths
         )
         return TeacherForced(sft_loss_sum, len(targets), think_view, no_think_view)
 

@@ -54,17 +54,17 @@ MODEL_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_module
 class TrainEmbedConfig:
     """Hyper-parameters of train-embed; recipes/<backbone>/train-embed.yaml sets them."""
 
-    # The model, when training starts from a backbone.
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None
-    num_queries: int = 4
-    pooling: str = "mean"
-    gate_hidden_size: int = 256
-    max_think_tokens: int = 64
+    # The model, when training starts from a backbone (defaults: the engine's).
+    lora_rank: int = TWNConfig.lora_rank
+    lora_alpha: int = TWNConfig.lora_alpha
+    lora_dropout: float = TWNConfig.lora_dropout
+    lora_target_modules: list[str] | None = TWNConfig.lora_target_modules
+    num_queries: int = TWNConfig.num_queries
+    pooling: str = TWNConfig.pooling
+    gate_hidden_size: int = TWNConfig.gate_hidden_size
+    max_think_tokens: int = TWNConfig.max_think_tokens
     # The objective.
-    temperature: float = 0.02
+    temperature: float = TWNConfig.temperature
     sft_weight: float = 1.0
     think_view_weight: float = 1.0
     no_think_view_weight: float = 1.0
