@@ -8,11 +8,17 @@ import pytest
 
 from twn_cli.recipes import load_recipe
 from twn_cli.stages.train_embed import TrainEmbedConfig
+from twn_cli.stages.train_gate import TrainGateConfig
 from twn_cli.toyworld.backbone import ToyBackboneSpec
 from twn_cli.toyworld.pretrain import PretrainSettings
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-SETTINGS = {"toy-backbone.yaml": ToyBackboneSpec, "pretrain.yaml": PretrainSettings, "train-embed.yaml": TrainEmbedConfig}
+SETTINGS = {
+    "toy-backbone.yaml": ToyBackboneSpec,
+    "pretrain.yaml": PretrainSettings,
+    "train-embed.yaml": TrainEmbedConfig,
+    "train-gate.yaml": TrainGateConfig,
+}
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/*.yaml")), ids=lambda path: f"{path.parent.name}/{path.name}")

@@ -430,7 +430,6 @@ def train_embed(
     state named. Prints the checkpoint (run) directory.
     """
     _setup_logging(verbose)
-    import yaml
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -438,17 +437,12 @@ def train_embed(
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
     from twn_cli.engine.model import TWNModel
-    from twn_cli.recipes import load_recipe
+    from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_embed import Distributed, TrainEmbedConfig, run_train_embed
 
     if (backbone is None) == (checkpoint is None) and not resume:
         raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
-    overrides = {}
-    for item in setting:
-        key, separator, value = item.partition("=")
-        if not separator:
-            raise TWNError(f"--set takes KEY=VALUE, not '{item}'")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_overrides(setting)
     config = load_recipe(
         recipe, TrainEmbedConfig, **overrides, steps=steps, batch_size=batch_size, chunk_size=chunk_size,
         learning_rate=learning_rate, temperature=temperature, seed=seed,
@@ -518,16 +512,96 @@ def _process_device(device: str) -> str:
     return device
 
 
-@app.command("train-gate", context_settings=PASS_THROUGH)
-def train_gate(ctx: typer.Context):
+class GateTarget(str, enum.Enum):
+    best = "best"
+    budget = "budget"
+
+
+@app.command("train-gate")
+@user_errors
+def train_gate(
+    data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`): labels on its train split, τ on its validation split."),
+    checkpoint: Path = typer.Option(..., help="TWN checkpoint whose gate to train (from train-embed or train-rl)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write; its train/ keeps the label cache and logs."),
+    backbone: Optional[str] = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto."),
+    recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-gate.yaml."),
+    think_budget: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pick τ so that this share of validation inputs thinks."),
+    target: Optional[GateTarget] = typer.Option(None, help="best: the τ with the best validation Hit@1; budget: see --think-budget."),
+    delta: Optional[float] = typer.Option(None, help="Override: label 'think' only if thinking raises the retrieval margin by more than this."),
+    setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (the gate trains in float32)."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
     """Train the routing gate on self-supervised labels: does thinking improve this input's retrieval margin?
 
-    Labels come from embedding each training input with and without a generated CoT; only the gate's
-    parameters change. Picks the threshold for a think budget (--think-budget F) or the best validation
-    score (--target best). Writes a checkpoint directory.
+    Each training input is embedded without thinking and with a greedy CoT of the reasoning adapter; the
+    label says whether the CoT raised its margin (positive vs the hardest of the in-batch and hard
+    negatives) by more than δ. Labelling is batched and cached in OUTPUT/train/gate-labels/, so a rerun
+    labels only what is missing. The gate (an MLP on the prefill's last prompt state) trains on those
+    labels with a class-weighted BCE; only its parameters change. τ is chosen on the validation split, for
+    a think budget (--think-budget F) or the best Hit@1 (--target best), and stored with the label
+    statistics, the gate's AUROC on held-out labels and the think rate in twn.json. Prints the checkpoint.
     Usage: twn train-gate DATA --checkpoint RUN -o RUN2 [--think-budget F | --target best].
     """
-    _not_built("train-gate")
+    _setup_logging(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from twn_cli.data.prepared import load_prepared
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
+    from twn_cli.recipes import load_recipe, parse_overrides
+    from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
+
+    if think_budget is not None and target is GateTarget.best:
+        raise TWNError("--think-budget and --target best contradict each other: give one")
+    overrides = parse_overrides(setting)
+    chosen_target = GateTarget.budget.value if think_budget is not None else target.value if target else None
+    options = {"target": chosen_target, "think_budget": think_budget, "delta": delta}
+    config = load_recipe(recipe, TrainGateConfig, **{**overrides, **{key: value for key, value in options.items() if value is not None}})
+    load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    dataset = load_prepared(data)
+    model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+    record = {
+        "stage": "train-gate",
+        "data": str(Path(data).resolve()),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "arguments": dict(vars(config)),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with Progress(
+        TextColumn("train-gate {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr_console(),
+    ) as progress:
+        bar = progress.add_task("train-gate", total=None, phase="")
+
+        def show(phase: str, done: int, total: int) -> None:
+            progress.update(bar, phase=phase, completed=done, total=total)
+
+        summary = run_train_gate(model, dataset, output, config, progress=show)
+    save_checkpoint(model, output, stages=model.manifest["stages"] + [record], extra={**stage_results(model.manifest), "gate": summary})
+
+    labels, scores, validation = summary["labels"], summary["auroc"], summary["validation"]
+    rule = f"{summary['think_budget']:.0%} think budget" if summary["target"] == "budget" else "best validation Hit@1"
+    table = Table("", "value", title="train-gate")
+    table.add_row("threshold τ", f"{summary['threshold']:.6g} ({rule})")
+    table.add_row("labels", f"{labels['inputs']} {labels['split']} inputs, thinking helps {labels['think_helps']} ({labels['think_helps_rate']:.1%}) at δ = {summary['delta']:g}")
+    table.add_row("mean margin change", f"{labels['mean_margin_change']:+.4f}")
+    for name, rate in labels.get("think_helps_rate_by_difficulty", {}).items():
+        table.add_row(f"  thinking helps, {name}", f"{rate:.1%}")
+    heldout = "n/a (one class)" if scores["heldout"] is None else f"{scores['heldout']:.3f}"
+    table.add_row("gate AUROC", f"{heldout} on {scores['heldout_inputs']} held-out labels")
+    table.add_row(f"{validation['split']} think rate", f"{validation['think_rate']:.1%} of {validation['queries']} queries")
+    table.add_row(
+        f"{validation['split']} Hit@1", f"{validation['hit@1_adaptive']:.3f} adaptive, {validation['hit@1_never']:.3f} never, {validation['hit@1_always']:.3f} always"
+    )
+    table.add_row(
+        "reasoning tokens / query", f"{validation['reasoning_tokens_per_query']:.1f} adaptive, {validation['reasoning_tokens_per_query_always']:.1f} always"
+    )
+    _stderr_console().print(table)
+    print(output)
 
 
 @app.command("train-rl", context_settings=PASS_THROUGH)

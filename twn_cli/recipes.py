@@ -30,5 +30,19 @@ def load_recipe(path: str | Path | None, settings_class: type[Settings], **overr
     known = {item.name for item in fields(settings_class)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise TWNError(f"recipe '{path}': unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        source = f"recipe '{path}'" if path is not None else "settings"
+        raise TWNError(f"{source}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return settings_class(**values)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`KEY=VALUE` strings from the command line, the values read as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise TWNError(f"--set takes KEY=VALUE, not '{item}'")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The toy pipeline, offline on a CPU: build the toy backbone, then embed real photographs that ship inside
-# scikit-image. Later stages (prepare synthetic, train-embed, train-gate, train-rl, eval) join as they land.
+# The toy pipeline, offline on a CPU: a pre-trained toy backbone, the toy reasoning world, train-embed,
+# train-gate, and an evaluation that sweeps from never thinking to always thinking; then real photographs
+# that ship inside scikit-image are embedded adaptively with the trained model. train-rl joins when it lands.
 #
 #   bash recipes/toy/pipeline.sh [RUN_DIR]      (default RUN_DIR: runs/toy)
 set -euo pipefail
@@ -9,21 +10,26 @@ run="${1:-runs/toy}"
 mkdir -p "$run"
 export HF_HUB_OFFLINE=1
 
-backbone=$(twn toy-backbone -o "$run/backbone" --seed 0 --recipe "$here/toy-backbone.yaml")
+step() { printf '\n== %s\n' "$*" >&2; }
 
+step "toy backbone: a tiny Qwen2-VL, pre-trained on the toy world"
+backbone=$(twn toy-backbone -o "$run/backbone" --seed 0 --recipe "$here/toy-backbone.yaml" \
+    --pretrain --pretrain-recipe "$here/pretrain.yaml")
+
+step "the toy reasoning world as a prepared dataset"
+data=$(twn prepare synthetic -o "$run/data" --n 2000 --seed 0)
+
+step "train-embed: reasoning adapter (SFT on teacher CoT) + embedding adapter (two-view InfoNCE)"
+embed_run=$(twn train-embed "$data" --backbone "$backbone" -o "$run/embed" --recipe "$here/train-embed.yaml")
+
+step "train-gate: self-supervised labels (does thinking help this input?), gate MLP, threshold"
+gate_run=$(twn train-gate "$data" --checkpoint "$embed_run" -o "$run/gate" --recipe "$here/train-gate.yaml")
+
+step "eval on the test split (unseen combinations and clue phrasings): never, always and gate thresholds"
+report=$(twn eval "$data" --checkpoint "$gate_run" -o "$run/report" --mode sweep)
+echo "report: $report/report.md" >&2
+
+step "embed real photographs with the trained model, thinking where the gate says so"
 images=$(python -c "import pathlib, skimage.data; print(pathlib.Path(skimage.data.__file__).parent)")
 # scikit-image's data folder also holds a TIFF that Pillow cannot decode: --skip-bad reports it and goes on.
-embeddings=$(twn embed "$images" --backbone "$backbone" --think always --max-think-tokens 16 --skip-bad \
-    -o "$run/sample-images.safetensors")
-
-python - "$embeddings" <<'PY'
-import sys
-from twn_cli.data.embedding_files import read_embeddings
-ids, vectors, meta = read_embeddings(sys.argv[1])
-print(f"{len(ids)} images -> {tuple(vectors.shape)} embeddings ({meta['think_mode']} think, normalized={meta['normalized']}, skipped {len(meta['skipped'])})")
-similarity = vectors @ vectors.T
-similarity.fill_diagonal_(-1)
-for i in range(min(5, len(ids))):
-    print(f"  {ids[i]:<28} nearest: {ids[int(similarity[i].argmax())]}")
-PY
-echo "$embeddings"
+twn embed "$images" --checkpoint "$gate_run" --adaptive --skip-bad -o "$run/sample-images.safetensors"

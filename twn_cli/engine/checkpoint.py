@@ -63,8 +63,7 @@ def save_checkpoint(
     complete; a training run's `train/` folder beside it is kept.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not (output_dir / MANIFEST).is_file() and {p.name for p in output_dir.iterdir()} - set(RUN_FILES):
-        raise TWNError(f"'{output_dir}' exists and is not a TWN checkpoint: refusing to replace it")
+    check_checkpoint_output(output_dir)
     with atomic_directory(output_dir, keep=RUN_FILES) as staging:
         if write_files is not None:
             write_files(staging)
@@ -94,6 +93,23 @@ def save_checkpoint(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return output_dir
+
+
+def check_checkpoint_output(output_dir: Path) -> None:
+    """Refuse, before any work, an output path that holds something other than a checkpoint or a run's files."""
+    if not output_dir.exists() or (output_dir / MANIFEST).is_file():
+        return
+    if not output_dir.is_dir() or {p.name for p in output_dir.iterdir()} - set(RUN_FILES):
+        raise TWNError(f"'{output_dir}' exists and is not a TWN checkpoint: refusing to replace it")
+
+
+# What save_checkpoint writes into every manifest; any other top-level key is a stage's result (`extra`).
+_MANIFEST_KEYS = {"format", "format_version", "backbone", "model", "embedding_dim", "parameters", "stages", "versions", "saved", "files"}
+
+
+def stage_results(manifest: dict) -> dict:
+    """The `extra` entries of a manifest (train_embed, gate, ...), for a later stage to carry forward."""
+    return {key: value for key, value in manifest.items() if key not in _MANIFEST_KEYS}
 
 
 def read_manifest(checkpoint_dir: str | Path) -> dict:

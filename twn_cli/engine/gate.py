@@ -18,3 +18,10 @@ class RoutingGate(nn.Module):
 
     def forward(self, last_prompt_state: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(last_prompt_state))
+
+    @torch.no_grad()
+    def absorb_input_scaling(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        """Make a gate trained on (h - mean) / scale read h itself: fold the standardisation into layer one."""
+        first = self.mlp[0]
+        first.weight.div_(scale.to(first.weight)[None])
+        first.bias.sub_(first.weight @ mean.to(first.weight))

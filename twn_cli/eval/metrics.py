@@ -160,3 +160,16 @@ def _count_ahead(block, chunks: _Chunks, gold_keys: dict) -> dict[tuple[int, int
             )
             ranks[(query, position)] += int(ahead.sum())
     return ranks
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Area under the ROC curve of `scores` for boolean `labels` (Mann-Whitney U, tied scores share their
+    average rank, so a tie between a positive and a negative counts one half); None without both classes."""
+    labels = labels.bool().flatten()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    _, inverse, counts = torch.unique(scores.flatten().double(), return_inverse=True, return_counts=True)
+    last_rank = counts.cumsum(0).double()
+    average_rank = (last_rank - (counts - 1) / 2)[inverse]
+    return float((average_rank[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))

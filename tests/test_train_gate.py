@@ -1,0 +1,186 @@
+"""train-gate: labels say whether thinking helped, only the gate trains, τ meets a budget, labelling resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.data.embedding_files import read_embeddings
+from twn_cli.data.prepared import load_prepared, prepared_input
+from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from twn_cli.engine.model import Sampling
+from twn_cli.errors import TWNError
+from twn_cli.eval.metrics import auroc
+from twn_cli.stages import train_gate
+from twn_cli.stages.train_gate import (
+    TrainGateConfig,
+    best_threshold,
+    candidate_columns,
+    embed_views,
+    label_inputs,
+    labelling_rows,
+    retrieval_margins,
+    run_train_gate,
+    threshold_for_budget,
+    thinking_labels,
+)
+
+SMALL = dict(label_queries=12, label_batch_size=6, hard_negatives=2, max_think_tokens=6, epochs=20, batch_size=8, validation_queries=8)
+
+
+def test_auroc_is_the_rank_statistic_with_ties_counting_one_half():
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    # pairs (positive, negative): 0.5~0.5 ties (1/2), 0.5>0.2, 0.9>0.5, 0.9>0.2
+    assert auroc(torch.tensor([0.5, 0.5, 0.2, 0.9]), torch.tensor([1, 0, 0, 1])) == pytest.approx(0.875)
+    assert auroc(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([1, 0, 1])) == pytest.approx(0.5)
+    assert auroc(torch.tensor([0.9, 0.1]), torch.tensor([0, 1])) == 0.0
+    assert auroc(torch.tensor([0.2, 0.7]), torch.tensor([1, 1])) is None
+
+
+def test_labels_say_whether_thinking_moved_the_query_towards_its_positive():
+    rows = [
+        {"id": "q0", "positive_ids": ["a"], "negative_ids": ["n"]},
+        {"id": "q1", "positive_ids": ["b"], "negative_ids": []},
+        {"id": "q2", "positive_ids": ["a", "b"], "negative_ids": ["n"]},  # shares both targets: they are no negatives
+    ]
+    ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives=4)
+    assert ids == ["a", "b", "n"] and positive_column.tolist() == [0, 1, 0]
+    assert negative_mask.tolist() == [[False, True, True], [True, False, False], [False, False, True]]
+
+    candidates = torch.eye(3)  # a, b, n
+    unit = lambda *values: F.normalize(torch.tensor([values], dtype=torch.float32), dim=-1)
+    never = torch.cat([unit(1, 1, 0), unit(0.2, 1, 0), unit(1, 0, 0.5)])
+    think = torch.cat([unit(1, 0.2, 0), unit(1, 0.3, 0), unit(1, 0, 0.1)])  # q0 and q2 closer to a; q1 led away from b
+    margin_never = retrieval_margins(never, candidates, positive_column, negative_mask)
+    margin_think = retrieval_margins(think, candidates, positive_column, negative_mask)
+    assert margin_never[0] == pytest.approx(0.0, abs=1e-6) and margin_think[0] > 0.5
+    assert thinking_labels(margin_never, margin_think, delta=0.0).tolist() == [True, False, True]
+    # δ demands a larger improvement than q0's and q2's
+    assert thinking_labels(margin_never, margin_think, delta=1.0).tolist() == [False, False, False]
+
+    lonely = [{"id": "q", "positive_ids": ["a"], "negative_ids": []}, {"id": "r", "positive_ids": ["a"], "negative_ids": []}]
+    with pytest.raises(TWNError, match="no negative"):
+        candidate_columns(lonely, hard_negatives=4)
+
+
+@pytest.mark.parametrize("interface", ["shared", "reencode"])
+def test_both_views_from_one_prefill_equal_what_embed_gives(make_model, toy_dataset_dir, interface):
+    model = make_model(interface=interface)
+    rows = load_prepared(toy_dataset_dir).queries["train"].select(range(3))
+    inputs = [prepared_input(row) for row in rows]
+    views = embed_views(model, inputs, Sampling())
+    assert torch.allclose(views.never, model.embed(inputs, think="never").embeddings, atol=1e-5)
+    always = model.embed(inputs, think="always")
+    assert torch.allclose(views.think, always.embeddings, atol=1e-5)
+    assert views.cots == always.cot and views.reasoning_tokens == always.reasoning_tokens
+    assert torch.allclose(model.gate_probability(views.last_prompt_state), model.think_probability(inputs), atol=1e-6)
+
+
+def test_the_gate_reads_raw_states_once_its_training_standardisation_is_folded_in():
+    from twn_cli.engine.gate import RoutingGate
+
+    states = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1, 1, 1, 1, 1, 1, 1, 300.0]) + 5
+    mean, scale = states.mean(0), states.std(0)
+    gate = RoutingGate(8, 4)
+    on_standardised = gate((states - mean) / scale)
+    gate.absorb_input_scaling(mean, scale)
+    assert torch.allclose(gate(states), on_standardised, atol=1e-5)
+
+
+def test_training_changes_every_gate_parameter_and_nothing_else(make_model, toy_dataset_dir, tmp_path):
+    model = make_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    summary = run_train_gate(model, load_prepared(toy_dataset_dir), tmp_path / "run", TrainGateConfig(**SMALL))
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    assert changed == {name for name in before if name.startswith("gate.")} and changed
+    assert model.config.gate_threshold == summary["threshold"]
+    assert summary["labels"]["inputs"] == 12 and summary["validation"]["queries"] == 8
+    lines = (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and {"label", "margin_never", "margin_think", "cot", "heldout"} <= set(json.loads(lines[0]))
+
+
+def test_think_budget_is_the_quantile_of_validation_p_think(make_model, toy_dataset_dir, tmp_path):
+    p_think = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    for budget in (0.0, 0.3, 0.5, 1.0):
+        assert float((p_think >= threshold_for_budget(p_think, budget)).double().mean()) == pytest.approx(budget, abs=1e-3)
+    # On a real validation set (the toy train split has 56 queries) the rate is within one input of 30 %.
+    config = TrainGateConfig(**{**SMALL, "target": "budget", "think_budget": 0.3, "validation_split": "train", "validation_queries": 200})
+    summary = run_train_gate(make_model(), load_prepared(toy_dataset_dir), tmp_path / "run", config)
+    assert summary["validation"]["queries"] == 56
+    assert summary["validation"]["think_rate"] == pytest.approx(0.3, abs=0.03)
+
+
+def test_best_threshold_takes_the_best_hit_at_1_and_thinks_less_on_ties():
+    p_think = torch.tensor([0.9, 0.7, 0.5, 0.2])
+    # thinking helps the 0.9 input, hurts the 0.5 one; the 0.7 one is a hit either way
+    hit_never = torch.tensor([False, True, True, False])
+    hit_think = torch.tensor([True, True, False, False])
+    assert best_threshold(p_think, hit_never, hit_think) == pytest.approx(0.9)
+    assert best_threshold(p_think, hit_never, hit_never) > 0.9  # thinking never helps: nobody thinks
+
+
+def test_label_cache_resumes_with_only_the_missing_inputs(make_model, toy_dataset_dir, tmp_path, monkeypatch):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainGateConfig(**{**SMALL, "label_batch_size": 4})
+    model = make_model()
+    rows = labelling_rows(dataset, config)
+    straight = label_inputs(model, dataset, rows, tmp_path / "straight", config)
+
+    def stop_after_the_first_batch(phase: str, done: int, total: int) -> None:
+        if done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        label_inputs(model, dataset, rows, tmp_path / "resumed", config, progress=stop_after_the_first_batch)
+    labelled_inputs = []
+    original = train_gate.embed_views
+
+    def counting(model, inputs, sampling):
+        labelled_inputs.append(len(inputs))
+        return original(model, inputs, sampling)
+
+    monkeypatch.setattr(train_gate, "embed_views", counting)
+    resumed = label_inputs(model, dataset, rows, tmp_path / "resumed", config)
+    assert labelled_inputs == [4, 4]
+    assert resumed.ids == straight.ids and resumed.cots == straight.cots
+    for name in ("features", "margin_never", "margin_think", "reasoning_tokens"):
+        assert torch.equal(getattr(resumed, name), getattr(straight, name)), name
+    assert torch.equal(resumed.labels(config.delta), straight.labels(config.delta))
+    # Margins are cached, not labels: another δ needs no labelling at all.
+    label_inputs(model, dataset, rows, tmp_path / "resumed", TrainGateConfig(**{**SMALL, "label_batch_size": 4, "delta": 0.1}))
+    assert labelled_inputs == [4, 4]
+
+
+def test_train_gate_command_end_to_end(make_model, toy_dataset_dir, tmp_path):
+    start = save_checkpoint(make_model(), tmp_path / "embed", stages=[{"stage": "train-embed"}], extra={"train_embed": {"steps": 3}})
+    recipe = Path(__file__).parents[1] / "recipes" / "toy" / "train-gate.yaml"
+    settings = [f"--set={key}={value}" for key, value in {**SMALL, "label_queries": 8, "label_batch_size": 4}.items()]
+    result = CliRunner().invoke(
+        app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "gate"), "--recipe", str(recipe), "--target", "best", "--delta", "0.01", *settings],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "gate")
+    assert "threshold τ" in result.stderr and "gate AUROC" in result.stderr and "think rate" in result.stderr
+    model = load_checkpoint(tmp_path / "gate", device="cpu")
+    gate = model.manifest["gate"]
+    assert model.config.gate_threshold == gate["threshold"] and gate["target"] == "best" and gate["delta"] == 0.01
+    assert {"labels", "auroc", "validation"} <= set(gate) and gate["labels"]["inputs"] == 8
+    assert model.manifest["train_embed"] == {"steps": 3}
+    assert [stage["stage"] for stage in model.manifest["stages"]] == ["train-embed", "train-gate"]
+    assert len(list((tmp_path / "gate" / "train" / "gate-labels").glob("batch-*.safetensors"))) == 2
+
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"id": "a", "text": "a red triangle"}\n{"id": "b", "text": "the colour of grass"}\n')
+    embedded = CliRunner().invoke(app, ["embed", str(queries), "--checkpoint", str(tmp_path / "gate"), "--adaptive", "-o", str(tmp_path / "e.safetensors")])
+    assert embedded.exit_code == 0, embedded.stderr
+    assert "no trained gate" not in embedded.stderr
+    assert read_embeddings(tmp_path / "e.safetensors")[2]["threshold"] == gate["threshold"]
+
+    both = CliRunner().invoke(app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "x"), "--think-budget", "0.3", "--target", "best"])
+    assert both.exit_code == 1 and "contradict" in both.stderr

@@ -1,0 +1,555 @@
+"""`twn train-gate`: self-supervised labels for the routing gate, the gate itself, and its threshold τ.
+
+1. Labels. Each training input is embedded twice from one reasoning-adapter prefill: without thinking, and
+   with the CoT that the reasoning adapter writes (greedy). A view's retrieval margin is
+   s(query, positive) - max s(query, negative), the negatives being the other targets of its labelling batch
+   (minus the query's own other positives) and its hard negatives, all embedded without thinking. The label
+   says whether thinking raised the margin by more than δ. The prefill's last prompt state, which the gate
+   reads, is kept beside the margins. On a real backbone this is the expensive part, so it is batched and
+   every batch is cached in RUN/train/gate-labels/: a rerun labels only what is missing. Margins rather than
+   labels are cached, so another δ reuses the cache.
+2. The gate, an MLP on the detached last prompt state, trains on those cached states with a class-weighted
+   BCE (optionally weighted by the size of the margin change): no backbone pass, and only the gate's
+   parameters change. A held-out share of the labelled inputs measures its AUROC against their labels.
+3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
+   validation Hit@1 (each validation query is embedded in both views once; ties go to the higher τ, which
+   thinks less).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from twn_cli.atomic import AtomicFile
+from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.engine.checkpoint import check_checkpoint_output
+from twn_cli.engine.gate import RoutingGate
+from twn_cli.engine.model import ModelInput, Sampling, TWNModel
+from twn_cli.errors import TWNError
+from twn_cli.eval.metrics import auroc
+from twn_cli.training import TRAIN_DIR
+
+log = logging.getLogger(__name__)
+
+LABELS_DIR = "gate-labels"  # RUN/train/gate-labels/batch-00000.safetensors, ...
+LABELS_LOG = "gate-labels.jsonl"  # RUN/train/: one line per labelled input, for analysis
+METRICS_LOG = "gate-metrics.jsonl"  # RUN/train/: the gate's training loss
+TARGETS = ("best", "budget")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainGateConfig:
+    """Hyper-parameters of train-gate; recipes/<backbone>/train-gate.yaml sets them."""
+
+    # Labels.
+    split: str = "train"
+    label_queries: int = 2000
+    label_batch_size: int = 16  # also the batch of the validation passes
+    hard_negatives: int = 4
+    delta: float = 0.0
+    max_think_tokens: int | None = None  # None: the checkpoint's
+    # The gate.
+    epochs: int = 200
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    margin_weighting: bool = False
+    heldout_fraction: float = 0.2
+    # The threshold.
+    target: str = "best"
+    think_budget: float = 0.5
+    validation_split: str = "validation"
+    validation_queries: int = 200
+    # Bookkeeping.
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise TWNError(f"target must be 'best' or 'budget', not '{self.target}'")
+        if not 0.0 <= self.think_budget <= 1.0:
+            raise TWNError(f"think_budget is a share of inputs, between 0 and 1, not {self.think_budget}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise TWNError(f"heldout_fraction must be in [0, 1), not {self.heldout_fraction}")
+        if self.label_batch_size < 2:
+            raise TWNError("label_batch_size must be at least 2: the batch's other targets are the negatives")
+        if min(self.label_queries, self.validation_queries, self.epochs, self.batch_size, self.log_every) < 1 or self.hard_negatives < 0:
+            raise TWNError("label_queries, validation_queries, epochs, batch_size and log_every must be positive, hard_negatives not negative")
+
+
+# ----------------------------------------------------------------------------------------- both views
+@dataclass
+class Views:
+    """Both embeddings of a batch of inputs from one prefill, and the state that the gate reads."""
+
+    last_prompt_state: torch.Tensor
+    never: torch.Tensor
+    think: torch.Tensor
+    reasoning_tokens: list[int]
+    cots: list[str]
+
+
+@torch.no_grad()
+def embed_views(model: TWNModel, inputs: list[ModelInput], sampling: Sampling) -> Views:
+    """The no-think and think embeddings of `inputs` (on the CPU), sharing one prefill as `embed` does."""
+    encoded = model.encode(inputs)
+    prefix, last_state = model.prefill(encoded)
+    if model.config.interface == "reencode":
+        thoughts = model.think(prefix, sampling)
+        never = model.reencode(encoded, [None] * len(inputs))
+        think = model.reencode(encoded, [model._strip_end(ids) for ids in thoughts.token_ids])
+    else:
+        never = model.query_pass(prefix)  # before think(), which extends the prefix's cache in place
+        thoughts = model.think(prefix, sampling)
+        think = model.query_pass(thoughts.prefix)
+    return Views(last_state.float().cpu(), never.cpu(), think.cpu(), thoughts.reasoning_tokens, thoughts.texts)
+
+
+class CandidateEmbedder:
+    """No-think embeddings of a prepared dataset's candidates, by id."""
+
+    def __init__(self, model: TWNModel, dataset: PreparedDataset, batch_size: int):
+        self.model = model
+        self.candidates = dataset.candidates
+        self.index = {candidate_id: i for i, candidate_id in enumerate(dataset.candidates["id"])}
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, ids: list[str]) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(ids), self.batch_size):
+            inputs = [prepared_input(self.candidates[self.index[i]]) for i in ids[start : start + self.batch_size]]
+            parts.append(self.model.embed(inputs).embeddings.cpu())
+        return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------- labels
+def retrieval_margins(queries: torch.Tensor, candidates: torch.Tensor, positive_column: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
+    """s(query, its positive) - max s(query, negative) per query; `negative_mask[i, j]`: candidate j is one of i's negatives."""
+    scores = queries.float() @ candidates.float().T
+    positive = scores.gather(1, positive_column[:, None]).squeeze(1)
+    hardest = scores.masked_fill(~negative_mask, float("-inf")).max(1).values
+    return positive - hardest
+
+
+def thinking_labels(margin_never: torch.Tensor, margin_think: torch.Tensor, delta: float) -> torch.Tensor:
+    """Whether thinking improved each input's retrieval margin by more than `delta`."""
+    return margin_think - margin_never > delta
+
+
+def candidate_columns(rows: list[Mapping], hard_negatives: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The candidates a labelling batch is scored against: (ids, each query's positive column, negative mask).
+
+    A query's negatives are the batch's targets and its own first `hard_negatives` hard negatives, except
+    any of its own positives (a shared class, several gold ids).
+    """
+    targets = [row["positive_ids"][0] for row in rows]
+    own_negatives = [list(row["negative_ids"])[:hard_negatives] for row in rows]
+    ids = list(dict.fromkeys(targets + [n for negatives in own_negatives for n in negatives]))
+    column = {candidate_id: j for j, candidate_id in enumerate(ids)}
+    negative_mask = torch.zeros(len(rows), len(ids), dtype=torch.bool)
+    for i, (row, negatives) in enumerate(zip(rows, own_negatives)):
+        for candidate_id in dict.fromkeys(targets + negatives):
+            if candidate_id not in row["positive_ids"]:
+                negative_mask[i, column[candidate_id]] = True
+        if not negative_mask[i].any():
+            raise TWNError(f"query '{row['id']}' has no negative to be scored against (its batch's targets are all its positives)")
+    return ids, torch.tensor([column[target] for target in targets]), negative_mask
+
+
+@dataclass
+class LabelledInputs:
+    """What labelling found for each input, in order: the gate's input, both margins, the CoT."""
+
+    ids: list[str]
+    features: torch.Tensor
+    margin_never: torch.Tensor
+    margin_think: torch.Tensor
+    reasoning_tokens: torch.Tensor
+    cots: list[str]
+
+    @property
+    def margin_change(self) -> torch.Tensor:
+        return self.margin_think - self.margin_never
+
+    def labels(self, delta: float) -> torch.Tensor:
+        return thinking_labels(self.margin_never, self.margin_think, delta)
+
+    @classmethod
+    def concatenate(cls, parts: list["LabelledInputs"]) -> "LabelledInputs":
+        return cls(
+            ids=[i for part in parts for i in part.ids],
+            features=torch.cat([part.features for part in parts]),
+            margin_never=torch.cat([part.margin_never for part in parts]),
+            margin_think=torch.cat([part.margin_think for part in parts]),
+            reasoning_tokens=torch.cat([part.reasoning_tokens for part in parts]),
+            cots=[cot for part in parts for cot in part.cots],
+        )
+
+
+def label_batch(model: TWNModel, rows: list[Mapping], embed_candidates: CandidateEmbedder, hard_negatives: int, sampling: Sampling) -> LabelledInputs:
+    """Both views of a batch of training queries and their margins against the batch's candidates."""
+    ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives)
+    candidates = embed_candidates(ids)
+    views = embed_views(model, [prepared_input(row) for row in rows], sampling)
+    return LabelledInputs(
+        ids=[row["id"] for row in rows],
+        features=views.last_prompt_state,
+        margin_never=retrieval_margins(views.never, candidates, positive_column, negative_mask),
+        margin_think=retrieval_margins(views.think, candidates, positive_column, negative_mask),
+        reasoning_tokens=torch.tensor(views.reasoning_tokens, dtype=torch.int64),
+        cots=views.cots,
+    )
+
+
+class LabelCache:
+    """One safetensors file per labelling batch; the header holds the key, the input ids and the CoTs.
+
+    A file is reused only if it was made with the same key (model, dataset, labelling settings) for the same
+    inputs; files are written atomically, so an interruption loses at most the batch in flight.
+    """
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder = folder
+        self.key = json.dumps(key, sort_keys=True)
+
+    def path(self, number: int) -> Path:
+        return self.folder / f"batch-{number:05d}.safetensors"
+
+    def load(self, number: int, ids: list[str]) -> LabelledInputs | None:
+        path = self.path(number)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                if header.get("key") != self.key or json.loads(header["ids"]) != ids:
+                    return None
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            return LabelledInputs(ids=ids, cots=json.loads(header["cots"]), **tensors)
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:  # safetensors raises several kinds
+            log.warning("label cache %s is unreadable (%s): labelling that batch again", path, error)
+            return None
+
+    def save(self, number: int, labelled: LabelledInputs) -> None:
+        tensors = {
+            "features": labelled.features,
+            "margin_never": labelled.margin_never,
+            "margin_think": labelled.margin_think,
+            "reasoning_tokens": labelled.reasoning_tokens,
+        }
+        header = {"key": self.key, "ids": json.dumps(labelled.ids), "cots": json.dumps(labelled.cots)}
+        target = AtomicFile(self.path(number))
+        try:
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, target.staging, metadata=header)
+            target.commit()
+        except BaseException:
+            target.discard()
+            raise
+
+
+def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig) -> dict:
+    """What the cached margins depend on: the adapters and queries (not the gate), the data, the settings."""
+    digest = hashlib.sha256(model.backbone.fingerprint.encode())
+    parts = model.trainable_parameters()
+    for name, parameter in sorted({**parts["reasoning"], **parts["embedding"]}.items()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    settings = {name: value for name, value in model.config.to_dict().items() if not name.startswith("gate_")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return {
+        "model": digest.hexdigest(),
+        "dataset": {"path": str(Path(dataset.path).resolve()), "created": dataset.manifest.get("created")},
+        "split": config.split,
+        "hard_negatives": config.hard_negatives,
+        "max_think_tokens": config.max_think_tokens or model.config.max_think_tokens,
+    }
+
+
+def labelling_rows(dataset: PreparedDataset, config: TrainGateConfig) -> list[dict]:
+    """The first `label_queries` queries of a seeded order of the split (asking for more keeps these first)."""
+    rows = dataset.queries[config.split]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
+    return [rows[int(i)] for i in order[: config.label_queries]]
+
+
+def labelling_batches(rows: list[dict], batch_size: int) -> list[list[dict]]:
+    """Batches of `batch_size`; a lone last query joins the batch before it, so it has in-batch negatives."""
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = batches[-2] + batches.pop()
+    return batches
+
+
+def label_inputs(
+    model: TWNModel,
+    dataset: PreparedDataset,
+    rows: list[dict],
+    cache_dir: Path,
+    config: TrainGateConfig,
+    progress: Progress = lambda phase, done, total: None,
+) -> LabelledInputs:
+    """Margins and gate inputs of `rows`, batch by batch, from the cache where it has them."""
+    cache = LabelCache(cache_dir, labelling_key(model, dataset, config))
+    embed_candidates = CandidateEmbedder(model, dataset, config.label_batch_size)
+    sampling = Sampling(max_new_tokens=config.max_think_tokens)
+    parts, done, reused = [], 0, 0
+    progress("labelling", 0, len(rows))
+    for number, batch in enumerate(labelling_batches(rows, config.label_batch_size)):
+        labelled = cache.load(number, [row["id"] for row in batch])
+        if labelled is None:
+            labelled = label_batch(model, batch, embed_candidates, config.hard_negatives, sampling)
+            cache.save(number, labelled)
+        else:
+            reused += len(batch)
+        parts.append(labelled)
+        done += len(batch)
+        progress("labelling", done, len(rows))
+    log.info("labelled %d inputs (%d from the cache in %s)", len(rows), reused, cache_dir)
+    return LabelledInputs.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------------------- the gate
+def sample_weights(labels: torch.Tensor, margin_change: torch.Tensor, margin_weighting: bool) -> torch.Tensor:
+    """BCE weights: each class present weighs half the total; optionally scaled by the size of the margin change."""
+    weights = torch.ones(len(labels))
+    for value in (True, False):
+        members = labels == value
+        if members.any() and not members.all():
+            weights[members] = 0.5 * len(labels) / int(members.sum())
+    if margin_weighting:
+        size = margin_change.abs()
+        if float(size.mean()) > 0:
+            weights = weights * size / size.mean()
+    return weights
+
+
+def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> list[dict]:
+    """Train `gate` on (last prompt state, label) pairs; returns the loss per logged epoch.
+
+    The states are standardised for training (hidden states have a few huge dimensions that would dominate
+    the first layer), and the standardisation is then folded into the first layer, so the gate reads raw
+    states as before.
+    """
+    device = next(gate.parameters()).device
+    mean = features.mean(0)
+    scale = features.std(0, unbiased=False).clamp_min(1e-3)
+    inputs = ((features - mean) / scale).to(device)
+    targets, weights = labels.float().to(device), weights.to(device)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    gate.train()
+    with torch.enable_grad():
+        for epoch in range(1, config.epochs + 1):
+            weighted_loss = 0.0
+            for rows in torch.randperm(len(inputs), generator=generator).split(config.batch_size):
+                rows = rows.to(device)
+                losses = F.binary_cross_entropy_with_logits(gate.logits(inputs[rows]), targets[rows], reduction="none")
+                loss = (losses * weights[rows]).sum() / weights[rows].sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                weighted_loss += loss.item() * float(weights[rows].sum())
+            if epoch % config.log_every == 0 or epoch == config.epochs:
+                history.append({"epoch": epoch, "loss": weighted_loss / float(weights.sum())})
+    gate.eval()
+    gate.absorb_input_scaling(mean, scale)
+    return history
+
+
+@torch.no_grad()
+def gate_probabilities(gate: RoutingGate, features: torch.Tensor) -> torch.Tensor:
+    return gate(features.to(next(gate.parameters()).device)).cpu()
+
+
+# ----------------------------------------------------------------------------------------- the threshold
+@dataclass
+class ValidationViews:
+    """Each validation query's gate input, whether each view ranks a gold first, and its CoT length."""
+
+    features: torch.Tensor
+    hit_never: torch.Tensor
+    hit_think: torch.Tensor
+    reasoning_tokens: torch.Tensor
+
+
+def is_hit(query: torch.Tensor, pool: torch.Tensor, gold: torch.Tensor) -> bool:
+    """Whether a gold candidate ranks first; ties count against the gold, as in `twn eval`."""
+    if not gold.any():
+        return False
+    scores = pool @ query
+    return not bool((~gold).any()) or float(scores[gold].max()) > float(scores[~gold].max())
+
+
+def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig, progress: Progress = lambda phase, done, total: None) -> ValidationViews:
+    """Both views of up to `validation_queries` validation queries, judged against their candidate pools."""
+    split = dataset.queries[config.validation_split]
+    rows = [split[i] for i in range(min(config.validation_queries, len(split)))]
+    if not rows:
+        raise TWNError(f"the '{config.validation_split}' split is empty: τ is chosen on it")
+    pools = [dataset.candidate_pool(row) for row in rows]
+    needed = sorted({candidate for pool in pools for candidate in pool})
+    embeddings = dict(zip(needed, CandidateEmbedder(model, dataset, config.label_batch_size)(needed)))
+    sampling = Sampling(max_new_tokens=config.max_think_tokens)
+    features, hit_never, hit_think, tokens = [], [], [], []
+    progress("validation", 0, len(rows))
+    for start in range(0, len(rows), config.label_batch_size):
+        batch = rows[start : start + config.label_batch_size]
+        views = embed_views(model, [prepared_input(row) for row in batch], sampling)
+        for offset, row in enumerate(batch):
+            pool = pools[start + offset]
+            pool_embeddings = torch.stack([embeddings[c] for c in pool])
+            gold = torch.tensor([c in row["positive_ids"] for c in pool])
+            hit_never.append(is_hit(views.never[offset], pool_embeddings, gold))
+            hit_think.append(is_hit(views.think[offset], pool_embeddings, gold))
+        features.append(views.last_prompt_state)
+        tokens.extend(views.reasoning_tokens)
+        progress("validation", start + len(batch), len(rows))
+    return ValidationViews(torch.cat(features), torch.tensor(hit_never), torch.tensor(hit_think), torch.tensor(tokens, dtype=torch.int64))
+
+
+def threshold_for_budget(p_think: torch.Tensor, budget: float) -> float:
+    """The highest τ at which a share `budget` of these inputs think (p_think ≥ τ): their (1 - budget) quantile."""
+    ordered = p_think.float().sort(descending=True).values
+    thinking = round(budget * len(ordered))
+    if thinking == 0:
+        return float(torch.nextafter(ordered[0], torch.tensor(float("inf"))))  # just above every p_think
+    return float(ordered[thinking - 1])
+
+
+def best_threshold(p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor) -> float:
+    """The τ with the best Hit@1 when inputs with p_think ≥ τ use their think view; ties go to the higher τ."""
+    p_think = p_think.float()
+    above_all = float(torch.nextafter(p_think.max(), torch.tensor(float("inf"))))
+    best_tau, best_hits = above_all, int(hit_never.sum())
+    for tau in sorted(set(p_think.tolist()), reverse=True):
+        hits = int(torch.where(p_think >= tau, hit_think, hit_never).sum())
+        if hits > best_hits:
+            best_tau, best_hits = tau, hits
+    return best_tau
+
+
+def adaptive_outcome(p_think: torch.Tensor, tau: float, validation: ValidationViews) -> dict:
+    """Think rate, Hit@1 and reasoning tokens per query on validation at τ, beside never and always."""
+    thinking = p_think.float() >= tau
+    count = len(thinking)
+    return {
+        "queries": count,
+        "think_rate": float(thinking.double().mean()),
+        "hit@1_never": float(validation.hit_never.double().mean()),
+        "hit@1_always": float(validation.hit_think.double().mean()),
+        "hit@1_adaptive": float(torch.where(thinking, validation.hit_think, validation.hit_never).double().mean()),
+        "reasoning_tokens_per_query": float((validation.reasoning_tokens * thinking).sum()) / count,
+        "reasoning_tokens_per_query_always": float(validation.reasoning_tokens.sum()) / count,
+    }
+
+
+# ----------------------------------------------------------------------------------------- the stage
+def run_train_gate(model: TWNModel, dataset: PreparedDataset, run_dir: Path, config: TrainGateConfig, *, progress: Progress = lambda phase, done, total: None) -> dict:
+    """Label, train the gate, pick τ (set as `model.config.gate_threshold`); returns the summary for twn.json."""
+    run_dir = Path(run_dir)
+    check_checkpoint_output(run_dir)
+    for split in (config.split, config.validation_split):
+        if split not in dataset.queries:
+            raise TWNError(f"prepared dataset '{dataset.path}' has no '{split}' split (it has {', '.join(dataset.queries)})")
+    rows = labelling_rows(dataset, config)
+    if len(rows) < 2:
+        raise TWNError(f"the '{config.split}' split has {len(rows)} queries: labelling needs at least 2")
+    train_dir = run_dir / TRAIN_DIR
+    labelled = label_inputs(model, dataset, rows, train_dir / LABELS_DIR, config, progress)
+    validation = validation_views(model, dataset, config, progress)
+
+    labels = labelled.labels(config.delta)
+    if labels.all() or not labels.any():
+        log.warning("all %d labels are %s: the gate can only learn one answer", len(labels), "'think'" if labels.all() else "'do not think'")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed + 1))
+    heldout_count = min(round(config.heldout_fraction * len(rows)), len(rows) - 1)
+    heldout, trained = order[:heldout_count], order[heldout_count:]
+    progress("gate", 0, 1)
+    weights = sample_weights(labels[trained], labelled.margin_change[trained], config.margin_weighting)
+    history = fit_gate(model.gate, labelled.features[trained], labels[trained], weights, config)
+    progress("gate", 1, 1)
+    p_labelled = gate_probabilities(model.gate, labelled.features)
+    p_validation = gate_probabilities(model.gate, validation.features)
+
+    if config.target == "budget":
+        tau = threshold_for_budget(p_validation, config.think_budget)
+    else:
+        tau = best_threshold(p_validation, validation.hit_never, validation.hit_think)
+    model.config.gate_threshold = tau
+    _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), p_labelled, history)
+    return {
+        "threshold": tau,
+        "target": config.target,
+        "think_budget": config.think_budget if config.target == "budget" else None,
+        "delta": config.delta,
+        "feature": "last prompt state of the reasoning-adapter prefill",
+        "labels": label_statistics(rows, labelled, labels, config),
+        "auroc": {
+            "heldout": auroc(p_labelled[heldout], labels[heldout]),
+            "heldout_inputs": len(heldout),
+            "train": auroc(p_labelled[trained], labels[trained]),
+            "train_inputs": len(trained),
+        },
+        "gate_loss": history[-1]["loss"],
+        "validation": {"split": config.validation_split, **adaptive_outcome(p_validation, tau, validation)},
+    }
+
+
+def label_statistics(rows: list[dict], labelled: LabelledInputs, labels: torch.Tensor, config: TrainGateConfig) -> dict:
+    """How often thinking helped (overall and by the queries' difficulty tag, where the data has one)."""
+    statistics = {
+        "split": config.split,
+        "inputs": len(labels),
+        "think_helps": int(labels.sum()),
+        "think_helps_rate": float(labels.double().mean()),
+        "mean_margin_change": float(labelled.margin_change.mean()),
+        "mean_reasoning_tokens": float(labelled.reasoning_tokens.float().mean()),
+    }
+    by_difficulty: dict[str, list[bool]] = {}
+    for row, label in zip(rows, labels.tolist()):
+        if row.get("difficulty"):
+            by_difficulty.setdefault(row["difficulty"], []).append(label)
+    if by_difficulty:
+        statistics["think_helps_rate_by_difficulty"] = {name: sum(values) / len(values) for name, values in sorted(by_difficulty.items())}
+    return statistics
+
+
+def _write_logs(train_dir, rows, labelled, labels, heldout, p_think, history) -> None:
+    """RUN/train/gate-labels.jsonl (every labelled input) and gate-metrics.jsonl, each written atomically."""
+    records = [
+        {
+            "id": row["id"],
+            "task": row["task"],
+            "difficulty": row.get("difficulty", ""),
+            "label": bool(labels[i]),
+            "margin_never": float(labelled.margin_never[i]),
+            "margin_think": float(labelled.margin_think[i]),
+            "reasoning_tokens": int(labelled.reasoning_tokens[i]),
+            "cot": labelled.cots[i],
+            "heldout": i in heldout,
+            "p_think": float(p_think[i]),
+        }
+        for i, row in enumerate(rows)
+    ]
+    for name, lines in ((LABELS_LOG, records), (METRICS_LOG, history)):
+        target = AtomicFile(train_dir / name)
+        try:
+            target.staging.write_text("".join(json.dumps(line) + "\n" for line in lines))
+            target.commit()
+        except BaseException:
+            target.discard()
+            raise
