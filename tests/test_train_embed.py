@@ -47,6 +47,20 @@ def test_gradient_cache_gives_the_whole_batch_gradient(make_model, toy_dataset_d
         assert torch.allclose(expected[name], actual[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_gradient_checkpointing_gives_the_same_gradient(make_model, toy_dataset_dir):
+    plain = trainer_for(make_model, toy_dataset_dir)
+    plain.step()
+    checkpointed = trainer_for(make_model, toy_dataset_dir, gradient_checkpointing=True)
+    checkpointed.model.load_state_dict(plain.model.state_dict())
+    checkpointed.step_done = plain.step_done
+    plain.compute_gradients()
+    checkpointed.compute_gradients()
+    expected, actual = gradients(plain), gradients(checkpointed)
+    assert expected.keys() == actual.keys() == plain.parameters.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_a_step_trains_both_adapters_and_queries_and_nothing_else(make_model, toy_dataset_dir):
     trainer = trainer_for(make_model, toy_dataset_dir)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}

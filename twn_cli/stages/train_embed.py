@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -77,6 +78,10 @@ class TrainEmbedConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
+    # Recompute each decoder layer's activations in backward instead of keeping them: less memory, one more
+    # forward. Safe with two adapters because every loss is backpropagated while its own adapter is active,
+    # so the recomputation runs the adapter that ran forward (peft issue 2832).
+    gradient_checkpointing: bool = False
     # Bookkeeping.
     checkpoint_every: int = 100
     log_every: int = 10
@@ -233,6 +238,8 @@ class EmbedTrainer:
         self.distributed = distributed or Distributed()
         if config.batch_size % self.distributed.world_size:
             raise TWNError(f"batch_size {config.batch_size} must divide evenly over {self.distributed.world_size} processes")
+        if config.gradient_checkpointing:
+            self._enable_checkpointing()
         parts = model.trainable_parameters()
         self.parameters = {**parts["reasoning"], **parts["embedding"]}
         self.optimizer = torch.optim.AdamW(
@@ -308,17 +315,38 @@ class EmbedTrainer:
     def _forward_chunk(self, examples, cot_ids, chunk, sft_backward: Callable[[torch.Tensor], None] | None = None) -> dict:
         model = self.model
         picked = [examples[i] for i in chunk]
-        forced = model.teacher_forced(model.encode([e.query for e in picked]), [cot_ids[i] for i in chunk])
+        encoded = model.encode([e.query for e in picked])
+        chunk_cots = [cot_ids[i] for i in chunk]
+        forced = model.teacher_forced(encoded, chunk_cots)
         if sft_backward is not None:
             sft_backward(forced)  # now, while the reasoning adapter is active
-        think = model.query_pass(forced.think_view)
-        no_think = model.query_pass(forced.no_think_view)
-        return {
-            "think": think,
-            "no_think": no_think,
-            "targets": self._embed_candidates([e.target for e in picked]),
-            "negatives": self._embed_candidates([n for e in picked for n in e.negatives]),
-        }
+        if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            # Checkpointed layers keep no KV cache (their backward replay would write it twice): the views
+            # come from a pass without gradients, which is all the detached interface needs anyway.
+            with torch.no_grad():
+                forced = model.teacher_forced(encoded, chunk_cots)
+        with self._query_passes():
+            return {
+                "think": model.query_pass(forced.think_view),
+                "no_think": model.query_pass(forced.no_think_view),
+                "targets": self._embed_candidates([e.target for e in picked]),
+                "negatives": self._embed_candidates([n for e in picked for n in e.negatives]),
+            }
+
+    @contextmanager
+    def _query_passes(self):
+        """Query passes append K tokens to a cache, which checkpointed layers refuse; K tokens need no checkpointing."""
+        if not self.config.gradient_checkpointing:
+            yield
+            return
+        self.model.backbone.model.activation_checkpointing_disable()
+        try:
+            yield
+        finally:
+            self._enable_checkpointing()
+
+    def _enable_checkpointing(self) -> None:
+        self.model.backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def _embed_candidates(self, inputs: list[ModelInput]) -> torch.Tensor:
         """No-think embeddings; the prefill needs no graph, since the embedding side reads a detached cache."""
