@@ -176,8 +176,8 @@ class TWNModel(nn.Module):
         self.tokenizer = backbone.tokenizer
         self.tokenizer.padding_side = "left"
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._think_start_ids = self.tokenizer.encode(config.think_start, add_special_tokens=False)
-        self._think_end_ids = self.tokenizer.encode(config.think_end, add_special_tokens=False)
+        self.think_start_ids = self.tokenizer.encode(config.think_start, add_special_tokens=False)
+        self.think_end_ids = self.tokenizer.encode(config.think_end, add_special_tokens=False)
         eos = backbone.model.config.get_text_config(decoder=True).eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
@@ -292,12 +292,12 @@ class TWNModel(nn.Module):
         rows = prefix.attention_mask.shape[0]
         state = Prefix(prefix.cache, prefix.attention_mask, prefix.next_position.clone())
         every_row = torch.ones(rows, dtype=torch.bool, device=self.device)
-        hidden = self._feed(state, self._token_block(self._think_start_ids, rows), every_row)
+        hidden = self._feed(state, self._token_block(self.think_start_ids, rows), every_row)
         generated: list[list[int]] = [[] for _ in range(rows)]
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
         needs_end = torch.zeros_like(finished)
         budget = sampling.max_new_tokens or self.config.max_think_tokens
-        end = self._think_end_ids
+        end = self.think_end_ids
         for _ in range(budget):
             tokens = self._pick(self._lm_head(hidden[:, -1]), sampling)
             is_eos = torch.tensor([token in self._eos_ids for token in tokens.tolist()], device=self.device)
@@ -348,7 +348,7 @@ class TWNModel(nn.Module):
         for row, length in enumerate(suffix_lengths.tolist()):
             if length:
                 start = full["input_ids"].shape[1] - length
-                labelled[row, start : start + len(self._think_start_ids)] = False
+                labelled[row, start : start + len(self.think_start_ids)] = False
         predictors = hidden[:, :-1][labelled[:, 1:]]
         targets = full["input_ids"][:, 1:][labelled[:, 1:]]
         sft_loss_sum = F.cross_entropy(self._lm_head(predictors).float(), targets, reduction="sum")
@@ -421,7 +421,7 @@ class TWNModel(nn.Module):
             for position, row in enumerate(thinking.tolist()):
                 cot[row] = thoughts.texts[position]
                 reasoning_tokens[row] = thoughts.reasoning_tokens[position]
-                thought_ids[row] = self._strip_end(thoughts.token_ids[position])
+                thought_ids[row] = self.strip_end_marker(thoughts.token_ids[position])
         if self.config.interface == "reencode":
             embeddings = self.reencode(encoded, thought_ids)
         else:
@@ -490,17 +490,17 @@ class TWNModel(nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     def _think_block(self, cot_ids: list[int]) -> list[int]:
-        return self._think_start_ids + list(cot_ids) + self._think_end_ids
+        return self.think_start_ids + list(cot_ids) + self.think_end_ids
 
-    def _strip_end(self, ids: list[int]) -> list[int]:
+    def strip_end_marker(self, ids: list[int]) -> list[int]:
         """The CoT tokens of a decoded thought, without end marker or end-of-sequence."""
-        end = self._think_end_ids
+        end = self.think_end_ids
         if ids[-len(end):] == end:
             ids = ids[: -len(end)]
         return [token for token in ids if token not in self._eos_ids]
 
     def _cot_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(self._strip_end(ids), skip_special_tokens=True).strip()
+        return self.tokenizer.decode(self.strip_end_marker(ids), skip_special_tokens=True).strip()
 
 
 def _vision_inputs(encoded: dict) -> dict:

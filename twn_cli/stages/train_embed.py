@@ -272,7 +272,7 @@ class EmbedTrainer:
 
         cot_ids = model.cot_token_ids([example.cot or "" for example in examples])
         cot_ids = [ids if example.cot else None for ids, example in zip(cot_ids, examples)]
-        sft_tokens = sum(len(ids) + len(model._think_end_ids) for ids in cot_ids if ids is not None)
+        sft_tokens = sum(len(ids) + len(model.think_end_ids) for ids in cot_ids if ids is not None)
         sft_tokens = int(self.distributed.gather(torch.tensor([sft_tokens])).sum())
 
         chunks = [range(start, min(start + config.chunk_size, len(examples))) for start in range(0, len(examples), config.chunk_size)]

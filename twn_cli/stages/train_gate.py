@@ -109,7 +109,7 @@ def embed_views(model: TWNModel, inputs: list[ModelInput], sampling: Sampling) -
     if model.config.interface == "reencode":
         thoughts = model.think(prefix, sampling)
         never = model.reencode(encoded, [None] * len(inputs))
-        think = model.reencode(encoded, [model._strip_end(ids) for ids in thoughts.token_ids])
+        think = model.reencode(encoded, [model.strip_end_marker(ids) for ids in thoughts.token_ids])
     else:
         never = model.query_pass(prefix)  # before think(), which extends the prefix's cache in place
         thoughts = model.think(prefix, sampling)
