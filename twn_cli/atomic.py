@@ -63,3 +63,20 @@ class AtomicFile:
 
     def discard(self) -> None:
         self.staging.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a staging path for `target`: renamed into place on success, removed on any failure."""
+    file = AtomicFile(target)
+    try:
+        yield file.staging
+        file.commit()
+    except BaseException:
+        file.discard()
+        raise
+
+
+def write_text_atomically(target: str | Path, text: str) -> None:
+    with atomic_file(target) as staging:
+        staging.write_text(text, encoding="utf-8")

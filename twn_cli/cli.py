@@ -638,7 +638,7 @@ def route(
     to -o FILE), so it pipes into jq. It costs one prefill per input: no CoT, no query pass.
     """
     _setup_logging(verbose)
-    from twn_cli.atomic import AtomicFile
+    from twn_cli.atomic import atomic_file
     from twn_cli.data.inputs import read_inputs
     from twn_cli.stages.route import run_route
 
@@ -646,16 +646,11 @@ def route(
     model = _load_model(checkpoint, backbone, uses_gate=True, dtype=dtype, device=device,
                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     threshold = model.config.gate_threshold if threshold is None else threshold
-    target = None if output == "-" else AtomicFile(output)
-    stream = sys.stdout if target is None else open(target.staging, "w", encoding="utf-8")
-    try:
-        routed, thinking, skipped = run_route(model, records, stream, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
-    except BaseException:
-        if target is not None:
-            stream.close()
-            target.discard()
-        raise
-    if target is not None:
-        stream.close()
-        print(target.commit())
+    route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
+    if output == "-":
+        routed, thinking, skipped = route_into(sys.stdout)
+    else:
+        with atomic_file(output) as staging, open(staging, "w", encoding="utf-8") as stream:
+            routed, thinking, skipped = route_into(stream)
+        print(output)
     print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped)", file=sys.stderr)

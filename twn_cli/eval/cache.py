@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twn_cli.atomic import AtomicFile
+from twn_cli.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,8 @@ class EmbeddingTable:
             tensors[f"{view}.present"] = self.present[view]
             tensors[f"{view}.seconds"] = self.seconds[view]
         header = {"key": json.dumps(self.key), "ids": json.dumps(self.ids), "cot": json.dumps(self.cot)}
-        target = AtomicFile(path)
-        try:
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, target.staging, metadata=header)
-            target.commit()
-        except BaseException:
-            target.discard()
-            raise
+        with atomic_file(path) as staging:
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, staging, metadata=header)
 
     @classmethod
     def load_or_new(cls, path: Path, ids: list[str], dim: int, key: dict, views: tuple[str, ...] = VIEWS) -> "EmbeddingTable":

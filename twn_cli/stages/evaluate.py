@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from twn_cli.atomic import AtomicFile
+from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.prepared import PreparedDataset, load_prepared, prepared_input
 from twn_cli.engine.model import ModelInput, TWNModel
 from twn_cli.errors import TWNError
@@ -460,25 +460,11 @@ def _check_report_dir(report_dir: Path) -> None:
 
 
 def _write_outputs(report_dir: Path, report: dict, predictions: list[dict]) -> None:
-    _write_atomically(report_dir / "predictions.jsonl", "".join(json.dumps(record) + "\n" for record in predictions))
-    _write_atomically(report_dir / "report.md", markdown_report(report))
-    target = AtomicFile(report_dir / "quality_vs_tokens.png")
-    try:
-        plot_quality_vs_tokens(report, target.staging)
-        target.commit()
-    except BaseException:
-        target.discard()
-        raise
+    write_text_atomically(report_dir / "predictions.jsonl", "".join(json.dumps(record) + "\n" for record in predictions))
+    write_text_atomically(report_dir / "report.md", markdown_report(report))
+    with atomic_file(report_dir / "quality_vs_tokens.png") as staging:
+        plot_quality_vs_tokens(report, staging)
     # Last, so a report.json always sits beside complete companions.
-    _write_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    target = AtomicFile(path)
-    try:
-        target.staging.write_text(text, encoding="utf-8")
-        target.commit()
-    except BaseException:
-        target.discard()
-        raise
 

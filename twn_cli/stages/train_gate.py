@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twn_cli.atomic import AtomicFile
+from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.prepared import PreparedDataset, prepared_input
 from twn_cli.engine.checkpoint import check_checkpoint_output
 from twn_cli.engine.gate import RoutingGate
@@ -251,13 +251,8 @@ class LabelCache:
             "reasoning_tokens": labelled.reasoning_tokens,
         }
         header = {"key": self.key, "ids": json.dumps(labelled.ids), "cots": json.dumps(labelled.cots)}
-        target = AtomicFile(self.path(number))
-        try:
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, target.staging, metadata=header)
-            target.commit()
-        except BaseException:
-            target.discard()
-            raise
+        with atomic_file(self.path(number)) as staging:
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, staging, metadata=header)
 
 
 def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig) -> dict:
@@ -546,10 +541,4 @@ def _write_logs(train_dir, rows, labelled, labels, heldout, p_think, history) ->
         for i, row in enumerate(rows)
     ]
     for name, lines in ((LABELS_LOG, records), (METRICS_LOG, history)):
-        target = AtomicFile(train_dir / name)
-        try:
-            target.staging.write_text("".join(json.dumps(line) + "\n" for line in lines))
-            target.commit()
-        except BaseException:
-            target.discard()
-            raise
+        write_text_atomically(train_dir / name, "".join(json.dumps(line) + "\n" for line in lines))
