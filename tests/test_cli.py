@@ -19,8 +19,6 @@ from twn_cli.engine.checkpoint import save_checkpoint
 
 from conftest import TEST_SPEC
 
-STAGES_TO_COME = ["train-rl"]
-
 
 def run(*arguments, input: str | None = None):
     return CliRunner().invoke(app, [str(argument) for argument in arguments], input=input)
@@ -52,18 +50,9 @@ def checkpoint(make_model, tmp_path) -> Path:
 def test_help_lists_every_command_without_importing_torch():
     code = "import sys; from twn_cli.cli import app; sys.argv = ['twn', '--help']\ntry: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    for command in ["toy-backbone", "prepare", "train-embed", "train-gate", "embed", "route", "eval", *STAGES_TO_COME]:
+    for command in ["toy-backbone", "prepare", "train-embed", "train-gate", "train-rl", "embed", "route", "eval"]:
         assert command in result.stdout
     assert result.stdout.strip().endswith("False")
-
-
-@pytest.mark.parametrize("stage", STAGES_TO_COME)
-def test_stages_not_built_yet_say_so_and_fail(stage):
-    result = run(stage, "data", "--checkpoint", "somewhere")
-    assert result.exit_code == 2
-    assert "not built yet" in result.stderr
-    help_text = run(stage, "--help").stdout
-    assert "Usage: twn" in help_text and len(help_text) > 300
 
 
 def test_python_dash_m_runs_the_same_app():

@@ -9,6 +9,7 @@ import pytest
 from twn_cli.recipes import load_recipe
 from twn_cli.stages.train_embed import TrainEmbedConfig
 from twn_cli.stages.train_gate import TrainGateConfig
+from twn_cli.stages.train_rl import TrainRLConfig
 from twn_cli.toyworld.backbone import ToyBackboneSpec
 from twn_cli.toyworld.pretrain import PretrainSettings
 
@@ -18,6 +19,7 @@ SETTINGS = {
     "pretrain.yaml": PretrainSettings,
     "train-embed.yaml": TrainEmbedConfig,
     "train-gate.yaml": TrainGateConfig,
+    "train-rl.yaml": TrainRLConfig,
 }
 
 

@@ -33,8 +33,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-
 
 class ThinkOption(str, enum.Enum):
     never = "never"
@@ -83,11 +81,6 @@ def user_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def _not_built(stage: str) -> None:
-    print(f"twn {stage}: this stage is not built yet in twn {_version()}; see CHANGELOG.md for what is.", file=sys.stderr)
-    raise typer.Exit(2)
 
 
 def _version() -> str:
@@ -153,7 +146,9 @@ def toy_backbone(
 @app.command()
 @user_errors
 def embed(
-    inputs: str = typer.Argument(..., help="An image folder, a JSONL file of records (id, text, image/images, instruction), or - for JSONL on stdin."),
+    inputs: str = typer.Argument(
+        ..., help="An image folder, a JSONL file of records (id, text, image/images, instruction), - for JSONL on stdin, or a prepared dataset directory (its candidates: a negatives cache for train-rl)."
+    ),
     checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint directory to embed with."),
     backbone: Optional[str] = typer.Option(
         None, help="Backbone directory or hub id: with --checkpoint, load the checkpoint onto it; alone, a fresh untrained TWN model."
@@ -186,12 +181,15 @@ def embed(
 
     from twn_cli.data.embedding_files import EmbeddingWriter
     from twn_cli.data.inputs import read_inputs
+    from twn_cli.data.prepared import is_prepared_dir
     from twn_cli.engine.model import Sampling
     from twn_cli.stages.embed import EmbedSettings, run_embed
 
     mode = "auto" if adaptive else think.value
     if adaptive and think is ThinkOption.always:
         raise TWNError("--adaptive and --think always contradict each other")
+    if mode != "never" and is_prepared_dir(Path(inputs)):
+        raise TWNError("a prepared dataset's candidates are embedded without thinking, as in training: drop --think / --adaptive")
     records = read_inputs(inputs)
     model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=device,
                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
@@ -604,16 +602,73 @@ def train_gate(
     print(output)
 
 
-@app.command("train-rl", context_settings=PASS_THROUGH)
-def train_rl(ctx: typer.Context):
+@app.command("train-rl")
+@user_errors
+def train_rl(
+    data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`): queries of its train split."),
+    checkpoint: Path = typer.Option(..., help="TWN checkpoint whose reasoning adapter to improve (from train-embed or train-gate); also the KL reference."),
+    negatives_cache: Path = typer.Option(..., help="Global negatives cache: `twn embed DATA --checkpoint RUN -o cache.pt` (.pt or .safetensors)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run directory: the checkpoint, plus train/ (metrics.jsonl, resumable states)."),
+    backbone: Optional[str] = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto."),
+    recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-rl.yaml."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output from its last state."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Override: optimiser steps."),
+    seed: Optional[int] = typer.Option(None, help="Override: seed of the query order, the sampled CoTs and the random negatives."),
+    setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
     """Improve the reasoning adapter with GRPO, rewarded in the embedding space against a global negatives cache.
 
-    For each query, G sampled CoTs are embedded; the reward compares each to the positive against the
-    cache's negatives. Group-normalised advantages, clipped ratios, KL to the pre-RL adapter; only the
-    reasoning adapter changes. Writes a checkpoint directory.
+    For each query, G sampled CoTs are embedded by the frozen embedding side; the reward compares each to
+    the positive against the cache's negatives (hardest by similarity, plus random ones). Group-normalised
+    advantages, a clipped surrogate with asymmetric ε, k3 KL to the pre-RL adapter; only the reasoning
+    adapter changes. The cache is checked first (dimension, unique ids, finite values; .pt only as plain
+    tensors). States every `checkpoint_every` steps (--resume continues exactly); a NaN loss stops with
+    the last good state named. Prints the checkpoint (run) directory.
     Usage: twn train-rl DATA --checkpoint RUN --negatives-cache cache.pt -o RUN2.
     """
-    _not_built("train-rl")
+    _setup_logging(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from twn_cli.data.prepared import load_prepared
+    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
+    from twn_cli.recipes import load_recipe, parse_overrides
+    from twn_cli.stages.train_rl import TrainRLConfig, load_negatives_cache, run_train_rl
+
+    config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting), steps=steps, seed=seed)
+    load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    dataset = load_prepared(data)
+    model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+    cache = load_negatives_cache(negatives_cache, model.embedding_dim)
+    record = {
+        "stage": "train-rl",
+        "data": str(Path(data).resolve()),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "negatives_cache": str(Path(negatives_cache).resolve()),
+        "arguments": dict(vars(config)),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    stages = model.manifest["stages"] + [record]
+    with Progress(
+        TextColumn("train-rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=_stderr_console(),
+    ) as progress:
+        task = progress.add_task("train", total=config.steps, status="")
+
+        def show(metrics: dict) -> None:
+            progress.update(
+                task, completed=metrics["step"],
+                status=f"reward {metrics['reward_mean']:.3f} kl {metrics['kl']:.4f} CoT {metrics['cot_tokens_mean']:.1f} tokens",
+            )
+
+        summary = run_train_rl(model, dataset, cache, output, config, resume=resume, stages=stages, on_step=show)
+    save_checkpoint(model, output, stages=stages, extra={**stage_results(model.manifest), "train_rl": summary})
+    print(output)
 
 
 @app.command()

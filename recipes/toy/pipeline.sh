@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toy pipeline, offline on a CPU: a pre-trained toy backbone, the toy reasoning world, train-embed,
-# train-gate, and an evaluation that sweeps from never thinking to always thinking; then real photographs
-# that ship inside scikit-image are embedded adaptively with the trained model. train-rl joins when it lands.
+# train-gate, a global negatives cache and train-rl, and an evaluation that sweeps from never thinking to
+# always thinking; then real photographs that ship inside scikit-image are embedded adaptively.
 #
 #   bash recipes/toy/pipeline.sh [RUN_DIR]      (default RUN_DIR: runs/toy)
 set -euo pipefail
@@ -25,11 +25,17 @@ embed_run=$(twn train-embed "$data" --backbone "$backbone" -o "$run/embed" --rec
 step "train-gate: self-supervised labels (does thinking help this input?), gate MLP, threshold"
 gate_run=$(twn train-gate "$data" --checkpoint "$embed_run" -o "$run/gate" --recipe "$here/train-gate.yaml")
 
+step "the global negatives cache: every candidate of the dataset, embedded without thinking"
+cache=$(twn embed "$data" --checkpoint "$gate_run" -o "$run/cache.pt")
+
+step "train-rl: GRPO on the reasoning adapter, rewarded in the embedding space against the cache"
+rl_run=$(twn train-rl "$data" --checkpoint "$gate_run" --negatives-cache "$cache" -o "$run/rl" --recipe "$here/train-rl.yaml")
+
 step "eval on the test split (unseen combinations and clue phrasings): never, always and gate thresholds"
-report=$(twn eval "$data" --checkpoint "$gate_run" -o "$run/report" --mode sweep)
+report=$(twn eval "$data" --checkpoint "$rl_run" -o "$run/report" --mode sweep)
 echo "report: $report/report.md" >&2
 
 step "embed real photographs with the trained model, thinking where the gate says so"
 images=$(python -c "import pathlib, skimage.data; print(pathlib.Path(skimage.data.__file__).parent)")
 # scikit-image's data folder also holds a TIFF that Pillow cannot decode: --skip-bad reports it and goes on.
-twn embed "$images" --checkpoint "$gate_run" --adaptive --skip-bad -o "$run/sample-images.safetensors"
+twn embed "$images" --checkpoint "$rl_run" --adaptive --skip-bad -o "$run/sample-images.safetensors"

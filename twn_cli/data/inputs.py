@@ -1,4 +1,5 @@
-"""Inputs to embed or route: an image folder, a JSONL file of records, or JSONL on standard input.
+"""Inputs to embed or route: an image folder, a JSONL file of records, JSONL on standard input, or the
+candidates of a prepared dataset (what `twn embed DATA -o cache.pt` turns into train-rl's negatives cache).
 
 A JSONL record is an object with any of `id`, `text`, `image` (one path) or `images` (a list of paths),
 and `instruction`. Relative image paths are relative to the JSONL file (to the working directory on stdin).
@@ -49,12 +50,16 @@ class InputRecord:
 
 
 def read_inputs(source: str, stdin: TextIO | None = None) -> Iterator[InputRecord]:
-    """Records from `source`: '-' (JSONL on stdin), a directory of images, or a .jsonl file."""
+    """Records from `source`: '-' (JSONL on stdin), a prepared dataset's candidates, a directory of images, or a .jsonl file."""
     if source == "-":
         yield from _unique(_read_jsonl(stdin or sys.stdin, "<stdin>", Path.cwd()))
         return
+    from twn_cli.data.prepared import is_prepared_dir  # imports `datasets`: only when a directory is given
+
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and is_prepared_dir(path):
+        yield from _unique(_read_prepared_candidates(path))
+    elif path.is_dir():
         yield from _read_image_folder(path)
     elif path.is_file() and path.suffix in {".jsonl", ".json", ".ndjson"}:
         with open(path, encoding="utf-8") as handle:
@@ -71,6 +76,20 @@ def _read_image_folder(folder: Path) -> Iterator[InputRecord]:
         raise TWNError(f"image folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     for path in paths:
         yield InputRecord(id=path.relative_to(folder).as_posix(), where=str(path), image_paths=[path])
+
+
+def _read_prepared_candidates(folder: Path) -> Iterator[InputRecord]:
+    from twn_cli.data.prepared import load_prepared
+
+    candidates = load_prepared(folder).candidates
+    for number, row in enumerate(candidates):
+        yield InputRecord(
+            id=row["id"],
+            where=f"{folder}:candidate {number}",
+            text=row["text"],
+            image_paths=[Path(image) for image in row["images"]],
+            instruction=row["instruction"] or None,  # empty: the model's default, as prepared_input reads it
+        )
 
 
 def _read_jsonl(lines: Iterable[str], name: str, base: Path) -> Iterator[InputRecord]:

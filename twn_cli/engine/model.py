@@ -357,6 +357,24 @@ class TWNModel(nn.Module):
         )
         return TeacherForced(sft_loss_sum, len(targets), think_view, no_think_view)
 
+    def cot_log_probs(self, encoded: dict, cot_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities of each row's CoT + end marker under the reasoning adapter (RL's policy).
+
+        Returns [rows, T] log-probabilities and a mask of the real tokens, right-aligned (a shorter CoT is
+        padded on the left). Backpropagate before switching adapters, as for `teacher_forced`.
+        """
+        suffixes = [self._think_block(ids) for ids in cot_ids]
+        full = _append_tokens(encoded, suffixes, self._pad_id)
+        hidden, _ = self._reasoning_pass(full)
+        scored = torch.tensor([len(s) - len(self.think_start_ids) for s in suffixes], device=self.device)
+        width, longest = full["input_ids"].shape[1], int(scored.max())
+        # Position p predicts token p + 1: the last `longest` tokens are predicted by the states just before them.
+        logits = self._lm_head(hidden[:, width - longest - 1 : width - 1]).float()
+        targets = full["input_ids"][:, width - longest :]
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        mask = torch.arange(longest, device=self.device)[None] >= longest - scored[:, None]
+        return log_probs * mask, mask
+
     def cot_token_ids(self, cots: list[str]) -> list[list[int]]:
         """Token ids of CoT texts, as the reasoning adapter writes them (between the think markers)."""
         return [self.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]

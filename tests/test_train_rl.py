@@ -1,0 +1,207 @@
+"""train-rl: GRPO maths on hand-computed cases, rewards, the cache's checks, what a step trains, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter, read_embeddings
+from twn_cli.data.inputs import read_inputs
+from twn_cli.data.prepared import load_prepared, prepared_input
+from twn_cli.engine.checkpoint import read_manifest, save_checkpoint
+from twn_cli.errors import TWNError
+from twn_cli.stages import train_rl
+from twn_cli.stages.train_embed import TrainingData
+from twn_cli.stages.train_rl import (
+    NegativesCache,
+    RLTrainer,
+    TrainRLConfig,
+    clipped_surrogate,
+    group_advantages,
+    k3_kl,
+    load_negatives_cache,
+    run_train_rl,
+    softmax_reward,
+    ume_r1_reward,
+)
+
+SMALL = dict(batch_size=2, group_size=3, max_think_tokens=5, learning_rate=1e-2, hardest_negatives=8, random_negatives=4)
+
+
+class NotATensor:
+    """A custom class: unpickling it would run code that `weights_only=True` refuses."""
+
+
+# ------------------------------------------------------------------------------------------- maths
+def test_group_advantages_normalise_each_group_and_count_zero_spread():
+    advantages, zero_spread = group_advantages(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]))
+    std = math.sqrt(5 / 3)  # unbiased std of 1, 2, 3, 4
+    expected = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (std + 1e-4)
+    assert torch.allclose(advantages[0], expected)
+    assert torch.equal(advantages[1], torch.zeros(4))
+    assert zero_spread.tolist() == [False, True]
+
+
+def test_clipped_surrogate_takes_the_pessimistic_term_with_asymmetric_epsilon():
+    ratios = torch.tensor([1.5, 0.5, 0.5, 1.5])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    surrogate, clipped = clipped_surrogate(ratios.log(), torch.zeros(4), advantages, 0.2, 0.28)
+    # ρ=1.5, A=+1: min(1.5, 1.28); ρ=0.5, A=+1: min(0.5, 0.8); ρ=0.5, A=-1: min(-0.5, -0.8); ρ=1.5, A=-1: min(-1.5, -1.28).
+    assert torch.allclose(surrogate, torch.tensor([1.28, 0.5, -0.8, -1.5]))
+    assert clipped.tolist() == [True, False, True, False]
+
+
+def test_k3_kl_matches_the_hand_computed_value_and_is_zero_at_the_reference():
+    log_probs, reference = torch.tensor([math.log(0.5), -1.0]), torch.tensor([math.log(0.25), -1.0])
+    # ref - logp = log 0.5: 0.5 - log 0.5 - 1
+    assert torch.allclose(k3_kl(log_probs, reference), torch.tensor([0.5 + math.log(2) - 1, 0.0]))
+
+
+def test_softmax_reward_is_the_positive_probability():
+    cots = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    reward = softmax_reward(cots, torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]]), temperature=1.0)
+    e = math.e
+    assert torch.allclose(reward, torch.tensor([e / (e + 1), 1 / (e + 1)]))
+
+
+def test_ume_r1_reward_is_top_k_share_times_similarity_gap():
+    cots = torch.tensor([[1.0, 0.0], [-0.6, 0.8]])
+    positives = torch.tensor([[1.0, 0.0]])
+    negatives = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    reward = ume_r1_reward(cots, positives, negatives, top_k=2)
+    # First CoT: the positive ranks first (share 1), gap 1 - (0 + -1)/2 = 1.5. Second: both negatives outrank it.
+    assert torch.allclose(reward, torch.tensor([1.5, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------- the cache
+def write_pt(path, ids, embeddings, **more):
+    torch.save({"ids": ids, "embeddings": embeddings, **more}, path)
+    return path
+
+
+def test_cache_checks_refuse_bad_files(tmp_path):
+    good = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    assert load_negatives_cache(write_pt(tmp_path / "ok.pt", ["a", "b", "c"], good.half()), 8).embeddings.dtype == torch.float32
+    with pytest.raises(TWNError, match="8-dimensional embeddings, the checkpoint makes 16"):
+        load_negatives_cache(write_pt(tmp_path / "dim.pt", ["a", "b", "c"], good), 16)
+    with pytest.raises(TWNError, match="holds id 'a' more than once"):
+        load_negatives_cache(write_pt(tmp_path / "dup.pt", ["a", "b", "a"], good), 8)
+    poisoned = good.clone()
+    poisoned[1, 2] = float("nan")
+    with pytest.raises(TWNError, match="non-finite values"):
+        load_negatives_cache(write_pt(tmp_path / "nan.pt", ["a", "b", "c"], poisoned), 8)
+    with pytest.raises(TWNError, match="refused to unpickle"):
+        load_negatives_cache(write_pt(tmp_path / "code.pt", ["a", "b", "c"], good, extra=NotATensor()), 8)
+    with pytest.raises(TWNError, match="no 'ids' and 'embeddings'"):
+        torch.save({"vectors": good}, tmp_path / "keys.pt")
+        load_negatives_cache(tmp_path / "keys.pt", 8)
+
+
+def test_cache_reads_safetensors_written_by_twn_embed(tmp_path):
+    writer = EmbeddingWriter(str(tmp_path / "cache.safetensors"), {"embedding_dim": 8})
+    writer.add(EmbeddingBatch(["x", "y"], torch.randn(2, 8), [False, False], [0.0, 0.0], ["", ""], [0, 0]))
+    cache = load_negatives_cache(writer.close(), 8)
+    assert cache.ids == ["x", "y"] and cache.embeddings.shape == (2, 8)
+
+
+def test_read_inputs_gives_a_prepared_datasets_candidates(toy_dataset_dir):
+    records = list(read_inputs(str(toy_dataset_dir)))
+    candidates = load_prepared(toy_dataset_dir).candidates
+    assert [record.id for record in records] == list(candidates["id"])
+    assert len({record.id for record in records}) == len(records)
+    for record, row in zip(records[:20], candidates.select(range(20))):
+        loaded, expected = record.load(), prepared_input(row)
+        assert (loaded.text, loaded.instruction, len(loaded.images)) == (expected.text, expected.instruction, len(expected.images))
+
+
+# ------------------------------------------------------------------------------------------- training
+def cache_for(model, dataset) -> NegativesCache:
+    ids = list(dataset.candidates["id"])
+    with torch.no_grad():
+        embeddings = torch.cat(
+            [model.embed([prepared_input(dataset.candidates[i]) for i in range(start, min(start + 64, len(ids)))]).embeddings for start in range(0, len(ids), 64)]
+        )
+    return NegativesCache(ids, embeddings.cpu())
+
+
+@pytest.fixture
+def setup(make_model, toy_dataset_dir):
+    dataset = load_prepared(toy_dataset_dir)
+    model = make_model()
+    return model, dataset, cache_for(model, dataset)
+
+
+def test_steps_train_only_the_reasoning_adapter(setup):
+    model, dataset, cache = setup
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for _ in range(2):  # LoRA A only gets a gradient once B has left zero
+        metrics = trainer.step()
+    assert metrics["kl"] > 0 and metrics["clip_fraction"] == 0.0  # one update per batch: ratio 1
+    trained = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    assert trained == {name for name in before if "lora_" in name and ".reasoning." in name}
+
+
+def test_resumed_run_equals_uninterrupted_run_and_nan_stops(setup, make_model, tmp_path, monkeypatch):
+    _, dataset, cache = setup
+    config = TrainRLConfig(**SMALL, steps=2, checkpoint_every=1)
+    straight = make_model()
+    run_train_rl(straight, dataset, cache, tmp_path / "straight", config, resume=False, stages=[])
+
+    def interrupt(metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train_rl(make_model(), dataset, cache, tmp_path / "resumed", config, resume=False, stages=[], on_step=interrupt)
+    resumed = make_model()
+    run_train_rl(resumed, dataset, cache, tmp_path / "resumed", config, resume=True, stages=[])
+    lines = {run: (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines() for run in ("straight", "resumed")}
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    assert [strip(line) for line in lines["straight"]] == [strip(line) for line in lines["resumed"]]
+    for name, parameter in straight.named_parameters():
+        assert torch.equal(parameter, dict(resumed.named_parameters())[name]), name
+
+    monkeypatch.setattr(train_rl, "k3_kl", lambda log_probs, reference: log_probs * float("nan"))
+    with pytest.raises(TWNError, match=r"loss became nan at step 1.*none \(no checkpoint yet\)"):
+        run_train_rl(make_model(), dataset, cache, tmp_path / "nan", config, resume=False, stages=[])
+
+
+def test_cli_embeds_a_cache_then_trains_rl_keeping_earlier_results(make_model, toy_dataset_dir, tmp_path):
+    start = save_checkpoint(make_model(), tmp_path / "gate", stages=[{"stage": "train-gate"}], extra={"gate": {"threshold": 0.4}})
+    runner = CliRunner()
+    cache_path = tmp_path / "cache.pt"
+    result = runner.invoke(app, ["embed", str(toy_dataset_dir), "--checkpoint", str(start), "--device", "cpu", "-o", str(cache_path)])
+    assert result.exit_code == 0, result.stderr
+    ids, embeddings, _ = read_embeddings(cache_path)
+    assert ids == list(load_prepared(toy_dataset_dir).candidates["id"]) and embeddings.shape[1] == 64
+
+    output = tmp_path / "rl"
+    arguments = ["train-rl", str(toy_dataset_dir), "--checkpoint", str(start), "--negatives-cache", str(cache_path), "-o", str(output),
+                 "--steps", "2", "--set", "max_think_tokens=5", "--set", "batch_size=2", "--set", "group_size=2", "--device", "cpu"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(output)
+    manifest = read_manifest(output)
+    assert manifest["gate"] == {"threshold": 0.4} and manifest["train_rl"]["steps"] == 2
+    assert [stage["stage"] for stage in manifest["stages"]] == ["train-gate", "train-rl"]
+    assert len((output / "train" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    result = runner.invoke(app, [*arguments[:5], str(tmp_path / "bad.pt"), *arguments[6:]])
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_cot_log_probs_agree_with_the_sft_cross_entropy(make_model):
+    model = make_model()
+    inputs = [prepared_input({"id": "q", "text": text, "images": [], "instruction": ""}) for text in ("a red circle", "two")]
+    cot_ids = model.cot_token_ids(["it is red", "a longer thought about the shape"])
+    encoded = model.encode(inputs)
+    with torch.no_grad():
+        log_probs, mask = model.cot_log_probs(encoded, cot_ids)
+        forced = model.teacher_forced(encoded, cot_ids)
+    assert mask.sum(1).tolist() == [len(ids) + len(model.think_end_ids) for ids in cot_ids]
+    assert torch.allclose(-log_probs.sum(), forced.sft_loss_sum, rtol=1e-5)

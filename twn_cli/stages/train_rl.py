@@ -1,0 +1,367 @@
+"""`twn train-rl`: GRPO on the reasoning adapter, rewarded in the embedding space (METHOD sections 1 and 3).
+
+One step, for a batch of queries:
+1. one reasoning-adapter prefill per query; its rows are repeated G times and G CoTs are sampled from it;
+2. each CoT's embedding is the frozen embedding side's query pass over the prompt + CoT cache, exactly
+   what `twn embed --think always` produces; the reward compares it to the query's positive against
+   negatives from the global cache (the hardest by similarity to the no-think query embedding, plus
+   random ones);
+3. advantages are the rewards normalised within each query's group: (r - mean) / (std + 1e-4);
+4. the loss is the per-token clipped surrogate (asymmetric ε, as DAPO) plus β times the k3 estimate of
+   the KL divergence to the frozen pre-RL reasoning adapter, averaged over the batch's CoT tokens.
+Only the reasoning LoRA parameters are in the optimiser, and the loss is backpropagated while the reasoning
+adapter is active, so the embedding adapter, the queries, the gate and the backbone cannot change.
+
+One update per sampled batch: the "old" policy is the current one, so the ratio is 1 numerically; the
+clipped form is kept so that several updates per batch only need a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from twn_cli.data.embedding_files import read_embeddings
+from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.engine.checkpoint import save_checkpoint
+from twn_cli.engine.model import Sampling, TWNModel
+from twn_cli.errors import TWNError
+from twn_cli.stages.train_embed import TrainingData, _load_adapters_into
+from twn_cli.training import RunDirectory, load_trainer_state, restore_rng_state, rng_state, save_trainer_state
+
+log = logging.getLogger(__name__)
+
+REWARDS = ("softmax", "ume_r1")
+
+
+@dataclass
+class TrainRLConfig:
+    """Hyper-parameters of train-rl; recipes/<backbone>/train-rl.yaml sets them."""
+
+    # Sampling: G CoTs per query.
+    group_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_think_tokens: int = 32
+    # The objective.
+    reward: str = "softmax"
+    reward_temperature: float = 0.05
+    hardest_negatives: int = 0  # 0: every cache entry that is not a positive of the query
+    random_negatives: int = 0
+    format_reward: float = 0.0  # added when the CoT ended with the end marker itself
+    token_cost: float = 0.0  # subtracted per CoT token
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    kl_beta: float = 0.04
+    # Optimisation.
+    steps: int = 100
+    batch_size: int = 4  # queries per step
+    learning_rate: float = 1e-5
+    max_grad_norm: float = 1.0
+    # Bookkeeping.
+    checkpoint_every: int = 50
+    log_every: int = 1
+    split: str = "train"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise TWNError(f"reward must be one of {', '.join(REWARDS)}, not '{self.reward}'")
+        if self.group_size < 2:
+            raise TWNError("group_size must be at least 2: advantages are normalised within each query's group")
+        if min(self.batch_size, self.steps, self.max_think_tokens) < 1:
+            raise TWNError("batch_size, steps and max_think_tokens must be positive")
+
+
+# ----------------------------------------------------------------------------------------- negatives cache
+@dataclass
+class NegativesCache:
+    ids: list[str]
+    embeddings: torch.Tensor  # [N, d], float32, L2-normalised as `twn embed` writes them
+
+
+def load_negatives_cache(path: str | Path, expected_dim: int) -> NegativesCache:
+    """The global negatives cache (`twn embed` output, .pt or .safetensors), checked before any training."""
+    path = Path(path)
+    if path.suffix not in (".pt", ".safetensors"):
+        raise TWNError(f"negatives cache '{path}' must be a .pt or .safetensors file written by `twn embed`")
+    try:
+        # .pt files are read with weights_only=True there: a pickle that carries code is refused.
+        ids, embeddings, _ = read_embeddings(path)
+    except (KeyError, AttributeError, TypeError):
+        raise TWNError(f"negatives cache '{path}' holds no 'ids' and 'embeddings' (write it with `twn embed DATA -o cache.pt`)") from None
+    if embeddings.ndim != 2 or len(ids) != embeddings.shape[0]:
+        raise TWNError(f"negatives cache '{path}': {len(ids)} ids for embeddings of shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] != expected_dim:
+        raise TWNError(f"negatives cache '{path}' has {embeddings.shape[1]}-dimensional embeddings, the checkpoint makes {expected_dim}")
+    if len(set(ids)) != len(ids):
+        duplicate = next(item for item in ids if ids.count(item) > 1)
+        raise TWNError(f"negatives cache '{path}' holds id '{duplicate}' more than once")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise TWNError(f"negatives cache '{path}' holds non-finite values (NaN or inf)")
+    if not ids:
+        raise TWNError(f"negatives cache '{path}' is empty")
+    return NegativesCache([str(item) for item in ids], embeddings)
+
+
+def pick_negatives(
+    cache: NegativesCache, query: torch.Tensor, positive_ids: set[str], hardest: int, random_count: int, rng: random.Random
+) -> torch.Tensor:
+    """Rows of the cache used as one query's negatives: the `hardest` most similar to `query` plus random ones."""
+    allowed = torch.tensor([item not in positive_ids for item in cache.ids])
+    candidates = allowed.nonzero().flatten()
+    if hardest == 0 or hardest >= len(candidates):
+        return candidates
+    similarity = cache.embeddings[candidates] @ query.float().cpu()
+    order = similarity.argsort(descending=True)
+    chosen = candidates[order[:hardest]].tolist()
+    rest = candidates[order[hardest:]].tolist()
+    chosen += rng.sample(rest, min(random_count, len(rest)))
+    return torch.tensor(chosen)
+
+
+# ----------------------------------------------------------------------------------------- rewards
+def softmax_reward(cot_embeddings: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[G] rewards: the softmax probability of the positive(s) among positives + negatives (InfoNCE's own target)."""
+    positives = positives.reshape(-1, cot_embeddings.shape[1])
+    logits = cot_embeddings @ torch.cat([positives, negatives]).T / temperature
+    return logits.softmax(-1)[:, : len(positives)].sum(-1)
+
+
+def ume_r1_reward(cot_embeddings: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[G] rewards as UME-R1 (METHOD section 6): (share of positives in the top-k) × (mean positive − mean negative similarity).
+
+    Our reading: each CoT embedding ranks positives + negatives by cosine similarity; the share is how many
+    of the query's positives are among the k nearest, over min(k, positives) so that one positive found
+    scores 1; k is the group size G as in UME-R1. The second factor is the mean similarity to the positives
+    minus the mean similarity to the negatives. A CoT with no positive in its top-k earns 0.
+    """
+    positives = positives.reshape(-1, cot_embeddings.shape[1])
+    positive_similarity = cot_embeddings @ positives.T
+    negative_similarity = cot_embeddings @ negatives.T
+    similarity = torch.cat([positive_similarity, negative_similarity], dim=1)
+    nearest = similarity.topk(min(top_k, similarity.shape[1]), dim=1).indices
+    found = (nearest < len(positives)).sum(1).float()
+    share = found / min(top_k, len(positives))
+    return share * (positive_similarity.mean(1) - negative_similarity.mean(1))
+
+
+def format_reward(ended_with_marker: torch.Tensor, weight: float) -> torch.Tensor:
+    """`weight` for each CoT that closed itself with the end marker (not cut at the budget)."""
+    return weight * ended_with_marker.float()
+
+
+def length_cost(cot_tokens: torch.Tensor, cost_per_token: float) -> torch.Tensor:
+    return -cost_per_token * cot_tokens.float()
+
+
+# ----------------------------------------------------------------------------------------- GRPO maths
+def group_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[queries, G] rewards -> advantages (r - mean) / (std + 1e-4) per group, and which groups had no spread."""
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, keepdim=True)
+    zero_spread = (rewards == rewards[:, :1]).all(1)
+    return (rewards - mean) / (std + 1e-4), zero_spread
+
+
+def clipped_surrogate(log_probs, old_log_probs, advantages, epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO surrogate min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A), and where the clipped term was chosen."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages
+    return torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def k3_kl(log_probs: torch.Tensor, reference_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 (non-negative)."""
+    difference = reference_log_probs - log_probs
+    return torch.exp(difference) - difference - 1
+
+
+# ----------------------------------------------------------------------------------------- trainer
+class RLTrainer:
+    """GRPO on the reasoning adapter of one model, against one negatives cache."""
+
+    def __init__(self, model: TWNModel, data: TrainingData, cache: NegativesCache, config: TrainRLConfig):
+        self.model = model
+        self.data = data
+        self.cache = cache
+        self.config = config
+        self.parameters = model.adapter_parameters("reasoning")
+        # The frozen reference: the reasoning adapter as it was before RL.
+        self.reference = {name: p.detach().clone() for name, p in self.parameters.items()}
+        self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=config.learning_rate, weight_decay=0.0)
+        self.step_done = 0
+
+    def step(self) -> dict:
+        config, model = self.config, self.model
+        rows = [self.data.rows[index] for index in self.data.batch_indices(self.step_done, config.batch_size)]
+        sampled = self._sample(rows)
+        rewards = sampled["rewards"]
+        advantages, zero_spread = group_advantages(rewards)
+        advantages = advantages.flatten().to(model.device)
+
+        encoded = model.encode([prepared_input(row) for row in rows for _ in range(config.group_size)])
+        with torch.no_grad(), self._reference_weights():
+            reference_log_probs, _ = model.cot_log_probs(encoded, sampled["cot_ids"])
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        log_probs, mask = model.cot_log_probs(encoded, sampled["cot_ids"])
+        mask = mask.clone()  # the log-probabilities' graph holds the original
+        # An end marker that the budget or end-of-sequence forced in was not sampled: it is no action to score.
+        mask[~sampled["ended"].to(model.device), -len(model.think_end_ids) :] = False
+        old_log_probs = log_probs.detach()
+        surrogate, clipped = clipped_surrogate(log_probs, old_log_probs, advantages[:, None], config.epsilon_low, config.epsilon_high)
+        kl = k3_kl(log_probs, reference_log_probs)
+        tokens = mask.sum().clamp(min=1)
+        loss = ((-surrogate + config.kl_beta * kl) * mask).sum() / tokens
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.step_done + 1}")
+        loss.backward()  # now, while the reasoning adapter is active
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), config.max_grad_norm)
+        self.optimizer.step()
+        model.eval()
+        self.step_done += 1
+        return {
+            "step": self.step_done,
+            "loss": loss.item(),
+            "reward_mean": rewards.mean().item(),
+            "reward_spread": rewards.std(1).mean().item(),
+            "zero_spread_groups": zero_spread.float().mean().item(),
+            "kl": ((kl * mask).sum() / tokens).item(),
+            "cot_tokens_mean": sampled["cot_tokens"].float().mean().item(),
+            "clip_fraction": ((clipped & mask).sum() / tokens).item(),
+            "grad_norm": float(grad_norm),
+        }
+
+    @torch.no_grad()
+    def _sample(self, rows: list[dict]) -> dict:
+        """G CoTs per query from one prefill, their embeddings and rewards ([queries, G])."""
+        config, model = self.config, self.model
+        model.eval()
+        inputs = [prepared_input(row) for row in rows]
+        prefix, _ = model.prefill(model.encode(inputs))
+        no_think = model.query_pass(prefix)
+        repeated = torch.arange(len(rows), device=model.device).repeat_interleave(config.group_size)
+        # Seeded per step, so a resumed run samples the same CoTs as an uninterrupted one.
+        generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + self.step_done)
+        sampling = Sampling(config.temperature, config.top_p, config.max_think_tokens, generator)
+        thoughts = model.think(prefix.select(repeated), sampling)
+        cot_embeddings = model.query_pass(thoughts.prefix).float().cpu()
+        cot_ids = [model.strip_end_marker(ids) for ids in thoughts.token_ids]
+        end = model.think_end_ids
+        ended = torch.tensor([ids[-len(end) :] == end for ids in thoughts.token_ids])
+        cot_tokens = torch.tensor([len(ids) for ids in cot_ids])
+
+        rng = random.Random(f"{config.seed}/{self.step_done}")
+        rewards = torch.empty(len(rows), config.group_size)
+        for query, row in enumerate(rows):
+            positive_ids = set(row["positive_ids"])
+            positives = model.embed([self._candidate(item) for item in row["positive_ids"]]).embeddings.float().cpu()
+            negatives = self.cache.embeddings[
+                pick_negatives(self.cache, no_think[query], positive_ids, config.hardest_negatives, config.random_negatives, rng)
+            ]
+            group = slice(query * config.group_size, (query + 1) * config.group_size)
+            if config.reward == "softmax":
+                reward = softmax_reward(cot_embeddings[group], positives, negatives, config.reward_temperature)
+            else:
+                reward = ume_r1_reward(cot_embeddings[group], positives, negatives, config.group_size)
+            reward = reward + format_reward(ended[group], config.format_reward) + length_cost(cot_tokens[group], config.token_cost)
+            rewards[query] = reward
+        return {"rewards": rewards, "cot_ids": cot_ids, "ended": ended, "cot_tokens": cot_tokens}
+
+    def _candidate(self, candidate_id: str):
+        if candidate_id not in self.data.candidate_index:
+            raise TWNError(f"positive '{candidate_id}' is not among the prepared dataset's candidates")
+        return prepared_input(self.data.candidates[self.data.candidate_index[candidate_id]])
+
+    @contextmanager
+    def _reference_weights(self):
+        """Within the block the reasoning adapter holds the pre-RL weights; the trained ones come back after."""
+        trained = {name: p.detach().clone() for name, p in self.parameters.items()}
+        for name, p in self.parameters.items():
+            p.data.copy_(self.reference[name])
+        try:
+            yield
+        finally:
+            for name, p in self.parameters.items():
+                p.data.copy_(trained[name])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step_done, "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_done = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+
+
+def run_train_rl(
+    model: TWNModel,
+    dataset: PreparedDataset,
+    cache: NegativesCache,
+    run_dir: Path,
+    config: TrainRLConfig,
+    *,
+    resume: bool,
+    stages: list[dict],
+    on_step: Callable[[dict], None] = lambda metrics: None,
+) -> dict:
+    """Train, saving a resumable state every `checkpoint_every` steps in `run_dir/train/states`; returns the summary.
+
+    `model` must hold the pre-RL adapters (the input checkpoint) also when resuming: they are the KL reference.
+    """
+    run = RunDirectory(run_dir)
+    data = TrainingData(dataset, config.split, hard_negatives=0, seed=config.seed)
+    trainer = RLTrainer(model, data, cache, config)
+    run.start(resume)
+    if resume:
+        latest = run.latest_state()
+        if latest is None:
+            raise TWNError(f"nothing to resume in '{run_dir}': it holds no training state")
+        _load_adapters_into(model, latest)
+        state = load_trainer_state(latest)
+        changed = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
+        if changed:
+            log.warning("resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed))
+        trainer.load_state_dict(state)
+        run.truncate_log(trainer.step_done)
+        log.info("resumed from %s at step %d", latest, trainer.step_done)
+    started = time.perf_counter()
+    history = []
+    while trainer.step_done < config.steps:
+        try:
+            metrics = trainer.step()
+        except FloatingPointError as error:
+            last = run.latest_state()
+            raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+        metrics["seconds"] = time.perf_counter() - started
+        history.append(metrics)
+        if trainer.step_done % config.log_every == 0 or trainer.step_done == config.steps:
+            run.log(metrics)
+        if trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps:
+            save_checkpoint(
+                model,
+                run.state_path(trainer.step_done),
+                stages=stages,
+                write_files=lambda staging: save_trainer_state(staging, trainer.state_dict()),
+            )
+            run.prune()
+        on_step(metrics)
+    last = history[-min(len(history), 10) :]
+    return {
+        "steps": trainer.step_done,
+        "negatives_cache_size": len(cache.ids),
+        # Means over the last (up to) ten steps of this process: a smoothed end point of the run.
+        "final": {key: sum(m[key] for m in last) / len(last) for key in ("reward_mean", "kl", "cot_tokens_mean", "zero_spread_groups")}
+        if last
+        else {},
+    }
