@@ -118,3 +118,17 @@ def test_adapters_cover_language_model_only(make_model):
     overhead = model.parameter_overhead()
     assert overhead["reasoning_adapter"] == overhead["embedding_adapter"] > 0
     assert overhead["added_percent"] == pytest.approx(100 * overhead["added"] / overhead["backbone"])
+
+
+def test_decoding_never_writes_image_or_video_placeholders(make_model):
+    from twn_cli.engine.model import Sampling
+
+    model = make_model()
+    config = model.backbone.model.config
+    banned = [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+    logits = torch.zeros(len(banned), config.get_text_config(decoder=True).vocab_size)
+    for row, token in enumerate(banned):
+        logits[row, token] = 100.0  # the placeholder is by far the most likely token
+    for sampling in (Sampling(), Sampling(temperature=1.0, generator=torch.Generator().manual_seed(0))):
+        picked = model._pick(logits, sampling).tolist()
+        assert not set(picked) & set(banned)

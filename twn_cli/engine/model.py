@@ -180,6 +180,11 @@ class TWNModel(nn.Module):
         self.think_end_ids = self.tokenizer.encode(config.think_end, add_special_tokens=False)
         eos = backbone.model.config.get_text_config(decoder=True).eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # A CoT is text: a sampled image or video placeholder would make the next prefill expect a picture.
+        placeholders = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        self._never_generated = sorted(
+            {getattr(backbone.model.config, name) for name in placeholders if getattr(backbone.model.config, name, None) is not None}
+        )
 
         hidden = backbone.hidden_size
         with torch.random.fork_rng(devices=[]):
@@ -493,6 +498,8 @@ class TWNModel(nn.Module):
         return torch.tensor(ids, device=self.device)[None].expand(rows, -1)
 
     def _pick(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        logits = logits.clone()
+        logits[:, self._never_generated] = float("-inf")
         if sampling.temperature <= 0:
             return logits.argmax(-1)
         probabilities = torch.softmax(logits.float() / sampling.temperature, dim=-1)
