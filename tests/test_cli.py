@@ -213,6 +213,7 @@ def test_route_probabilities_match_embed(checkpoint, image_folder, tmp_path):
     assert routed.exit_code == 0, routed.stderr
     assert routed.stdout.strip() == str(tmp_path / "route.jsonl")
     embedded = run("embed", image_folder, "--checkpoint", checkpoint, "-o", tmp_path / "e.jsonl")
+    assert embedded.exit_code == 0, embedded.stderr
     p_route = [json.loads(line)["p_think"] for line in (tmp_path / "route.jsonl").read_text().splitlines()]
     p_embed = [json.loads(line)["p_think"] for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert p_route == pytest.approx(p_embed, abs=1e-5)

@@ -10,6 +10,7 @@ and, in `train/`, the metrics log and the last resumable states:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from twn_cli.errors import TWNError
+
+log = logging.getLogger(__name__)
 
 TRAIN_DIR = "train"
 TRAINER_STATE = "trainer_state.pt"
@@ -100,3 +103,23 @@ def save_trainer_state(directory: Path, state: dict) -> None:
 
 def load_trainer_state(state_dir: Path) -> dict:
     return torch.load(state_dir / TRAINER_STATE, weights_only=True)
+
+
+def resume_latest_state(run: RunDirectory, model, trainer, config, *, main_process: bool = True) -> None:
+    """Load the run's newest state into `model` and `trainer` (which has `load_state_dict` and `step_done`)."""
+    from dataclasses import asdict
+
+    from twn_cli.engine.checkpoint import load_trained_weights
+
+    latest = run.latest_state()
+    if latest is None:
+        raise TWNError(f"nothing to resume in '{run.run_dir}': it holds no training state")
+    load_trained_weights(model, latest)
+    state = load_trainer_state(latest)
+    changed = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
+    if changed:
+        log.warning("resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed))
+    trainer.load_state_dict(state)
+    if main_process:
+        run.truncate_log(trainer.step_done)
+    log.info("resumed from %s at step %d", latest, trainer.step_done)

@@ -251,7 +251,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def prepared_input(row: Mapping) -> "ModelInput":
+def prepared_input(row: Mapping):
     """The model input of a prepared query or candidate row; an empty instruction means the model's default."""
     from twn_cli.data.images import load_image
     from twn_cli.engine.model import ModelInput

@@ -187,3 +187,14 @@ def _sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+def load_trained_weights(model: TWNModel, checkpoint_dir: Path) -> None:
+    """Copy a saved checkpoint's adapters and queries into `model` (same backbone, same settings)."""
+    from peft import set_peft_model_state_dict
+
+    for adapter in ADAPTERS:
+        saved = load_file(checkpoint_dir / adapter / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model.peft, saved, adapter_name=adapter)
+        if any(adapter in key for key in result.missing_keys):
+            raise TWNError(f"state '{checkpoint_dir}' does not match the model's {adapter} adapter")
+    model.queries.data.copy_(load_file(checkpoint_dir / "queries.safetensors")["queries"])

@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +38,8 @@ from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.training import (
     RunDirectory,
-    load_trainer_state,
     restore_rng_state,
+    resume_latest_state,
     rng_state,
     save_trainer_state,
     warmup_cosine,
@@ -393,11 +393,6 @@ class EmbedTrainer:
         restore_rng_state(state["rng"])
 
 
-def train_config_from(values: dict) -> TrainEmbedConfig:
-    known = {item.name for item in fields(TrainEmbedConfig)}
-    return TrainEmbedConfig(**{key: value for key, value in values.items() if key in known})
-
-
 @torch.no_grad()
 def validation_hit_at_1(model: TWNModel, dataset: PreparedDataset, split: str, limit: int, batch_size: int = 16) -> dict[str, float]:
     """Hit@1 of up to `limit` queries of `split` against their pools: never-think, teacher CoT, generated CoT."""
@@ -446,18 +441,7 @@ def run_train_embed(
     if distributed.is_main:
         run.start(resume)
     if resume:
-        latest = run.latest_state()
-        if latest is None:
-            raise TWNError(f"nothing to resume in '{run_dir}': it holds no training state")
-        _load_adapters_into(model, latest)
-        state = load_trainer_state(latest)
-        changed = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
-        if changed:
-            log.warning("resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed))
-        trainer.load_state_dict(state)
-        if distributed.is_main:
-            run.truncate_log(trainer.step_done)
-        log.info("resumed from %s at step %d", latest, trainer.step_done)
+        resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
     started = time.perf_counter()
     samples = 0
     while trainer.step_done < config.steps:
@@ -484,15 +468,3 @@ def run_train_embed(
         summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries)
     return summary
 
-
-def _load_adapters_into(model: TWNModel, state_dir: Path) -> None:
-    """Copy a saved state's adapters and queries into `model` (same backbone, same settings)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    for adapter in ("reasoning", "embedding"):
-        saved = load_file(state_dir / adapter / "adapter_model.safetensors")
-        result = set_peft_model_state_dict(model.peft, saved, adapter_name=adapter)
-        if any(adapter in key for key in result.missing_keys):
-            raise TWNError(f"state '{state_dir}' does not match the model's {adapter} adapter")
-    model.queries.data.copy_(load_file(state_dir / "queries.safetensors")["queries"])

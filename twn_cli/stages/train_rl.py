@@ -33,8 +33,8 @@ from twn_cli.data.prepared import PreparedDataset, prepared_input
 from twn_cli.engine.checkpoint import save_checkpoint
 from twn_cli.engine.model import Sampling, TWNModel
 from twn_cli.errors import TWNError
-from twn_cli.stages.train_embed import TrainingData, _load_adapters_into
-from twn_cli.training import RunDirectory, load_trainer_state, restore_rng_state, rng_state, save_trainer_state
+from twn_cli.stages.train_embed import TrainingData
+from twn_cli.training import RunDirectory, restore_rng_state, resume_latest_state, rng_state, save_trainer_state
 
 log = logging.getLogger(__name__)
 
@@ -324,17 +324,7 @@ def run_train_rl(
     trainer = RLTrainer(model, data, cache, config)
     run.start(resume)
     if resume:
-        latest = run.latest_state()
-        if latest is None:
-            raise TWNError(f"nothing to resume in '{run_dir}': it holds no training state")
-        _load_adapters_into(model, latest)
-        state = load_trainer_state(latest)
-        changed = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
-        if changed:
-            log.warning("resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed))
-        trainer.load_state_dict(state)
-        run.truncate_log(trainer.step_done)
-        log.info("resumed from %s at step %d", latest, trainer.step_done)
+        resume_latest_state(run, model, trainer, config)
     started = time.perf_counter()
     history = []
     while trainer.step_done < config.steps:
