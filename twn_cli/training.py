@@ -91,6 +91,20 @@ class RunDirectory:
         )
         return self.state_path(steps[-1]) if steps else None
 
+    def after_step(self, model, trainer, metrics: dict, *, total_steps: int, log_every: int, checkpoint_every: int, stages: list[dict]) -> None:
+        """Log the step and, every `checkpoint_every` steps and at the end, save a resumable state."""
+        from twn_cli.engine.checkpoint import save_checkpoint
+
+        step = trainer.step_done
+        if step % log_every == 0 or step == total_steps:
+            self.log(metrics)
+        if step % checkpoint_every == 0 or step == total_steps:
+            save_checkpoint(
+                model, self.state_path(step), stages=stages,
+                write_files=lambda staging: save_trainer_state(staging, trainer.state_dict()),
+            )
+            self.prune()
+
     def prune(self) -> None:
         states = sorted(p for p in self.states_dir.iterdir() if re.fullmatch(r"step-\d+", p.name))
         for old in states[: -self.keep_states]:

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from twn_cli.data.prepared import PreparedDataset, prepared_input
-from twn_cli.engine.checkpoint import save_checkpoint
 from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.training import (
@@ -41,7 +40,6 @@ from twn_cli.training import (
     restore_rng_state,
     resume_latest_state,
     rng_state,
-    save_trainer_state,
     warmup_cosine,
 )
 
@@ -452,16 +450,9 @@ def run_train_embed(
             raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
         samples += config.batch_size
         metrics["samples_per_second"] = samples / (time.perf_counter() - started)
-        if distributed.is_main and (trainer.step_done % config.log_every == 0 or trainer.step_done == config.steps):
-            run.log(metrics)
-        if distributed.is_main and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
-            save_checkpoint(
-                model,
-                run.state_path(trainer.step_done),
-                stages=stages,
-                write_files=lambda staging: save_trainer_state(staging, trainer.state_dict()),
-            )
-            run.prune()
+        if distributed.is_main:
+            run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
+                           checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
     summary = {"steps": trainer.step_done, "parameters": model.parameter_overhead()}
     if distributed.is_main and config.validation_queries and config.validation_split in dataset.queries:

@@ -30,11 +30,10 @@ import torch
 
 from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.data.prepared import PreparedDataset, prepared_input
-from twn_cli.engine.checkpoint import save_checkpoint
 from twn_cli.engine.model import Sampling, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.stages.train_embed import TrainingData
-from twn_cli.training import RunDirectory, restore_rng_state, resume_latest_state, rng_state, save_trainer_state
+from twn_cli.training import RunDirectory, restore_rng_state, resume_latest_state, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -335,16 +334,8 @@ def run_train_rl(
             raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
-        if trainer.step_done % config.log_every == 0 or trainer.step_done == config.steps:
-            run.log(metrics)
-        if trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps:
-            save_checkpoint(
-                model,
-                run.state_path(trainer.step_done),
-                stages=stages,
-                write_files=lambda staging: save_trainer_state(staging, trainer.state_dict()),
-            )
-            run.prune()
+        run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
+                       checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
     last = history[-min(len(history), 10) :]
     return {
