@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
 
 from twn_cli.cli import app
+from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.data.images import load_image
 from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.backbone import config_fingerprint, load_backbone
@@ -15,6 +20,8 @@ from twn_cli.toyworld.backbone import build_toy_backbone
 from twn_cli.toyworld.pretrain import PretrainSettings, pretrain_toy_backbone
 
 from conftest import TEST_SPEC
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 
 
 def prepare_synthetic(output, n=150, seed=3):
@@ -76,3 +83,34 @@ def test_toy_backbone_command_pretrains_with_a_recipe(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert '"caption_loss_after"' in result.stderr
     assert load_backbone(result.stdout.strip(), device="cpu").model.config.twn_toy_backbone["pretraining"]["settings"]["steps"] == 4
+
+
+REDUCED_PIPELINE = {
+    "pretrain": {"steps": 6, "batch_size": 4, "eval_pictures": 4},
+    "train-embed": {"steps": 6, "batch_size": 8, "chunk_size": 8, "checkpoint_every": 3, "validation_queries": 16, "max_think_tokens": 16},
+    "train-gate": {"label_queries": 48, "epochs": 20, "validation_queries": 24, "max_think_tokens": 16},
+    "train-rl": {"steps": 2, "batch_size": 2, "group_size": 2, "checkpoint_every": 1, "max_think_tokens": 8},
+}
+
+
+def test_toy_pipeline_script_chains_every_stage(tmp_path):
+    """recipes/toy/pipeline.sh itself, with the toy recipes cut down to a few steps and a small world."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "toy-backbone.yaml").write_text(yaml.safe_dump(dict(vars(TEST_SPEC))))
+    for stage, overrides in REDUCED_PIPELINE.items():
+        recipe = yaml.safe_load((RECIPE_DIR / f"{stage}.yaml").read_text())
+        assert set(overrides) <= set(recipe), f"{stage}: reduced settings must exist in the toy recipe"
+        (recipes / f"{stage}.yaml").write_text(yaml.safe_dump({**recipe, **overrides}))
+    run = tmp_path / "run"
+    environment = {**os.environ, "TOY_WORLD_SIZE": "150", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(RECIPE_DIR / "pipeline.sh"), str(run), str(recipes)], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert {"never", "adaptive", "always"} == {point["mode"] for point in report["sweep"]}
+    stages = [entry["stage"] for entry in json.loads((run / "rl" / "twn.json").read_text())["stages"]]
+    assert stages == ["train-embed", "train-gate", "train-rl"]
+    photo_ids, photo_embeddings, _ = read_embeddings(run / "sample-images.safetensors")
+    assert len(photo_ids) == len(photo_embeddings) >= 10
