@@ -163,7 +163,7 @@ def embed(
     temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
     seed: int = typer.Option(0, help="Seed for sampled CoTs and for a fresh model's adapters."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice."),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
@@ -174,6 +174,8 @@ def embed(
     Writes one vector per input with its id, whether it thought, its CoT and reasoning-token count. File
     outputs also record the checkpoint, the think mode and that vectors are L2-normalised, and are written
     atomically; with `-o -` (default) JSONL records stream to stdout. Prints the path written.
+    Under torchrun / accelerate launch each process embeds its share of the batches and the first one
+    writes every input in input order, to a file or to stdout; inputs cannot then come from stdin.
     """
     _setup_logging(verbose)
     import torch
@@ -182,6 +184,7 @@ def embed(
     from twn_cli.data.embedding_files import EmbeddingWriter
     from twn_cli.data.inputs import read_inputs
     from twn_cli.data.prepared import is_prepared_dir
+    from twn_cli.distributed import Distributed, process_device, start_process_group
     from twn_cli.engine.model import Sampling
     from twn_cli.stages.embed import EmbedSettings, run_embed
 
@@ -190,8 +193,12 @@ def embed(
         raise TWNError("--adaptive and --think always contradict each other")
     if mode != "never" and is_prepared_dir(Path(inputs)):
         raise TWNError("a prepared dataset's candidates are embedded without thinking, as in training: drop --think / --adaptive")
+    start_process_group()
+    distributed = Distributed()
+    if inputs == "-" and distributed.world_size > 1:
+        raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
     records = read_inputs(inputs)
-    model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=device,
+    model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=process_device(device),
                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
@@ -212,11 +219,11 @@ def embed(
         "embedding_dim": model.embedding_dim,
         "twn_version": _version(),
     }
-    writer = EmbeddingWriter(output, metadata)
+    writer = EmbeddingWriter(output, metadata) if distributed.is_main else None
     started = time.perf_counter()
     with Progress(
         TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[rate]}"), console=_stderr_console(), transient=False,
+        TextColumn("{task.fields[rate]}"), console=_stderr_console(), transient=False, disable=not distributed.is_main,
     ) as progress:
         task = progress.add_task("embed", total=None, rate="")
 
@@ -225,6 +232,8 @@ def embed(
             progress.update(task, advance=count, rate=f"{done / (time.perf_counter() - started):.1f} inputs/s")
 
         summary = run_embed(model, records, writer, settings, on_batch=advance)
+    if not distributed.is_main:
+        return
     print(
         f"embedded {summary.embedded} inputs ({summary.thought} thought, {summary.reasoning_tokens} reasoning tokens, "
         f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s",
@@ -273,7 +282,7 @@ def evaluate(
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
     rank_chunk_size: int = typer.Option(8192, min=1, help="Candidates scored at a time (bounds memory for huge pools)."),
     max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
-    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
@@ -284,13 +293,15 @@ def evaluate(
     Per task Hit@1/5/10, NDCG@5/10, MRR and Recall@k, aggregated per meta-task, modality and overall the
     MMEB-V2 way (Hit@1 for image and video, NDCG@5 for visual documents), with think rate, reasoning tokens
     per query and throughput. Embeddings are cached per task in the report directory, so an interrupted
-    evaluation resumes. CoTs are decoded greedily. Prints the report directory.
+    evaluation resumes. CoTs are decoded greedily. Prints the report directory. Under torchrun /
+    accelerate launch each process embeds its share of the batches and the first writes the report.
     """
     _setup_logging(verbose)
     import shlex
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from twn_cli.distributed import Distributed, process_device, start_process_group
     from twn_cli.eval.report import print_tables
     from twn_cli.stages.evaluate import run_eval
 
@@ -298,11 +309,15 @@ def evaluate(
         sweep = [float(value) for value in thresholds.split(",")] if thresholds else None
     except ValueError:
         raise TWNError(f"--thresholds takes numbers separated by commas, not '{thresholds}'") from None
-    model = _load_model(checkpoint, backbone, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep), dtype=dtype, device=device,
-                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    start_process_group()
+    distributed = Distributed()
+    model = _load_model(checkpoint, backbone, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep), dtype=dtype,
+                        device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console()) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console(), disable=not distributed.is_main,
+    ) as progress:
         bar = progress.add_task("eval", total=None)
 
         def show(state) -> None:
@@ -312,6 +327,8 @@ def evaluate(
             model, data, output, mode=mode.value, split=split, threshold=threshold, thresholds=sweep,
             batch_size=batch_size, rank_chunk_size=rank_chunk_size, command=shlex.join(["twn", *sys.argv[1:]]), progress=show,
         )
+    if not distributed.is_main:
+        return
     print_tables(report)
     print(output)
 
@@ -432,11 +449,12 @@ def train_embed(
     from rich.table import Table
 
     from twn_cli.data.prepared import load_prepared
+    from twn_cli.distributed import Distributed, process_device, start_process_group
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
     from twn_cli.engine.model import TWNModel
     from twn_cli.recipes import load_recipe, parse_overrides
-    from twn_cli.stages.train_embed import Distributed, TrainEmbedConfig, run_train_embed
+    from twn_cli.stages.train_embed import TrainEmbedConfig, run_train_embed
 
     if (backbone is None) == (checkpoint is None) and not resume:
         raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
@@ -445,9 +463,9 @@ def train_embed(
         recipe, TrainEmbedConfig, **overrides, steps=steps, batch_size=batch_size, chunk_size=chunk_size,
         learning_rate=learning_rate, temperature=temperature, seed=seed,
     )
-    _start_process_group()
+    start_process_group()
     distributed = Distributed()
-    load_options = dict(dtype=dtype, device=_process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
@@ -487,27 +505,6 @@ def train_embed(
     table.add_row("added parameters", f"{overhead['added']:,} ({overhead['added_percent']:.2f} % of the backbone)")
     _stderr_console().print(table)
     print(output)
-
-
-def _start_process_group() -> None:
-    """Join the process group that torchrun / accelerate launch describe in the environment, if any."""
-    import os
-
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _process_device(device: str) -> str:
-    """Under several processes, `auto` means this process's own GPU."""
-    import os
-
-    import torch
-
-    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
 
 
 class GateTarget(str, enum.Enum):

@@ -12,3 +12,7 @@ class BadRecordError(TWNError):
         super().__init__(f"{record}: {reason}")
         self.record = record
         self.reason = reason
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception from its args (the message alone); it crosses processes under torchrun.
+        return type(self), (self.record, self.reason)

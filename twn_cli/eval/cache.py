@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ class EmbeddingTable:
     def missing(self, view: str) -> list[int]:
         return (~self.present[view]).nonzero().flatten().tolist()
 
-    def record(self, rows: list[int], view_of_row: list[str], result, seconds: float) -> None:
+    def record(self, rows: Sequence[int], view_of_row: list[str], result, seconds: float) -> None:
         """Store one model batch (an EmbedResult for `rows`); its seconds are shared equally by its rows."""
         share = seconds / len(rows)
         for position, (row, view) in enumerate(zip(rows, view_of_row)):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
+from twn_cli.distributed import Distributed, batched
 from twn_cli.engine.model import ModelInput, Sampling, ThinkMode, TWNModel
 from twn_cli.errors import BadRecordError
 
@@ -34,36 +35,52 @@ class EmbedSummary:
 def run_embed(
     model: TWNModel,
     records: Iterable[InputRecord],
-    writer: EmbeddingWriter,
+    writer: EmbeddingWriter | None,
     settings: EmbedSettings,
     on_batch: Callable[[int], None] = lambda count: None,
 ) -> EmbedSummary:
     """Embed every record into `writer`; a bad record stops the run unless `skip_bad` (then it is reported).
 
-    On any failure the writer's partial output is dropped.
+    Under several processes each one embeds its share of the blocks of `batch_size` records, and every
+    process receives every batch in input order and counts it, so all return the same summary; only the
+    first holds a writer (the others pass None). On any failure the writer's partial output is dropped.
     """
+    distributed = Distributed()
     summary = EmbedSummary()
+
+    def embed_block(block: tuple[InputRecord, ...]) -> tuple[EmbeddingBatch | None, list[BadRecordError]]:
+        skipped: list[BadRecordError] = []
+        ids, inputs = load_block(block, settings.skip_bad, skipped)
+        if not ids:
+            return None, skipped
+        result = model.embed(inputs, think=settings.think, threshold=settings.threshold, sampling=settings.sampling)
+        batch = EmbeddingBatch(
+            ids=ids,
+            embeddings=result.embeddings.cpu(),
+            think=result.think.tolist(),
+            p_think=result.p_think.tolist(),
+            cot=result.cot,
+            reasoning_tokens=result.reasoning_tokens,
+        )
+        return batch, skipped
+
     try:
-        for ids, inputs in loaded_batches(records, settings.batch_size, settings.skip_bad, summary.skipped):
-            result = model.embed(inputs, think=settings.think, threshold=settings.threshold, sampling=settings.sampling)
-            writer.add(
-                EmbeddingBatch(
-                    ids=ids,
-                    embeddings=result.embeddings.cpu(),
-                    think=result.think.tolist(),
-                    p_think=result.p_think.tolist(),
-                    cot=result.cot,
-                    reasoning_tokens=result.reasoning_tokens,
-                )
-            )
-            summary.embedded += len(ids)
-            summary.thought += int(result.think.sum())
-            summary.reasoning_tokens += sum(result.reasoning_tokens)
-            on_batch(len(ids))
-        writer.metadata["skipped"] = [{"record": error.record, "reason": error.reason} for error in summary.skipped]
-        writer.close()
+        for batch, skipped in distributed.map_in_order(embed_block, batched(records, settings.batch_size)):
+            summary.skipped += skipped
+            if batch is None:
+                continue
+            if writer is not None:
+                writer.add(batch)
+            summary.embedded += len(batch.ids)
+            summary.thought += sum(batch.think)
+            summary.reasoning_tokens += sum(batch.reasoning_tokens)
+            on_batch(len(batch.ids))
+        if writer is not None:
+            writer.metadata["skipped"] = [{"record": error.record, "reason": error.reason} for error in summary.skipped]
+            writer.close()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     return summary
 
@@ -71,10 +88,24 @@ def run_embed(
 def loaded_batches(
     records: Iterable[InputRecord], batch_size: int, skip_bad: bool, skipped: list[BadRecordError]
 ) -> Iterator[tuple[list[str], list[ModelInput]]]:
-    """Batches of (ids, loaded inputs); a bad record raises, or with `skip_bad` is logged and added to `skipped`."""
+    """The loaded (ids, inputs) of each block of `batch_size` records that keeps any (see `load_block`)."""
+    for block in batched(records, batch_size):
+        ids, inputs = load_block(block, skip_bad, skipped)
+        if ids:
+            yield ids, inputs
+
+
+def load_block(
+    block: Iterable[InputRecord], skip_bad: bool, skipped: list[BadRecordError]
+) -> tuple[list[str], list[ModelInput]]:
+    """Ids and loaded inputs of `block`; a bad record raises, or with `skip_bad` is logged and added to `skipped`.
+
+    A skipped record leaves its block one input short rather than pulling in the next record: blocks are
+    fixed before anything is loaded, because under several processes each loads only its own blocks.
+    """
     ids: list[str] = []
     inputs: list[ModelInput] = []
-    for record in records:
+    for record in block:
         try:
             loaded = record.load()
         except BadRecordError as error:
@@ -85,8 +116,4 @@ def loaded_batches(
             continue
         ids.append(record.id)
         inputs.append(loaded)
-        if len(ids) == batch_size:
-            yield ids, inputs
-            ids, inputs = [], []
-    if ids:
-        yield ids, inputs
+    return ids, inputs

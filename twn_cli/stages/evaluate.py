@@ -17,10 +17,16 @@ from which an interrupted run resumes.
 Wall time is embedding time (image loading included, ranking excluded), measured per batch and shared
 equally by the batch's rows. A point's time is the sum over its inputs of the view it uses, so the
 points of a sweep, and an adaptive run that reuses cached views, report what that policy costs to run.
+
+Under several processes (torchrun / accelerate launch) each one embeds its share of every pass's batches
+(twn_cli/distributed.py) and all of them receive every batch, so each holds the whole cache and computes
+the same report; only the first writes the cache and the report. Batches are timed in the process that
+embeds them, so seconds are process-seconds (the time of one process) and `run.seconds` the wall time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,7 +39,8 @@ import torch
 
 from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.prepared import PreparedDataset, load_prepared, prepared_input
-from twn_cli.engine.model import ModelInput, TWNModel
+from twn_cli.distributed import Distributed, batched
+from twn_cli.engine.model import EmbedResult, ModelInput, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.aggregate import HEADLINE_METRIC, TaskCost, aggregate, task_summary
 from twn_cli.eval.cache import EmbeddingTable, model_key, task_cache_dir
@@ -120,6 +127,7 @@ def run_eval(
 
     `threshold` is the gate threshold of the adaptive point (default: the model's); `thresholds` replaces
     the sweep's default grid (quantiles of p_think). Embeddings already in `report_dir/cache` are reused.
+    Under several processes every one returns the report and the first writes it.
     """
     if mode not in MODES:
         raise TWNError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -138,6 +146,7 @@ def run_eval(
         "model": model_key(model),
         "dataset": {"path": str(dataset.path.resolve()), "created": dataset.manifest.get("created"), "split": split},
     }
+    distributed = Distributed()
     started = time.perf_counter()
     candidate_index = {candidate_id: index for index, candidate_id in enumerate(dataset.candidates["id"])}
     results: dict[str, TaskResult] = {}
@@ -149,7 +158,7 @@ def run_eval(
 
         task = load_task(dataset, split, name, rows)
         candidates, queries, embedded = _embed_task(
-            model, dataset, candidate_index, task, report_dir / CACHE_DIR, key, mode, tau, batch_size, report_step
+            model, dataset, candidate_index, task, report_dir / CACHE_DIR, key, mode, tau, batch_size, report_step, distributed
         )
         results[name] = _rank_task(task, candidates, queries, _views_needed(mode, tau, queries), rank_chunk_size, model.device)
         if not embedded:
@@ -193,9 +202,10 @@ def run_eval(
         "headline_metric": HEADLINE_METRIC,
         "result": chosen,
         "sweep": sweep,
-        "run": {"seconds": time.perf_counter() - started, "tasks_from_cache": from_cache},
+        "run": {"seconds": time.perf_counter() - started, "processes": distributed.world_size, "tasks_from_cache": from_cache},
     }
-    _write_outputs(report_dir, report, _predictions(results, chosen))
+    if distributed.is_main:
+        _write_outputs(report_dir, report, _predictions(results, chosen))
     return report
 
 
@@ -227,9 +237,13 @@ def load_task(dataset: PreparedDataset, split: str, name: str, rows: list[int]) 
 
 # ------------------------------------------------------------------------------------------- embedding
 def _embed_task(
-    model, dataset, candidate_index, task, cache_root, key, mode, tau, batch_size, report_step
+    model, dataset, candidate_index, task, cache_root, key, mode, tau, batch_size, report_step, distributed
 ) -> tuple[EmbeddingTable, EmbeddingTable, bool]:
-    """The task's candidate and query embeddings, from its cache where present; and whether any were computed."""
+    """The task's candidate and query embeddings, from its cache where present; and whether any were computed.
+
+    Every process reads the cache here, before the first gathered batch: the first process saves it only
+    after one, so all of them start from the same table and agree on the rows still missing.
+    """
     folder = task_cache_dir(cache_root, task.name)
     task_key = {**key, "task": task.name}
     candidate_ids = task.candidate_ids
@@ -252,11 +266,11 @@ def _embed_task(
         nonlocal embedded
         if rows:
             embedded = True
-            with _saved(table, path) as checkpoint:
+            with _saved(table, path, distributed.is_main) as checkpoint:
                 def on_batch(done: int) -> None:
                     report_step(step, done, len(rows))
 
-                _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint)
+                _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint, distributed)
 
     fill(candidates, folder / "candidates.safetensors", candidates.missing("no_think"), "never", candidate_input, "candidates")
     query_path = folder / "queries.safetensors"
@@ -275,27 +289,32 @@ def _embed_task(
     return candidates, queries, embedded
 
 
-def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint) -> None:
-    for begin in range(0, len(rows), batch_size):
-        batch = rows[begin : begin + batch_size]
+def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint, distributed) -> None:
+    def embed(batch: tuple[int, ...]) -> tuple[tuple[int, ...], EmbedResult, float]:
         started = time.perf_counter()
-        inputs = [input_of(row) for row in batch]
-        result = model.embed(inputs, think=think, threshold=tau)
-        seconds = time.perf_counter() - started
+        result = model.embed([input_of(row) for row in batch], think=think, threshold=tau)
+        # On the CPU: results cross processes, and the table keeps them there anyway.
+        result = dataclasses.replace(result, embeddings=result.embeddings.cpu(), think=result.think.cpu(), p_think=result.p_think.cpu())
+        return batch, result, time.perf_counter() - started
+
+    done = 0
+    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, batch_size)):
         table.record(batch, ["think" if flag else "no_think" for flag in result.think.tolist()], result, seconds)
-        on_batch(begin + len(batch))
+        done += len(batch)
+        on_batch(done)
         checkpoint()
 
 
 @contextmanager
-def _saved(table: EmbeddingTable, path: Path):
-    """Save `table` when the block ends, however it ends, and now and then inside it (the yielded callable)."""
+def _saved(table: EmbeddingTable, path: Path, writes: bool):
+    """If `writes` (one process, or the first of several), save `table` when the block ends, however it
+    ends, and now and then inside it (the yielded callable)."""
     last_save = time.perf_counter()
     save_cost = 0.0
 
     def checkpoint() -> None:
         nonlocal last_save, save_cost
-        if time.perf_counter() - last_save < max(SAVE_EVERY_SECONDS, 10 * save_cost):
+        if not writes or time.perf_counter() - last_save < max(SAVE_EVERY_SECONDS, 10 * save_cost):
             return
         began = time.perf_counter()
         table.save(path)
@@ -306,7 +325,8 @@ def _saved(table: EmbeddingTable, path: Path):
         yield checkpoint
     finally:
         # Only finished batches are in the table, so an interrupted pass keeps everything it completed.
-        table.save(path)
+        if writes:
+            table.save(path)
 
 
 # ------------------------------------------------------------------------------------------- ranking

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.distributed import Distributed
 from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.training import (
@@ -109,42 +110,6 @@ class Example:
     negative_ids: list[str]
     negatives: list[ModelInput]
     positive_ids: set[str]
-
-
-class Distributed:
-    """The process group, or a single process; only trainable gradients and embeddings cross processes."""
-
-    def __init__(self):
-        self.active = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if self.active else 0
-        self.world_size = torch.distributed.get_world_size() if self.active else 1
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank-ordered concatenation of every process's `tensor` (equal shapes)."""
-        if not self.active:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    def gather_objects(self, items: list) -> list:
-        if not self.active:
-            return items
-        parts: list = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, items)
-        return [item for part in parts for item in part]
-
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        if not self.active:
-            return
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 class TrainingData:

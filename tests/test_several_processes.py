@@ -1,0 +1,128 @@
+"""`twn embed` and `twn eval` under torchrun: two processes give what one gives, and only the first writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.engine.checkpoint import save_checkpoint
+
+# Numbers that depend on how long a run took or how it was started, not on what the model ranked.
+RUN_KEYS = {"wall_seconds", "inputs_per_second", "created", "run", "command"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The reference run uses one thread, as each torchrun process does (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def checkpoint(make_model, tmp_path) -> Path:
+    return save_checkpoint(make_model(), tmp_path / "run", stages=[])
+
+
+def torchrun(*arguments) -> subprocess.CompletedProcess:
+    """Two processes on this machine; --standalone picks a free port, so parallel test runs do not collide."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, arguments)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def run(*arguments):
+    return CliRunner().invoke(app, [str(argument) for argument in arguments])
+
+
+MAP_IN_ORDER_SCRIPT = """
+import json, sys, torch
+from twn_cli.distributed import Distributed, start_process_group
+from twn_cli.errors import TWNError
+start_process_group()
+distributed = Distributed()
+def work(block):
+    if block == "bad":
+        raise TWNError(f"block {block} failed in process {distributed.rank}")
+    return (block, distributed.rank)
+done = list(distributed.map_in_order(work, ["a", "b", "c", "d", "e"]))
+try:
+    list(distributed.map_in_order(work, ["a", "b", "c", "bad", "e"]))
+except TWNError as error:
+    failed = str(error)
+with open(f"{sys.argv[1]}.{distributed.rank}", "w") as output:
+    json.dump({"done": done, "failed": failed}, output)
+"""
+
+
+def test_map_in_order_keeps_block_order_and_raises_an_error_in_every_process(tmp_path):
+    script = tmp_path / "map.py"
+    script.write_text(MAP_IN_ORDER_SCRIPT)
+    torchrun(script, tmp_path / "out")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"out.{rank}").read_text())
+        # Block i is worked on by process i % 2; every process receives every result in block order.
+        assert result["done"] == [["a", 0], ["b", 1], ["c", 0], ["d", 1], ["e", 0]]
+        assert result["failed"] == "block bad failed in process 1"
+
+
+def test_embed_with_two_processes_streams_what_one_process_writes(checkpoint, real_image_paths, tmp_path):
+    lines = [
+        {"id": "q1", "text": "a cat sitting", "image": str(real_image_paths[1])},
+        {"id": "q2", "text": "the shape with one more side than a square"},
+        {"id": "q3", "image": str(real_image_paths[0])},
+        {"id": "gone", "image": str(tmp_path / "missing.png")},
+        {"id": "q4", "images": [str(real_image_paths[2]), str(real_image_paths[3])], "instruction": "Find the caption."},
+    ]
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    options = ["--checkpoint", checkpoint, "--think", "always", "--batch-size", 2, "--skip-bad"]
+    single = run("embed", inputs, *options, "-o", tmp_path / "one.jsonl")
+    assert single.exit_code == 0, single.stderr
+    # Blocks of two records: process 0 embeds q1 q2 and q4, process 1 q3 and the missing picture.
+    two = torchrun("-m", "twn_cli", "embed", inputs, *options, "-o", "-")
+    expected = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    streamed = [json.loads(line) for line in two.stdout.splitlines()]
+    assert [record["id"] for record in streamed] == [record["id"] for record in expected] == ["q1", "q2", "q3", "q4"]
+    for got, want in zip(streamed, expected):
+        assert torch.allclose(torch.tensor(got.pop("embedding")), torch.tensor(want.pop("embedding")), atol=1e-5)
+        assert got == want
+    summaries = [line for line in two.stderr.splitlines() if line.startswith("embedded ")]
+    assert len(summaries) == 1 and summaries[0].startswith("embedded 4 inputs (4 thought, 48 reasoning tokens, 1 skipped)")
+
+
+def test_eval_with_two_processes_reports_what_one_process_reports(checkpoint, toy_dataset_dir, tmp_path):
+    options = ["--checkpoint", checkpoint, "--mode", "adaptive", "--batch-size", 4]
+    single = run("eval", toy_dataset_dir, *options, "-o", tmp_path / "one")
+    assert single.exit_code == 0, single.stderr
+    two = torchrun("-m", "twn_cli", "eval", toy_dataset_dir, *options, "-o", tmp_path / "two")
+    assert two.stdout.splitlines() == [str(tmp_path / "two")]
+    reports = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")}
+    assert (reports["one"]["run"]["processes"], reports["two"]["run"]["processes"]) == (1, 2)
+    assert without(reports["two"], RUN_KEYS) == without(reports["one"], RUN_KEYS)
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    # The cache the two processes left is complete: one process resumes from it without embedding anything.
+    resumed = run("eval", toy_dataset_dir, *options, "-o", tmp_path / "two")
+    assert resumed.exit_code == 0, resumed.stderr
+    tasks_from_cache = json.loads((tmp_path / "two" / "report.json").read_text())["run"]["tasks_from_cache"]
+    assert tasks_from_cache == list(reports["two"]["result"]["tasks"])
+
+
+def without(value, keys: set[str]):
+    if isinstance(value, dict):
+        return {key: without(item, keys) for key, item in value.items() if key not in keys}
+    if isinstance(value, list):
+        return [without(item, keys) for item in value]
+    return value
