@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from twn_cli.cli import app
 from twn_cli.data.embedding_files import read_embeddings
+from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from twn_cli.engine.model import Sampling
@@ -67,6 +68,34 @@ def test_labels_say_whether_thinking_moved_the_query_towards_its_positive():
     lonely = [{"id": "q", "positive_ids": ["a"], "negative_ids": []}, {"id": "r", "positive_ids": ["a"], "negative_ids": []}]
     with pytest.raises(TWNError, match="no negative"):
         candidate_columns(lonely, hard_negatives=4)
+
+
+def test_a_negatives_cache_adds_its_hardest_entry_that_is_not_the_querys_positive():
+    rows = [{"id": "q0", "positive_ids": ["a"], "negative_ids": []}, {"id": "q1", "positive_ids": ["b", "c"], "negative_ids": []}]
+    ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives=0)
+    candidates = torch.eye(4)[:2]  # a, b
+    # The cache: a (q0's own positive: excluded for q0), c (q1's second positive: excluded for q1), d.
+    cache = NegativesCache(["a", "c", "d"], torch.eye(4)[[0, 2, 3]])
+    queries = torch.tensor([[0.8, 0.0, 0.0, 0.6], [0.6, 0.0, 0.8, 0.0]])
+    from_cache = cache.hardest_scores(queries, [row["positive_ids"] for row in rows])
+    assert from_cache.tolist() == pytest.approx([0.6, 0.6])  # q0: d (a is its own); q1: a (c is its own)
+    margins = retrieval_margins(queries, candidates, positive_column, negative_mask, from_cache)
+    # q0: positive a 0.8, in-batch b 0.0, cache d 0.6; q1: positive b 0.0, in-batch a 0.6, cache a 0.6.
+    assert margins.tolist() == pytest.approx([0.2, -0.6])
+    assert retrieval_margins(queries, candidates, positive_column, negative_mask).tolist() == pytest.approx([0.8, -0.6])
+
+
+def test_labelling_against_a_negatives_cache_is_keyed_by_it(make_model, toy_dataset_dir, tmp_path):
+    model, dataset = make_model(), load_prepared(toy_dataset_dir)
+    config = TrainGateConfig(**{**SMALL, "label_queries": 6})
+    rows = labelling_rows(dataset, config)
+    pool = dataset.candidates.select(range(20))
+    cache = NegativesCache(list(pool["id"]), model.embed([prepared_input(row) for row in pool]).embeddings.cpu())
+    plain = label_inputs(model, dataset, rows, tmp_path / "labels", config)
+    against_cache = label_inputs(model, dataset, rows, tmp_path / "labels", config, negatives=cache)
+    # More negatives can only lower a margin; lower ones show the labels were computed, not read from the plain run's.
+    assert (against_cache.margin_never <= plain.margin_never + 1e-6).all()
+    assert (against_cache.margin_never < plain.margin_never - 1e-6).any()
 
 
 @pytest.mark.parametrize("interface", ["shared", "reencode"])
@@ -184,3 +213,6 @@ def test_train_gate_command_end_to_end(make_model, toy_dataset_dir, tmp_path):
 
     both = CliRunner().invoke(app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "x"), "--think-budget", "0.3", "--target", "best"])
     assert both.exit_code == 1 and "contradict" in both.stderr
+    torch.save({"ids": ["a", "b"], "embeddings": torch.ones(2, 3)}, tmp_path / "narrow.pt")
+    narrow = CliRunner().invoke(app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "y"), "--negatives-cache", str(tmp_path / "narrow.pt")])
+    assert narrow.exit_code == 1 and "3-dimensional embeddings" in narrow.stderr and not (tmp_path / "y").exists()

@@ -12,19 +12,18 @@ from typer.testing import CliRunner
 from twn_cli.cli import app
 from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter, read_embeddings
 from twn_cli.data.inputs import read_inputs
+from twn_cli.data.negatives_cache import NegativesCache, load_negatives_cache
 from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.engine.checkpoint import read_manifest, save_checkpoint
 from twn_cli.errors import TWNError
 from twn_cli.stages import train_rl
 from twn_cli.stages.train_embed import TrainingData
 from twn_cli.stages.train_rl import (
-    NegativesCache,
     RLTrainer,
     TrainRLConfig,
     clipped_surrogate,
     group_advantages,
     k3_kl,
-    load_negatives_cache,
     run_train_rl,
     softmax_reward,
     ume_r1_reward,

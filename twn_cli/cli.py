@@ -523,6 +523,9 @@ def train_gate(
     think_budget: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pick τ so that this share of validation inputs thinks."),
     target: Optional[GateTarget] = typer.Option(None, help="best: the τ with the best validation Hit@1; budget: see --think-budget."),
     delta: Optional[float] = typer.Option(None, help="Override: label 'think' only if thinking raises the retrieval margin by more than this."),
+    negatives_cache: Optional[Path] = typer.Option(
+        None, help="Also score labels against every entry of this global negatives cache (`twn embed DATA -o cache.pt`) but the input's positives."
+    ),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (the gate trains in float32)."),
@@ -534,7 +537,7 @@ def train_gate(
 
     Each training input is embedded without thinking and with a greedy CoT of the reasoning adapter; the
     label says whether the CoT raised its margin (positive vs the hardest of the in-batch and hard
-    negatives) by more than δ. Labelling is batched and cached in OUTPUT/train/gate-labels/, so a rerun
+    negatives, and of a global negatives cache when one is given) by more than δ. Labelling is batched and cached in OUTPUT/train/gate-labels/, so a rerun
     labels only what is missing. The gate (an MLP on the prefill's last prompt state) trains on those
     labels with a class-weighted BCE; only its parameters change. τ is chosen on the validation split, for
     a think budget (--think-budget F) or the best Hit@1 (--target best), and stored with the label
@@ -548,6 +551,7 @@ def train_gate(
     from twn_cli.data.prepared import load_prepared
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
+    from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
 
@@ -560,10 +564,12 @@ def train_gate(
     load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+    negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
     record = {
         "stage": "train-gate",
         "data": str(Path(data).resolve()),
         "checkpoint": str(Path(checkpoint).resolve()),
+        "negatives_cache": str(Path(negatives_cache).resolve()) if negatives_cache else None,
         "arguments": dict(vars(config)),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -575,7 +581,7 @@ def train_gate(
         def show(phase: str, done: int, total: int) -> None:
             progress.update(bar, phase=phase, completed=done, total=total)
 
-        summary = run_train_gate(model, dataset, output, config, progress=show)
+        summary = run_train_gate(model, dataset, output, config, negatives=negatives, progress=show)
     save_checkpoint(model, output, stages=model.manifest["stages"] + [record], extra={**stage_results(model.manifest), "gate": summary})
 
     labels, scores, validation = summary["labels"], summary["auroc"], summary["validation"]
@@ -635,7 +641,8 @@ def train_rl(
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
     from twn_cli.recipes import load_recipe, parse_overrides
-    from twn_cli.stages.train_rl import TrainRLConfig, load_negatives_cache, run_train_rl
+    from twn_cli.data.negatives_cache import load_negatives_cache
+    from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
 
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting), steps=steps, seed=seed)
     load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)

@@ -3,7 +3,8 @@
 1. Labels. Each training input is embedded twice from one reasoning-adapter prefill: without thinking, and
    with the CoT that the reasoning adapter writes (greedy). A view's retrieval margin is
    s(query, positive) - max s(query, negative), the negatives being the other targets of its labelling batch
-   (minus the query's own other positives) and its hard negatives, all embedded without thinking. The label
+   (minus the query's own other positives) and its hard negatives, all embedded without thinking, and,
+   given one, every entry of a global negatives cache (`twn embed DATA -o cache.pt`) but its positives. The label
    says whether thinking raised the margin by more than δ. The prefill's last prompt state, which the gate
    reads, is kept beside the margins. On a real backbone this is the expensive part, so it is batched and
    every batch is cached in RUN/train/gate-labels/: a rerun labels only what is missing. Margins rather than
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from twn_cli.atomic import atomic_file, write_text_atomically
+from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import PreparedDataset, prepared_input
 from twn_cli.engine.checkpoint import check_checkpoint_output
 from twn_cli.engine.gate import RoutingGate
@@ -136,11 +138,22 @@ class CandidateEmbedder:
 
 
 # ----------------------------------------------------------------------------------------- labels
-def retrieval_margins(queries: torch.Tensor, candidates: torch.Tensor, positive_column: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
-    """s(query, its positive) - max s(query, negative) per query; `negative_mask[i, j]`: candidate j is one of i's negatives."""
+def retrieval_margins(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    positive_column: torch.Tensor,
+    negative_mask: torch.Tensor,
+    hardest_elsewhere: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """s(query, its positive) - max s(query, negative) per query; `negative_mask[i, j]`: candidate j is one of i's negatives.
+
+    `hardest_elsewhere`: each query's highest score against negatives outside `candidates` (a negatives cache).
+    """
     scores = queries.float() @ candidates.float().T
     positive = scores.gather(1, positive_column[:, None]).squeeze(1)
     hardest = scores.masked_fill(~negative_mask, float("-inf")).max(1).values
+    if hardest_elsewhere is not None:
+        hardest = torch.maximum(hardest, hardest_elsewhere)
     return positive - hardest
 
 
@@ -199,16 +212,30 @@ class LabelledInputs:
         )
 
 
-def label_batch(model: TWNModel, rows: list[Mapping], embed_candidates: CandidateEmbedder, hard_negatives: int, sampling: Sampling) -> LabelledInputs:
-    """Both views of a batch of training queries and their margins against the batch's candidates."""
+def label_batch(
+    model: TWNModel,
+    rows: list[Mapping],
+    embed_candidates: CandidateEmbedder,
+    hard_negatives: int,
+    sampling: Sampling,
+    negatives: NegativesCache | None = None,
+) -> LabelledInputs:
+    """Both views of a batch of training queries and their margins against the batch's candidates (and the cache)."""
     ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives)
     candidates = embed_candidates(ids)
     views = embed_views(model, [prepared_input(row) for row in rows], sampling)
+
+    positive_ids = [list(row["positive_ids"]) for row in rows]
+
+    def margins(queries: torch.Tensor) -> torch.Tensor:
+        from_cache = negatives.hardest_scores(queries, positive_ids) if negatives is not None else None
+        return retrieval_margins(queries, candidates, positive_column, negative_mask, from_cache)
+
     return LabelledInputs(
         ids=[row["id"] for row in rows],
         features=views.last_prompt_state,
-        margin_never=retrieval_margins(views.never, candidates, positive_column, negative_mask),
-        margin_think=retrieval_margins(views.think, candidates, positive_column, negative_mask),
+        margin_never=margins(views.never),
+        margin_think=margins(views.think),
         reasoning_tokens=torch.tensor(views.reasoning_tokens, dtype=torch.int64),
         cots=views.cots,
     )
@@ -255,8 +282,8 @@ class LabelCache:
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, staging, metadata=header)
 
 
-def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig) -> dict:
-    """What the cached margins depend on: the adapters and queries (not the gate), the data, the settings."""
+def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig, negatives: NegativesCache | None) -> dict:
+    """What the cached margins depend on: the adapters and queries (not the gate), the data, the settings, the cache."""
     digest = hashlib.sha256(model.backbone.fingerprint.encode())
     parts = model.trainable_parameters()
     for name, parameter in sorted({**parts["reasoning"], **parts["embedding"]}.items()):
@@ -270,6 +297,7 @@ def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateCo
         "split": config.split,
         "hard_negatives": config.hard_negatives,
         "max_think_tokens": config.max_think_tokens or model.config.max_think_tokens,
+        "negatives_cache": negatives.digest() if negatives is not None else None,
     }
 
 
@@ -295,9 +323,10 @@ def label_inputs(
     cache_dir: Path,
     config: TrainGateConfig,
     progress: Progress = lambda phase, done, total: None,
+    negatives: NegativesCache | None = None,
 ) -> LabelledInputs:
-    """Margins and gate inputs of `rows`, batch by batch, from the cache where it has them."""
-    cache = LabelCache(cache_dir, labelling_key(model, dataset, config))
+    """Margins and gate inputs of `rows`, batch by batch, from the label cache where it has them."""
+    cache = LabelCache(cache_dir, labelling_key(model, dataset, config, negatives))
     embed_candidates = CandidateEmbedder(model, dataset, config.label_batch_size)
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
     parts, done, reused = [], 0, 0
@@ -305,7 +334,7 @@ def label_inputs(
     for number, batch in enumerate(labelling_batches(rows, config.label_batch_size)):
         labelled = cache.load(number, [row["id"] for row in batch])
         if labelled is None:
-            labelled = label_batch(model, batch, embed_candidates, config.hard_negatives, sampling)
+            labelled = label_batch(model, batch, embed_candidates, config.hard_negatives, sampling, negatives)
             cache.save(number, labelled)
         else:
             reused += len(batch)
@@ -453,8 +482,17 @@ def adaptive_outcome(p_think: torch.Tensor, tau: float, validation: ValidationVi
 
 
 # ----------------------------------------------------------------------------------------- the stage
-def run_train_gate(model: TWNModel, dataset: PreparedDataset, run_dir: Path, config: TrainGateConfig, *, progress: Progress = lambda phase, done, total: None) -> dict:
-    """Label, train the gate, pick τ (set as `model.config.gate_threshold`); returns the summary for twn.json."""
+def run_train_gate(
+    model: TWNModel,
+    dataset: PreparedDataset,
+    run_dir: Path,
+    config: TrainGateConfig,
+    *,
+    negatives: NegativesCache | None = None,
+    progress: Progress = lambda phase, done, total: None,
+) -> dict:
+    """Label (against `negatives` too, given a cache), train the gate, pick τ (set as `model.config.gate_threshold`);
+    returns the summary for twn.json."""
     run_dir = Path(run_dir)
     check_checkpoint_output(run_dir)
     for split in (config.split, config.validation_split):
@@ -464,7 +502,7 @@ def run_train_gate(model: TWNModel, dataset: PreparedDataset, run_dir: Path, con
     if len(rows) < 2:
         raise TWNError(f"the '{config.split}' split has {len(rows)} queries: labelling needs at least 2")
     train_dir = run_dir / TRAIN_DIR
-    labelled = label_inputs(model, dataset, rows, train_dir / LABELS_DIR, config, progress)
+    labelled = label_inputs(model, dataset, rows, train_dir / LABELS_DIR, config, progress, negatives)
     validation = validation_views(model, dataset, config, progress)
 
     labels = labelled.labels(config.delta)
@@ -493,6 +531,7 @@ def run_train_gate(model: TWNModel, dataset: PreparedDataset, run_dir: Path, con
         "delta": config.delta,
         "feature": "last prompt state of the reasoning-adapter prefill",
         "labels": label_statistics(rows, labelled, labels, config),
+        "negatives_cache": {"entries": len(negatives.ids), "sha256": negatives.digest()} if negatives is not None else None,
         "auroc": {
             "heldout": auroc(p_labelled[heldout], labels[heldout]),
             "heldout_inputs": len(heldout),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from twn_cli.data.embedding_files import read_embeddings
+from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import PreparedDataset, prepared_input
 from twn_cli.engine.model import Sampling, TWNModel
 from twn_cli.errors import TWNError
@@ -79,37 +79,7 @@ class TrainRLConfig:
             raise TWNError("batch_size, steps and max_think_tokens must be positive")
 
 
-# ----------------------------------------------------------------------------------------- negatives cache
-@dataclass
-class NegativesCache:
-    ids: list[str]
-    embeddings: torch.Tensor  # [N, d], float32, L2-normalised as `twn embed` writes them
-
-
-def load_negatives_cache(path: str | Path, expected_dim: int) -> NegativesCache:
-    """The global negatives cache (`twn embed` output, .pt or .safetensors), checked before any training."""
-    path = Path(path)
-    if path.suffix not in (".pt", ".safetensors"):
-        raise TWNError(f"negatives cache '{path}' must be a .pt or .safetensors file written by `twn embed`")
-    try:
-        # .pt files are read with weights_only=True there: a pickle that carries code is refused.
-        ids, embeddings, _ = read_embeddings(path)
-    except (KeyError, AttributeError, TypeError):
-        raise TWNError(f"negatives cache '{path}' holds no 'ids' and 'embeddings' (write it with `twn embed DATA -o cache.pt`)") from None
-    if embeddings.ndim != 2 or len(ids) != embeddings.shape[0]:
-        raise TWNError(f"negatives cache '{path}': {len(ids)} ids for embeddings of shape {tuple(embeddings.shape)}")
-    if embeddings.shape[1] != expected_dim:
-        raise TWNError(f"negatives cache '{path}' has {embeddings.shape[1]}-dimensional embeddings, the checkpoint makes {expected_dim}")
-    if len(set(ids)) != len(ids):
-        duplicate = next(item for item in ids if ids.count(item) > 1)
-        raise TWNError(f"negatives cache '{path}' holds id '{duplicate}' more than once")
-    if not bool(torch.isfinite(embeddings).all()):
-        raise TWNError(f"negatives cache '{path}' holds non-finite values (NaN or inf)")
-    if not ids:
-        raise TWNError(f"negatives cache '{path}' is empty")
-    return NegativesCache([str(item) for item in ids], embeddings)
-
-
+# ----------------------------------------------------------------------------------------- negatives
 def pick_negatives(
     cache: NegativesCache, query: torch.Tensor, positive_ids: set[str], hardest: int, random_count: int, rng: random.Random
 ) -> torch.Tensor:
