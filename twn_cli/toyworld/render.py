@@ -19,9 +19,11 @@ from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
 GRID_CELLS: dict[str, tuple[int, int]] = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "centre": (1, 1)}
 # Circumradius per size as a share of the picture side. A cell is a third of the side wide, so a large
 # shape with its size jitter still fits its cell and neighbouring objects never overlap.
-SIZE_RADII: dict[str, float] = {"small": 0.075, "medium": 0.115, "large": 0.155}
+# Small shapes stay about 10 px across at 56 px (smaller ones were blobs a tiny vision tower could not
+# name), and the size jitter is small enough that the sizes' areas still differ by half.
+SIZE_RADII: dict[str, float] = {"small": 0.088, "medium": 0.12, "large": 0.157}
 MAX_ROTATION_DEGREES = 8.0
-SIZE_JITTER = 0.05
+SIZE_JITTER = 0.03
 # Position jitter per axis as a share of the object's radius: small enough that the grid-cell centre stays
 # inside even a triangle (inradius half the circumradius) or a star.
 POSITION_JITTER = 0.15

@@ -21,17 +21,20 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "grey": (128, 128, 128),
 }
 
-# Shapes by their number of sides (0 for round shapes, star as 10 edges of its outline).
+# Shapes drawn in pictures, by their number of sides (0 for round shapes, star as 10 edges of its outline).
 SHAPES: dict[str, int] = {
     "circle": 0,
     "triangle": 3,
     "square": 4,
     "pentagon": 5,
     "hexagon": 6,
-    "heptagon": 7,
-    "octagon": 8,
     "star": 10,
 }
+# Polygons the world knows by their sides but never draws: at 10-20 px a heptagon or an octagon is all but
+# a circle to a tiny vision tower (BENCHMARKS.md, toy backbone pre-training). They remain references of
+# side-counting clues whose answer is drawn ("half as many sides as an octagon" -> a square).
+REFERENCE_POLYGONS: dict[str, int] = {"heptagon": 7, "octagon": 8}
+SIDES: dict[str, int] = {**SHAPES, **REFERENCE_POLYGONS}
 
 SIZES = ("small", "medium", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
@@ -66,8 +69,10 @@ COLOUR_MIXES: tuple[tuple[str, str, str], ...] = (
     ("orange", "blue", "brown"),
 )
 
-# Polygons: the shapes that side counting applies to (a star's ten outline edges are not "sides").
+# Polygons: the drawn shapes that side counting applies to (a star's ten outline edges are not "sides").
 POLYGONS: tuple[str, ...] = tuple(shape for shape, sides in SHAPES.items() if 3 <= sides <= 8)
+# Every polygon a side-counting clue may start from.
+KNOWN_POLYGONS: tuple[str, ...] = (*POLYGONS, *REFERENCE_POLYGONS)
 
 # Features that name a shape on their own.
 SHAPE_FEATURES: dict[str, tuple[str, ...]] = {
@@ -107,7 +112,7 @@ def tokenizer_corpus(seed: int = 0, sentences: int = 4000) -> list[str]:
         words = rng.sample(EVERYDAY_WORDS, k=8) + [rng.choice(colours), rng.choice(shapes)]
         rng.shuffle(words)
         lines.append(" ".join(words) + rng.choice([".", "?", "!", ""]))
-    lines += [f"{shape} has {sides} sides" for shape, sides in SHAPES.items()]
+    lines += [f"{shape} has {sides} sides" for shape, sides in SIDES.items()]
     lines += [str(number) for number in range(100)]
     # Imported here: the world module imports this one's tables.
     from twn_cli.toyworld.world import corpus_sentences

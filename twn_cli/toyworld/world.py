@@ -32,10 +32,12 @@ from twn_cli.toyworld.vocabulary import (
     COLOUR_THINGS,
     COLOURS,
     NUMBER_WORDS,
+    KNOWN_POLYGONS,
     POLYGONS,
     POSITIONS,
     SHAPE_FEATURES,
     SHAPES,
+    SIDES,
     SIDE_RELATIONS,
     SIZES,
 )
@@ -163,7 +165,7 @@ VALUE_HEDGES = ("maybe {x} or {y}", "either {x} or {y}")
 # For picking look-alike hard negatives: a circle looks like a many-sided polygon, a star like a pentagon.
 _APPARENT_SIDES = {**SHAPES, "circle": 12, "star": 5}
 _POLYGON_BY_SIDES = {SHAPES[shape]: shape for shape in POLYGONS}
-_COLOUR_AND_SHAPE_WORDS = frozenset(COLOURS) | frozenset(SHAPES)
+_COLOUR_AND_SHAPE_WORDS = frozenset(COLOURS) | frozenset(SIDES)
 
 
 def with_article(phrase: str) -> str:
@@ -239,7 +241,7 @@ class Fact:
         relation, reference = self.key
         step = SIDE_RELATIONS[relation][0]
         return (
-            f"{with_article(reference)} has {NUMBER_WORDS[SHAPES[reference]]} sides and {step} "
+            f"{with_article(reference)} has {NUMBER_WORDS[SIDES[reference]]} sides and {step} "
             f"{NUMBER_WORDS[SHAPES[self.answer]]}, {with_article(self.answer)}"
         )
 
@@ -263,8 +265,8 @@ def _knowledge() -> tuple[Fact, ...]:
     facts += [Fact("colour_mix", (first, second), result) for first, second, result in COLOUR_MIXES]
     facts += [Fact("shape_feature", (feature,), shape) for shape, features in SHAPE_FEATURES.items() for feature in features]
     for relation, (_, apply) in SIDE_RELATIONS.items():
-        for reference in POLYGONS:
-            sides = apply(SHAPES[reference])
+        for reference in KNOWN_POLYGONS:
+            sides = apply(SIDES[reference])
             if float(sides).is_integer() and int(sides) in _POLYGON_BY_SIDES:
                 facts.append(Fact("shape_relation", (relation, reference), _POLYGON_BY_SIDES[int(sides)]))
     return tuple(facts)
@@ -614,7 +616,8 @@ class _SplitBuilder:
         colour_clue = next((clue for clue in clues if clue.fact.kind == "colour_mix"), None)
         shape_clue = next((clue for clue in clues if clue.fact.kind == "shape_relation"), None)
         named_colours = list(colour_clue.fact.key) if colour_clue else []
-        named_shapes = [shape_clue.fact.key[1]] if shape_clue else []
+        # A clue's reference polygon is a lure only where pictures can show it.
+        named_shapes = [shape_clue.fact.key[1]] if shape_clue and shape_clue.fact.key[1] in SHAPES else []
         other_colours, other_shapes = {obj.colour for obj in others}, {obj.shape for obj in others}
         lure_colour = next(
             c for c in named_colours + _confusable_colours(colour) if c not in other_colours and self._pair_allowed(c, shape)
@@ -816,9 +819,9 @@ def _fact_example(rng: random.Random, pairs: list[tuple[str, str]]) -> Pretraini
 
 
 def _side_count_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    shape = rng.choice(POLYGONS)
+    shape = rng.choice(KNOWN_POLYGONS)
     named = with_article(shape)
-    return PretrainingExample(None, f"how many sides does {named} have?", f"{named} has {NUMBER_WORDS[SHAPES[shape]]} sides")
+    return PretrainingExample(None, f"how many sides does {named} have?", f"{named} has {NUMBER_WORDS[SIDES[shape]]} sides")
 
 
 def _clue_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
