@@ -172,8 +172,8 @@ class RLTrainer:
     def step(self) -> dict:
         config, model = self.config, self.model
         rows = [self.data.rows[index] for index in self.data.batch_indices(self.step_done, config.batch_size)]
-        sampled = self._sample(rows)
-        rewards = sampled["rewards"]
+        sampled = self.sample_groups(rows)
+        rewards = self.rewards(rows, sampled)
         advantages, zero_spread = group_advantages(rewards)
         advantages = advantages.flatten().to(model.device)
 
@@ -211,40 +211,48 @@ class RLTrainer:
         }
 
     @torch.no_grad()
-    def _sample(self, rows: list[dict]) -> dict:
-        """G CoTs per query from one prefill, their embeddings and rewards ([queries, G])."""
+    def sample_groups(self, rows: list[dict]) -> dict:
+        """G CoTs per query from one prefill, and their embeddings; seeded by the step, so a resumed run samples
+        the same CoTs as an uninterrupted one."""
         config, model = self.config, self.model
         model.eval()
         inputs = [prepared_input(row) for row in rows]
         prefix, _ = model.prefill(model.encode(inputs))
-        no_think = model.query_pass(prefix)
+        no_think = model.query_pass(prefix).float().cpu()
         repeated = torch.arange(len(rows), device=model.device).repeat_interleave(config.group_size)
-        # Seeded per step, so a resumed run samples the same CoTs as an uninterrupted one.
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + self.step_done)
         sampling = Sampling(config.temperature, config.top_p, config.max_think_tokens, generator)
         thoughts = model.think(prefix.select(repeated), sampling)
-        cot_embeddings = model.query_pass(thoughts.prefix).float().cpu()
         cot_ids = [model.strip_end_marker(ids) for ids in thoughts.token_ids]
         end = model.think_end_ids
-        ended = torch.tensor([ids[-len(end) :] == end for ids in thoughts.token_ids])
-        cot_tokens = torch.tensor([len(ids) for ids in cot_ids])
+        return {
+            "no_think": no_think,
+            "cot_embeddings": model.query_pass(thoughts.prefix).float().cpu(),
+            "cot_ids": cot_ids,
+            "ended": torch.tensor([ids[-len(end) :] == end for ids in thoughts.token_ids]),
+            "cot_tokens": torch.tensor([len(ids) for ids in cot_ids]),
+        }
 
+    @torch.no_grad()
+    def rewards(self, rows: list[dict], groups: dict) -> torch.Tensor:
+        """[queries, G] rewards of sampled groups against the cache's negatives for each query."""
+        config, model = self.config, self.model
         rng = random.Random(f"{config.seed}/{self.step_done}")
         rewards = torch.empty(len(rows), config.group_size)
         for query, row in enumerate(rows):
             positive_ids = set(row["positive_ids"])
             positives = model.embed([self._candidate(item) for item in row["positive_ids"]]).embeddings.float().cpu()
             negatives = self.cache.embeddings[
-                pick_negatives(self.cache, no_think[query], positive_ids, config.hardest_negatives, config.random_negatives, rng)
+                pick_negatives(self.cache, groups["no_think"][query], positive_ids, config.hardest_negatives, config.random_negatives, rng)
             ]
             group = slice(query * config.group_size, (query + 1) * config.group_size)
+            cot_embeddings = groups["cot_embeddings"][group]
             if config.reward == "softmax":
-                reward = softmax_reward(cot_embeddings[group], positives, negatives, config.reward_temperature)
+                reward = softmax_reward(cot_embeddings, positives, negatives, config.reward_temperature)
             else:
-                reward = ume_r1_reward(cot_embeddings[group], positives, negatives, config.group_size)
-            reward = reward + format_reward(ended[group], config.format_reward) + length_cost(cot_tokens[group], config.token_cost)
-            rewards[query] = reward
-        return {"rewards": rewards, "cot_ids": cot_ids, "ended": ended, "cot_tokens": cot_tokens}
+                reward = ume_r1_reward(cot_embeddings, positives, negatives, config.group_size)
+            rewards[query] = reward + format_reward(groups["ended"][group], config.format_reward) + length_cost(groups["cot_tokens"][group], config.token_cost)
+        return rewards
 
     def _candidate(self, candidate_id: str):
         if candidate_id not in self.data.candidate_index:

@@ -1,0 +1,105 @@
+"""Does a larger, more diverse pool of negatives give GRPO a better reward signal? (TWN paper's claim, issue 6)
+
+    python benchmarks/negative_pool.py --checkpoint runs/toy/gate --data runs/toy/data --cache runs/toy/cache.pt \
+        [--queries 64] [--sizes 64 256 1024] [-o result.json]
+
+For the same training queries and the same sampled CoTs (G per query, seeded as train-rl samples them), the
+rewards are computed against pools of negatives of growing size: the batch's own targets only (in-batch
+negatives), random subsets of the global cache, and the whole cache. Per pool and reward shape it prints
+the share of groups whose rewards do not spread (all G equal: no advantage, no gradient; also below 0.01
+for the continuous softmax reward) and the mean within-group standard deviation. Nothing trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+from dataclasses import replace
+
+import torch
+
+from twn_cli.data.negatives_cache import NegativesCache, load_negatives_cache
+from twn_cli.data.prepared import load_prepared
+from twn_cli.engine.checkpoint import load_checkpoint
+from twn_cli.recipes import load_recipe
+from twn_cli.stages.train_embed import TrainingData
+from twn_cli.stages.train_rl import RLTrainer, TrainRLConfig, group_advantages
+
+
+def subset(cache: NegativesCache, ids: list[str]) -> NegativesCache:
+    rows = [cache.row_of[item] for item in ids]
+    return NegativesCache([cache.ids[row] for row in rows], cache.embeddings[rows])
+
+
+def spread_figures(rewards: torch.Tensor) -> dict:
+    _, zero_spread = group_advantages(rewards)
+    spread = rewards.std(1)
+    return {
+        "zero_spread_groups": round(zero_spread.float().mean().item(), 4),
+        "spread_below_0.01": round((spread < 0.01).float().mean().item(), 4),
+        "mean_spread": round(spread.mean().item(), 5),
+        "mean_reward": round(rewards.mean().item(), 5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the checkpoint train-rl would start from")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--cache", required=True, help="the global negatives cache (twn embed DATA -o cache.pt)")
+    parser.add_argument("--recipe", default=None, help="train-rl recipe for G, temperature, CoT length (default: built-in)")
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="queries sampled together; their targets are the in-batch pool")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output")
+    arguments = parser.parse_args()
+
+    model = load_checkpoint(arguments.checkpoint, device="cpu")
+    dataset = load_prepared(arguments.data)
+    cache = load_negatives_cache(arguments.cache, model.embedding_dim)
+    # Every negative in every pool counts: no hardest-M selection, so the pool size is the only variable.
+    config = replace(load_recipe(arguments.recipe, TrainRLConfig), batch_size=arguments.batch_size, hardest_negatives=0, random_negatives=0)
+    data = TrainingData(dataset, config.split, hard_negatives=0, seed=arguments.seed)
+    rng = random.Random(arguments.seed)
+    shuffled = rng.sample(cache.ids, len(cache.ids))
+    pools = {"in-batch": None, **{f"cache {size}": shuffled[:size] for size in arguments.sizes if size < len(cache.ids)}}
+    pools[f"cache {len(cache.ids)} (all)"] = cache.ids
+
+    rewards: dict[tuple[str, str], list[torch.Tensor]] = {}
+    batches = (arguments.queries + arguments.batch_size - 1) // arguments.batch_size
+    for batch in range(batches):
+        rows = [data.rows[index] for index in data.batch_indices(batch, arguments.batch_size)]
+        in_batch = list(dict.fromkeys(item for row in rows for item in row["positive_ids"]))
+        sampler = RLTrainer(model, data, cache, config)
+        sampler.step_done = batch
+        groups = sampler.sample_groups(rows)  # one set of CoTs, scored against every pool
+        for name, ids in pools.items():
+            pool = subset(cache, in_batch if ids is None else ids)
+            for shape in ("softmax", "ume_r1"):
+                scorer = RLTrainer(model, data, pool, replace(config, reward=shape))
+                rewards.setdefault((name, shape), []).append(scorer.rewards(rows, groups))
+
+    figures = {
+        "queries": batches * arguments.batch_size,
+        "group_size": config.group_size,
+        "temperature": config.temperature,
+        "results": [
+            {"pool": name, "reward": shape, **spread_figures(torch.cat(parts))} for (name, shape), parts in rewards.items()
+        ],
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    print(f"{'pool':<22}{'reward':<9}{'zero spread':>12}{'spread<0.01':>12}{'mean spread':>12}{'mean reward':>12}")
+    for result in figures["results"]:
+        print(f"{result['pool']:<22}{result['reward']:<9}{result['zero_spread_groups']:>12.1%}{result['spread_below_0.01']:>12.1%}"
+              f"{result['mean_spread']:>12.4f}{result['mean_reward']:>12.4f}")
+    if arguments.output:
+        with open(arguments.output, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The benchmark scripts still run, at their smallest sizes on the tests' tiny backbone (they must not rot).
+
+Figures are not checked (timings mean nothing here), only that every part runs, writes its JSON, and that
+the settings a comparison rests on hold: fixed-length CoTs, the asked think rate, one process per pool.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_cpu_benchmarks_run_at_tiny_sizes(scripts, toy_backbone_dir, toy_dataset_dir, tmp_path):
+    backbone = ["--backbone", str(toy_backbone_dir)]
+
+    figures = scripts("think_cost").main(
+        backbone + ["--n", "4", "--batch-size", "2", "--rates", "0.5", "--repeats", "1", "--max-think-tokens", "2",
+                    "--lora-rank", "2", "-o", str(tmp_path / "think_cost.json")]
+    )
+    written = json.loads((tmp_path / "think_cost.json").read_text())
+    assert written["modes"].keys() == figures["modes"].keys()
+    assert figures["modes"]["always"]["reasoning_tokens_per_input"] == 2  # every CoT runs to the budget
+    assert figures["modes"]["never"]["reasoning_tokens_per_input"] == 0
+    assert figures["adaptive"][0]["think_rate"] == 0.5
+    assert {"interface", "plain", "machine"} <= figures.keys()
+
+    figures = scripts("train_embed_memory").main(
+        backbone + ["--data", str(toy_dataset_dir), "--batch-sizes", "2", "--chunks", "none", "1", "--steps", "1",
+                    "--lora-rank", "2", "--in-process", "-o", str(tmp_path / "train.json")]
+    )
+    assert [(row["chunk"], "error" in row) for row in figures["configurations"]] == [("none", False), ("1", False)]
+    assert all(row["peak_mib"] > 0 for row in figures["configurations"])
+
+    figures = scripts("scaling").main(
+        backbone + ["--inputs", "2", "--modes", "never", "--batch-size", "2", "--repeats", "1", "--lora-rank", "2",
+                    "--pools", "50", "--queries", "3", "--dim", "8", "--chunk-size", "16", "--in-process",
+                    "-o", str(tmp_path / "scaling.json")]
+    )
+    assert [row["inputs"] for row in figures["embedding"]["rows"]] == [2]
+    assert figures["ranking"]["rows"][0]["pool"] == 50
+
+
+def test_gpu_benchmark_tiny_mode_runs_on_the_cpu(scripts, toy_backbone_dir, tmp_path):
+    figures = scripts("gpu").main(
+        ["--tiny", "--backbones", "qwen3-vl-4b", "--tokenizer", str(toy_backbone_dir), "-o", str(tmp_path / "gpu.json")]
+    )
+    assert figures["errors"] == {}
+    assert not figures["skipped"]
+    for section in ("card", "build", "prefill", "decode_dynamic", "embed", "train_embed", "decode_static_compiled"):
+        assert any(name.endswith(section) for name in figures["sections"]), section
+    assert json.loads((tmp_path / "gpu.json").read_text())["sections"].keys() == figures["sections"].keys()
