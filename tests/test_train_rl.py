@@ -29,7 +29,7 @@ from twn_cli.stages.train_rl import (
     ume_r1_reward,
 )
 
-SMALL = dict(batch_size=2, group_size=3, max_think_tokens=5, learning_rate=1e-2, hardest_negatives=8, random_negatives=4)
+SMALL = dict(batch_size=2, group_size=3, max_think_tokens=5, learning_rate=1e-2, hardest_negatives=8, random_negatives=4, validation_queries=3)
 
 
 class NotATensor:
@@ -146,6 +146,20 @@ def test_steps_train_only_the_reasoning_adapter(setup):
     assert trained == {name for name in before if "lora_" in name and ".reasoning." in name}
 
 
+def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints(setup, tmp_path):
+    model, dataset, cache = setup
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL))
+    rows = [dataset.queries["validation"][i] for i in range(3)]
+    untrained = trainer.heldout_reward(rows)
+    assert trainer.heldout_reward(rows) == untrained == trainer.heldout_reward(rows, reference=True)  # one fixed seed
+    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1), resume=False, stages=[])
+    heldout = summary["heldout_reward"]
+    assert heldout["before"] == untrained and heldout["queries"] == 3 and [step for step, _ in heldout["by_step"]] == [1, 2]
+    assert heldout["after"] == heldout["by_step"][-1][1] == trainer.heldout_reward(rows) != untrained
+    # The pre-RL adapter is the reference: measuring with it leaves the trained weights in place.
+    assert trainer.heldout_reward(rows, reference=True) == untrained and trainer.heldout_reward(rows) == heldout["after"]
+
+
 def test_resumed_run_equals_uninterrupted_run_and_nan_stops(setup, make_model, tmp_path, monkeypatch):
     _, dataset, cache = setup
     config = TrainRLConfig(**SMALL, steps=2, checkpoint_every=1)
@@ -189,6 +203,7 @@ def test_cli_embeds_a_cache_then_trains_rl_keeping_earlier_results(make_model, t
     assert manifest["gate"] == {"threshold": 0.4} and manifest["train_rl"]["steps"] == 2
     assert [stage["stage"] for stage in manifest["stages"]] == ["train-gate", "train-rl"]
     assert len((output / "train" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "held-out reward (8 validation queries)" in result.stderr and manifest["train_rl"]["heldout_reward"]["after"] is not None
 
     result = runner.invoke(app, [*arguments[:5], str(tmp_path / "bad.pt"), *arguments[6:]])
     assert result.exit_code == 1 and "does not exist" in result.stderr

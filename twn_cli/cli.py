@@ -640,8 +640,8 @@ def train_rl(
     from twn_cli.data.prepared import load_prepared
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
-    from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.data.negatives_cache import load_negatives_cache
+    from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
 
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting), steps=steps, seed=seed)
@@ -672,6 +672,11 @@ def train_rl(
 
         summary = run_train_rl(model, dataset, cache, output, config, resume=resume, stages=stages, on_step=show)
     save_checkpoint(model, output, stages=stages, extra={**stage_results(model.manifest), "train_rl": summary})
+    heldout = summary["heldout_reward"]
+    if heldout:
+        _stderr_console().print(
+            f"held-out reward ({heldout['queries']} {heldout['split']} queries): {heldout['before']:.4f} before RL, {heldout['after']:.4f} after"
+        )
     print(output)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TWN on Qwen3-VL-4B with MMEB: prepare MMEB-train and MMEB-V2 eval sets you have downloaded, train the
-# adapters on GPUs, train the gate, and evaluate never / always / adaptive thinking with a threshold sweep.
+# adapters on GPUs, train the gate, embed the candidates into a global negatives cache, run train-rl, and
+# evaluate never / always / adaptive thinking with a threshold sweep.
 #
 #   MMEB_TRAIN=/data/MMEB-train MMEB_EVAL=/data/MMEB-V2 GPUS=8 bash recipes/qwen3-vl-4b/pipeline.sh [RUN_DIR]
 #
@@ -8,7 +9,6 @@
 # or set IMAGE_ROOT); MMEB_EVAL: the MMEB-V2 eval parquet files (one per task) with their images.
 # train-gate picks τ on a validation split, which MMEB-train does not have: hold out part of it as
 # validation (shards named validation-00000-of-00001.parquet, or a `split` column) before preparing.
-# train-rl joins between train-embed and train-gate when it lands.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 run="${1:-runs/qwen3-vl-4b}"
@@ -32,5 +32,14 @@ step "train-gate: self-supervised labels, gate, threshold on validation Hit@1"
 gate_run=$(twn train-gate "$train_data" --checkpoint "$embed_run" -o "$run/gate" --recipe "$here/train-gate.yaml" \
     --dtype bfloat16)
 
+step "the global negatives cache: every MMEB-train candidate, embedded without thinking"
+cache=$(torchrun --nproc_per_node "$gpus" -m twn_cli embed "$train_data" --checkpoint "$gate_run" -o "$run/cache.safetensors" \
+    --dtype bfloat16 --batch-size 64)
+
+step "train-rl: GRPO on the reasoning adapter against the cache"
+rl_run=$(twn train-rl "$train_data" --checkpoint "$gate_run" --negatives-cache "$cache" -o "$run/rl" \
+    --recipe "$here/train-rl.yaml" --dtype bfloat16)
+
 step "eval on MMEB-V2: never, always, and the gate's thresholds"
-twn eval "$eval_data" --checkpoint "$gate_run" -o "$run/report" --mode sweep --dtype bfloat16 --batch-size 64
+torchrun --nproc_per_node "$gpus" -m twn_cli eval "$eval_data" --checkpoint "$rl_run" -o "$run/report" --mode sweep \
+    --dtype bfloat16 --batch-size 64

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +68,10 @@ class TrainRLConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     split: str = "train"
+    # Held-out reward: the mean reward of the first `validation_queries` queries of `validation_split` (0: off),
+    # their CoTs sampled under one fixed seed, before RL and at every checkpoint.
+    validation_split: str = "validation"
+    validation_queries: int = 32
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +81,8 @@ class TrainRLConfig:
             raise TWNError("group_size must be at least 2: advantages are normalised within each query's group")
         if min(self.batch_size, self.steps, self.max_think_tokens) < 1:
             raise TWNError("batch_size, steps and max_think_tokens must be positive")
+        if self.validation_queries < 0:
+            raise TWNError("validation_queries must not be negative")
 
 
 # ----------------------------------------------------------------------------------------- negatives
@@ -211,16 +217,17 @@ class RLTrainer:
         }
 
     @torch.no_grad()
-    def sample_groups(self, rows: list[dict]) -> dict:
-        """G CoTs per query from one prefill, and their embeddings; seeded by the step, so a resumed run samples
-        the same CoTs as an uninterrupted one."""
+    def sample_groups(self, rows: list[dict], key: int | None = None) -> dict:
+        """G CoTs per query from one prefill, and their embeddings; seeded by `key` (default: the step), so a
+        resumed run samples the same CoTs as an uninterrupted one."""
         config, model = self.config, self.model
+        key = self.step_done if key is None else key
         model.eval()
         inputs = [prepared_input(row) for row in rows]
         prefix, _ = model.prefill(model.encode(inputs))
         no_think = model.query_pass(prefix).float().cpu()
         repeated = torch.arange(len(rows), device=model.device).repeat_interleave(config.group_size)
-        generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + self.step_done)
+        generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + key)
         sampling = Sampling(config.temperature, config.top_p, config.max_think_tokens, generator)
         thoughts = model.think(prefix.select(repeated), sampling)
         cot_ids = [model.strip_end_marker(ids) for ids in thoughts.token_ids]
@@ -234,10 +241,10 @@ class RLTrainer:
         }
 
     @torch.no_grad()
-    def rewards(self, rows: list[dict], groups: dict) -> torch.Tensor:
+    def rewards(self, rows: list[dict], groups: dict, key: int | None = None) -> torch.Tensor:
         """[queries, G] rewards of sampled groups against the cache's negatives for each query."""
         config, model = self.config, self.model
-        rng = random.Random(f"{config.seed}/{self.step_done}")
+        rng = random.Random(f"{config.seed}/{self.step_done if key is None else key}")
         rewards = torch.empty(len(rows), config.group_size)
         for query, row in enumerate(rows):
             positive_ids = set(row["positive_ids"])
@@ -253,6 +260,17 @@ class RLTrainer:
                 reward = ume_r1_reward(cot_embeddings, positives, negatives, config.group_size)
             rewards[query] = reward + format_reward(groups["ended"][group], config.format_reward) + length_cost(groups["cot_tokens"][group], config.token_cost)
         return rewards
+
+    def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
+        """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
+        compare); `reference`: with the pre-RL reasoning adapter."""
+        key = -1  # no training step uses it
+        total = 0.0
+        with self._reference_weights() if reference else nullcontext():
+            for start in range(0, len(rows), self.config.batch_size):
+                batch = rows[start : start + self.config.batch_size]
+                total += self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
+        return total / (len(rows) * self.config.group_size)
 
     def _candidate(self, candidate_id: str):
         if candidate_id not in self.data.candidate_index:
@@ -298,10 +316,18 @@ def run_train_rl(
     """
     run = RunDirectory(run_dir)
     data = TrainingData(dataset, config.split, hard_negatives=0, seed=config.seed)
+    heldout_rows = []
+    if config.validation_queries:
+        if config.validation_split not in dataset.queries:
+            raise TWNError(f"prepared dataset '{dataset.path}' has no '{config.validation_split}' split for the held-out reward "
+                           "(set validation_queries: 0 to train without it)")
+        validation = dataset.queries[config.validation_split]
+        heldout_rows = [validation[i] for i in range(min(config.validation_queries, len(validation)))]
     trainer = RLTrainer(model, data, cache, config)
     run.start(resume)
     if resume:
         resume_latest_state(run, model, trainer, config)
+    heldout_before = trainer.heldout_reward(heldout_rows, reference=True) if heldout_rows else None
     started = time.perf_counter()
     history = []
     while trainer.step_done < config.steps:
@@ -310,15 +336,27 @@ def run_train_rl(
         except FloatingPointError as error:
             last = run.latest_state()
             raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+        if heldout_rows and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
+            metrics["heldout_reward"] = trainer.heldout_reward(heldout_rows)
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
         run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
                        checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
     last = history[-min(len(history), 10) :]
+    heldout_curve = [(m["step"], m["heldout_reward"]) for m in history if "heldout_reward" in m]
     return {
         "steps": trainer.step_done,
         "negatives_cache_size": len(cache.ids),
+        "heldout_reward": {
+            "split": config.validation_split,
+            "queries": len(heldout_rows),
+            "before": heldout_before,
+            "after": heldout_curve[-1][1] if heldout_curve else None,
+            "by_step": heldout_curve,
+        }
+        if heldout_rows
+        else None,
         # Means over the last (up to) ten steps of this process: a smoothed end point of the run.
         "final": {key: sum(m[key] for m in last) / len(last) for key in ("reward_mean", "kl", "cot_tokens_mean", "zero_spread_groups")}
         if last
