@@ -5,7 +5,8 @@
 
 For the same training queries and the same sampled CoTs (G per query, seeded as train-rl samples them), the
 rewards are computed against pools of negatives of growing size: the batch's own targets only (in-batch
-negatives), random subsets of the global cache, and the whole cache. Per pool and reward shape it prints
+negatives), random subsets of the global cache, and the whole cache, every entry counted; and the whole
+cache as the recipe samples it (its M hardest plus random ones per query). Per pool and reward shape it prints
 the share of groups whose rewards do not spread (all G equal: no advantage, no gradient; also below 0.01
 for the continuous softmax reward) and the mean within-group standard deviation. Nothing trains.
 """
@@ -60,13 +61,15 @@ def main() -> None:
     model = load_checkpoint(arguments.checkpoint, device="cpu")
     dataset = load_prepared(arguments.data)
     cache = load_negatives_cache(arguments.cache, model.embedding_dim)
-    # Every negative in every pool counts: no hardest-M selection, so the pool size is the only variable.
-    config = replace(load_recipe(arguments.recipe, TrainRLConfig), batch_size=arguments.batch_size, hardest_negatives=0, random_negatives=0)
+    recipe = replace(load_recipe(arguments.recipe, TrainRLConfig), batch_size=arguments.batch_size)
+    # Every negative of a pool counts (no hardest-M selection), so that the pool's size is the only variable.
+    config = replace(recipe, hardest_negatives=0, random_negatives=0)
     data = TrainingData(dataset, config.split, hard_negatives=0, seed=arguments.seed)
     rng = random.Random(arguments.seed)
     shuffled = rng.sample(cache.ids, len(cache.ids))
     pools = {"in-batch": None, **{f"cache {size}": shuffled[:size] for size in arguments.sizes if size < len(cache.ids)}}
     pools[f"cache {len(cache.ids)} (all)"] = cache.ids
+    selected = f"cache, {recipe.hardest_negatives} hardest + {recipe.random_negatives} random"
 
     rewards: dict[tuple[str, str], list[torch.Tensor]] = {}
     batches = (arguments.queries + arguments.batch_size - 1) // arguments.batch_size
@@ -81,6 +84,10 @@ def main() -> None:
             for shape in ("softmax", "ume_r1"):
                 scorer = RLTrainer(model, data, pool, replace(config, reward=shape))
                 rewards.setdefault((name, shape), []).append(scorer.rewards(rows, groups))
+        for shape in ("softmax", "ume_r1"):
+            scorer = RLTrainer(model, data, cache, replace(recipe, reward=shape))
+            scorer.step_done = batch
+            rewards.setdefault((selected, shape), []).append(scorer.rewards(rows, groups))
 
     figures = {
         "queries": batches * arguments.batch_size,
@@ -92,9 +99,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
-    print(f"{'pool':<22}{'reward':<9}{'zero spread':>12}{'spread<0.01':>12}{'mean spread':>12}{'mean reward':>12}")
+    print(f"{'pool':<34}{'reward':<9}{'zero spread':>12}{'spread<0.01':>12}{'mean spread':>12}{'mean reward':>12}")
     for result in figures["results"]:
-        print(f"{result['pool']:<22}{result['reward']:<9}{result['zero_spread_groups']:>12.1%}{result['spread_below_0.01']:>12.1%}"
+        print(f"{result['pool']:<34}{result['reward']:<9}{result['zero_spread_groups']:>12.1%}{result['spread_below_0.01']:>12.1%}"
               f"{result['mean_spread']:>12.4f}{result['mean_reward']:>12.4f}")
     if arguments.output:
         with open(arguments.output, "w") as handle:
