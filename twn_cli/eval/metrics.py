@@ -119,7 +119,8 @@ def _rank_block(block: torch.Tensor, chunks: _Chunks, k: int) -> list[RankedQuer
     for begin, candidates, chunk_relevance in chunks:
         chunk_scores = block @ candidates.T
         for query, position in (chunk_relevance > 0).nonzero().tolist():
-            gold_keys[(query, begin + position)] = (chunk_scores[query, position], chunk_relevance[query, position])
+            # Cloned: an indexed element is a view that would keep the whole chunk's score matrix alive.
+            gold_keys[(query, begin + position)] = (chunk_scores[query, position].clone(), chunk_relevance[query, position].clone())
         chunk_positions = torch.arange(begin, begin + candidates.shape[0], device=block.device).expand(rows, -1)
         scores = torch.cat([scores, chunk_scores], dim=1)
         relevance = torch.cat([relevance, chunk_relevance], dim=1)
