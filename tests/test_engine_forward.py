@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from twn_cli.data.images import load_image
-from twn_cli.engine.model import ModelInput, TWNModel
+from twn_cli.engine.model import EmbedResult, ModelInput, TWNModel
 
 ATOL = 1e-5
 
@@ -94,6 +94,24 @@ def test_mixed_think_batch_equals_forced_modes(make_model, inputs):
         assert mixed.cot[row] == single.cot[0]
         assert mixed.reasoning_tokens[row] == single.reasoning_tokens[0]
     assert all(tokens == 0 for tokens, thinks in zip(mixed.reasoning_tokens, mixed.think) if not thinks)
+
+
+@pytest.mark.parametrize("interface", ["shared", "reencode"])
+def test_adaptive_blocks_decode_the_thinking_inputs_of_several_batches_together(make_model, inputs, monkeypatch, interface):
+    model = make_model(interface=interface)
+    teach_short_thoughts(model, inputs)
+    many = inputs * 3  # 12 inputs: six batches of 2
+    threshold = float(model.embed(inputs).p_think.median())
+    per_batch = EmbedResult.concatenate([model.embed(many[start : start + 2], "auto", threshold) for start in range(0, 12, 2)])
+    decoded_rows = []
+    think = model.think
+    monkeypatch.setattr(model, "think", lambda prefix, sampling: decoded_rows.append(prefix.attention_mask.shape[0]) or think(prefix, sampling))
+    block = model.embed_block(many, "auto", batch_size=2, threshold=threshold)
+    assert block.think.tolist() == per_batch.think.tolist() and 0 < int(block.think.sum()) < 12
+    assert torch.allclose(block.embeddings, per_batch.embeddings, atol=ATOL)
+    assert block.cot == per_batch.cot and block.reasoning_tokens == per_batch.reasoning_tokens
+    assert decoded_rows == [2] * (int(block.think.sum()) // 2) + [1] * (int(block.think.sum()) % 2)  # full batches
+    assert model.block_size("auto", 2) > model.block_size("never", 2) == 2
 
 
 def test_sampled_thoughts_are_reproducible_for_a_seed(make_model, inputs):

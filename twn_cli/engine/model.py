@@ -26,12 +26,14 @@ from torch import nn
 
 from twn_cli.engine.backbone import Backbone
 from twn_cli.engine.gate import RoutingGate
-from twn_cli.engine.kv_cache import detached_copy, select_rows
+from twn_cli.engine.kv_cache import concatenate_left_padded, detached_copy, select_rows
 from twn_cli.engine.positions import PositionScheme
 from twn_cli.errors import TWNError
 
 ADAPTERS = ("reasoning", "embedding")
 ThinkMode = Literal["never", "always", "auto"]
+# When the gate decides, inputs are embedded this many batches at a time (`TWNModel.embed_block`).
+ADAPTIVE_BATCHES = 8
 
 
 @dataclass
@@ -111,6 +113,20 @@ class Prefix:
             self.next_position.index_select(0, rows),
         )
 
+    @staticmethod
+    def concatenate(prefixes: list["Prefix"]) -> "Prefix":
+        """The rows of several prefixes in one batch; shorter ones are left-padded and the padding masked
+        (positions are explicit, so padding moves none)."""
+        if len(prefixes) == 1:
+            return prefixes[0]
+        length = max(prefix.attention_mask.shape[1] for prefix in prefixes)
+        masks = [F.pad(prefix.attention_mask, (length - prefix.attention_mask.shape[1], 0)) for prefix in prefixes]
+        return Prefix(
+            concatenate_left_padded([prefix.cache for prefix in prefixes]),
+            torch.cat(masks),
+            torch.cat([prefix.next_position for prefix in prefixes]),
+        )
+
 
 @dataclass
 class Thoughts:
@@ -148,6 +164,18 @@ class EmbedResult:
     p_think: torch.Tensor
     cot: list[str]
     reasoning_tokens: list[int]
+
+    @classmethod
+    def concatenate(cls, parts: list["EmbedResult"]) -> "EmbedResult":
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            embeddings=torch.cat([part.embeddings for part in parts]),
+            think=torch.cat([part.think for part in parts]),
+            p_think=torch.cat([part.p_think for part in parts]),
+            cot=[cot for part in parts for cot in part.cot],
+            reasoning_tokens=[tokens for part in parts for tokens in part.reasoning_tokens],
+        )
 
 
 def _language_model_targets(model: nn.Module) -> str:
@@ -454,6 +482,67 @@ class TWNModel(nn.Module):
                 rest = prefix if len(resting) == len(inputs) else prefix.select(resting)
                 embeddings[resting] = self.query_pass(rest)
         return EmbedResult(embeddings, decision, p_think, cot, reasoning_tokens)
+
+    @staticmethod
+    def block_size(think: ThinkMode, batch_size: int) -> int:
+        """How many inputs to hand `embed_block` at once: one batch, or ADAPTIVE_BATCHES when the gate decides."""
+        return batch_size * (ADAPTIVE_BATCHES if think == "auto" else 1)
+
+    @torch.no_grad()
+    def embed_block(
+        self,
+        inputs: list[ModelInput],
+        think: ThinkMode,
+        batch_size: int,
+        threshold: float | None = None,
+        sampling: Sampling = Sampling(),
+    ) -> EmbedResult:
+        """`embed` over many inputs, `batch_size` at a time; when the gate decides, in full decode batches.
+
+        A decode step costs about as much for a few rows as for a whole batch, so deciding batch by batch
+        makes a think rate r cost nearly what thinking always costs. So with think="auto" the inputs are
+        prefilled and routed `batch_size` at a time, which also gives their no-think embeddings; the cached
+        prefixes of those that think are gathered across the batches (left-padded to one length) and decoded
+        `batch_size` at a time. With interface=reencode they are simply embedded again, together.
+        """
+        batches = [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
+        if think != "auto":
+            return EmbedResult.concatenate([self.embed(batch, think, threshold, sampling) for batch in batches])
+        tau = self.config.gate_threshold if threshold is None else threshold
+        if self.config.interface == "reencode":
+            # Re-encoding needs no cache: the inputs that think are simply embedded again, together.
+            routed = EmbedResult.concatenate([self.embed(batch) for batch in batches])
+            routed.think = routed.p_think >= tau
+            thinking = routed.think.nonzero().flatten().tolist()
+            for start in range(0, len(thinking), batch_size):
+                rows = thinking[start : start + batch_size]
+                self._fill_thoughts(routed, rows, self.embed([inputs[row] for row in rows], "always", sampling=sampling))
+            return routed
+        parts, pending_rows, pending_prefixes = [], [], []
+        for first, batch in zip(range(0, len(inputs), batch_size), batches):
+            prefix, last_state = self.prefill(self.encode(batch))
+            p_think = self.gate_probability(last_state)
+            decision = p_think >= tau
+            parts.append(EmbedResult(self.query_pass(prefix), decision, p_think, [""] * len(batch), [0] * len(batch)))
+            thinking = decision.nonzero().flatten()
+            if len(thinking):
+                pending_rows += (thinking + first).tolist()
+                pending_prefixes.append(prefix.select(thinking))
+        routed = EmbedResult.concatenate(parts)
+        merged = Prefix.concatenate(pending_prefixes) if pending_prefixes else None
+        for start in range(0, len(pending_rows), batch_size):
+            chunk = torch.arange(start, min(start + batch_size, len(pending_rows)), device=self.device)
+            thoughts = self.think(merged.select(chunk), sampling)
+            rows = pending_rows[start : start + batch_size]
+            self._fill_thoughts(routed, rows, EmbedResult(self.query_pass(thoughts.prefix), None, None, thoughts.texts, thoughts.reasoning_tokens))
+        return routed
+
+    @staticmethod
+    def _fill_thoughts(result: EmbedResult, rows: list[int], thought: EmbedResult) -> None:
+        result.embeddings[rows] = thought.embeddings
+        for position, row in enumerate(rows):
+            result.cot[row] = thought.cot[position]
+            result.reasoning_tokens[row] = thought.reasoning_tokens[position]
 
     # ----------------------------------------------------------------- internals
     def _prompt(self, item: ModelInput) -> str:

@@ -41,7 +41,8 @@ def run_embed(
 ) -> EmbedSummary:
     """Embed every record into `writer`; a bad record stops the run unless `skip_bad` (then it is reported).
 
-    Under several processes each one embeds its share of the blocks of `batch_size` records, and every
+    Under several processes each one embeds its share of the blocks of records (one batch, or several when
+    the gate decides: `TWNModel.block_size`), and every
     process receives every batch in input order and counts it, so all return the same summary; only the
     first holds a writer (the others pass None). On any failure the writer's partial output is dropped.
     """
@@ -53,7 +54,7 @@ def run_embed(
         ids, inputs = load_block(block, settings.skip_bad, skipped)
         if not ids:
             return None, skipped
-        result = model.embed(inputs, think=settings.think, threshold=settings.threshold, sampling=settings.sampling)
+        result = model.embed_block(inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
         batch = EmbeddingBatch(
             ids=ids,
             embeddings=result.embeddings.cpu(),
@@ -65,7 +66,8 @@ def run_embed(
         return batch, skipped
 
     try:
-        for batch, skipped in distributed.map_in_order(embed_block, batched(records, settings.batch_size)):
+        blocks = batched(records, model.block_size(settings.think, settings.batch_size))
+        for batch, skipped in distributed.map_in_order(embed_block, blocks):
             summary.skipped += skipped
             if batch is None:
                 continue

@@ -292,13 +292,13 @@ def _embed_task(
 def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint, distributed) -> None:
     def embed(batch: tuple[int, ...]) -> tuple[tuple[int, ...], EmbedResult, float]:
         started = time.perf_counter()
-        result = model.embed([input_of(row) for row in batch], think=think, threshold=tau)
+        result = model.embed_block([input_of(row) for row in batch], think, batch_size, threshold=tau)
         # On the CPU: results cross processes, and the table keeps them there anyway.
         result = dataclasses.replace(result, embeddings=result.embeddings.cpu(), think=result.think.cpu(), p_think=result.p_think.cpu())
         return batch, result, time.perf_counter() - started
 
     done = 0
-    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, batch_size)):
+    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, model.block_size(think, batch_size))):
         table.record(batch, ["think" if flag else "no_think" for flag in result.think.tolist()], result, seconds)
         done += len(batch)
         on_batch(done)
