@@ -41,13 +41,13 @@ def counted_model(make_model):
     """A fresh model that counts the inputs it embeds, per think mode."""
     model = make_model()
     model.embedded = {"never": 0, "always": 0, "auto": 0}
-    embed = model.embed
+    embed_block = model.embed_block
 
-    def counting_embed(inputs, think="never", **options):
+    def counting_embed_block(inputs, think, batch_size, *options, **named_options):
         model.embedded[think] += len(inputs)
-        return embed(inputs, think=think, **options)
+        return embed_block(inputs, think, batch_size, *options, **named_options)
 
-    model.embed = counting_embed
+    model.embed_block = counting_embed_block
     return model
 
 
@@ -163,13 +163,13 @@ def test_sweep_endpoints_equal_the_never_and_always_modes(counted_model, toy_dat
 def test_an_interrupted_evaluation_resumes_without_recomputing_finished_tasks(make_model, toy_dataset, tmp_path):
     def counting(model):
         model.embedded = 0
-        embed = model.embed
+        embed_block = model.embed_block
 
-        def counting_embed(inputs, **options):
+        def counting_embed_block(inputs, *options, **named_options):
             model.embedded += len(inputs)
-            return embed(inputs, **options)
+            return embed_block(inputs, *options, **named_options)
 
-        model.embed = counting_embed
+        model.embed_block = counting_embed_block
         return model
 
     uninterrupted_model = counting(make_model())
