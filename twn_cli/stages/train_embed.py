@@ -239,29 +239,35 @@ class EmbedTrainer:
         sft_tokens = int(self.distributed.gather(torch.tensor([sft_tokens])).sum())
 
         chunks = [range(start, min(start + config.chunk_size, len(examples))) for start in range(0, len(examples), config.chunk_size)]
-        rng_states = []
-        with torch.no_grad():
-            embedded = [self._embed_chunk(examples, cot_ids, chunk, rng_states) for chunk in chunks]
-        local_reps = {key: torch.cat([part[key] for part in embedded]) for key in ("think", "no_think", "targets", "negatives")}
-        global_reps = {key: self.distributed.gather(value).detach().requires_grad_() for key, value in local_reps.items()}
         candidate_ids = self.distributed.gather_objects([e.target_id for e in examples]) + self.distributed.gather_objects(
             [candidate for e in examples for candidate in e.negative_ids]
         )
         positive_ids = self.distributed.gather_objects([e.positive_ids for e in examples])
-        contrastive = contrastive_loss(**global_reps, candidate_ids=candidate_ids, positive_ids=positive_ids, config=config)
-        contrastive.backward()
-        offset = self.distributed.rank * share
-        upstream = {
-            "think": global_reps["think"].grad[offset : offset + share],
-            "no_think": global_reps["no_think"].grad[offset : offset + share],
-            "targets": global_reps["targets"].grad[offset : offset + share],
-            "negatives": global_reps["negatives"].grad[offset * config.hard_negatives : (offset + share) * config.hard_negatives],
-        }
-
-        sft_sum = 0.0
-        for chunk, state in zip(chunks, rng_states):
-            sft_sum += self._backward_chunk(examples, cot_ids, chunk, state, upstream, sft_tokens)
-        sft_loss = float(self.distributed.gather(torch.tensor([sft_sum])).sum()) / max(sft_tokens, 1)
+        sft_values: list[float] = []
+        if len(chunks) == 1 and not self.distributed.active:
+            # The whole batch fits one chunk: one pass with gradients is the gradient cache's result without
+            # its extra no-gradient pass (the same gradient, and the RNG advances by the same one pass).
+            outputs = self._forward_chunk(examples, cot_ids, chunks[0], self._sft_backward(sft_tokens, sft_values))
+            contrastive = contrastive_loss(**outputs, candidate_ids=candidate_ids, positive_ids=positive_ids, config=config)
+            contrastive.backward()
+        else:
+            rng_states = []
+            with torch.no_grad():
+                embedded = [self._embed_chunk(examples, cot_ids, chunk, rng_states) for chunk in chunks]
+            local_reps = {key: torch.cat([part[key] for part in embedded]) for key in ("think", "no_think", "targets", "negatives")}
+            global_reps = {key: self.distributed.gather(value).detach().requires_grad_() for key, value in local_reps.items()}
+            contrastive = contrastive_loss(**global_reps, candidate_ids=candidate_ids, positive_ids=positive_ids, config=config)
+            contrastive.backward()
+            offset = self.distributed.rank * share
+            upstream = {
+                "think": global_reps["think"].grad[offset : offset + share],
+                "no_think": global_reps["no_think"].grad[offset : offset + share],
+                "targets": global_reps["targets"].grad[offset : offset + share],
+                "negatives": global_reps["negatives"].grad[offset * config.hard_negatives : (offset + share) * config.hard_negatives],
+            }
+            for chunk, state in zip(chunks, rng_states):
+                self._backward_chunk(examples, cot_ids, chunk, state, upstream, self._sft_backward(sft_tokens, sft_values))
+        sft_loss = float(self.distributed.gather(torch.tensor([sum(sft_values)])).sum()) / max(sft_tokens, 1)
         total = contrastive.item() + config.sft_weight * sft_loss
         if not torch.isfinite(torch.tensor(total)):
             raise FloatingPointError(f"loss became {total} at step {self.step_done + 1}")
@@ -319,17 +325,19 @@ class EmbedTrainer:
             prefix, _ = self.model.prefill(self.model.encode(inputs))
         return self.model.query_pass(prefix)
 
-    def _backward_chunk(self, examples, cot_ids, chunk, state, upstream, sft_tokens) -> float:
-        """Re-run one chunk with gradients: SFT backward, then the cached embedding gradients."""
-        restore_rng_state(state)
-        sft_value = 0.0
+    def _sft_backward(self, sft_tokens: int, values: list[float]) -> Callable:
+        """Backpropagates a chunk's SFT loss (a share of the batch's `sft_tokens`) and records its sum in `values`."""
 
-        def sft_backward(forced) -> None:
-            nonlocal sft_value
-            sft_value = forced.sft_loss_sum.item()
+        def backward(forced) -> None:
+            values.append(forced.sft_loss_sum.item())
             if self.config.sft_weight and forced.sft_tokens:
                 (self.config.sft_weight * forced.sft_loss_sum / sft_tokens).backward()
 
+        return backward
+
+    def _backward_chunk(self, examples, cot_ids, chunk, state, upstream, sft_backward: Callable) -> None:
+        """Re-run one chunk with gradients: SFT backward, then the cached embedding gradients."""
+        restore_rng_state(state)
         outputs = self._forward_chunk(examples, cot_ids, chunk, sft_backward)
         negatives = range(chunk.start * self.config.hard_negatives, chunk.stop * self.config.hard_negatives)
         surrogate = sum(
@@ -337,7 +345,6 @@ class EmbedTrainer:
             for key, rows in (("think", chunk), ("no_think", chunk), ("targets", chunk), ("negatives", negatives))
         )
         surrogate.backward()
-        return sft_value
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
