@@ -160,9 +160,26 @@ def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints
     assert trainer.heldout_reward(rows, reference=True) == untrained and trainer.heldout_reward(rows) == heldout["after"]
 
 
-def test_resumed_run_equals_uninterrupted_run_and_nan_stops(setup, make_model, tmp_path, monkeypatch):
+def test_cache_refresh_re_embeds_every_entry_with_the_trained_model(setup, tmp_path):
+    model, dataset, cache = setup
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL, refresh_cache_every=1))
+    for _ in range(2):
+        trainer.step()
+    trainer.refresh_cache()
+    assert trainer.cache.ids == cache.ids
+    assert torch.allclose(trainer.cache.embeddings, cache_for(model, dataset).embeddings, atol=1e-5)
+    assert not torch.allclose(trainer.cache.embeddings, cache.embeddings, atol=1e-4)  # the reasoning prefill moved
+    with pytest.raises(TWNError, match="multiple of refresh_cache_every"):
+        TrainRLConfig(**SMALL, refresh_cache_every=3, checkpoint_every=4)
+    foreign = NegativesCache(["elsewhere/0", *cache.ids[1:]], cache.embeddings)
+    with pytest.raises(TWNError, match="'elsewhere/0' is not a candidate"):
+        run_train_rl(model, dataset, foreign, tmp_path / "x", TrainRLConfig(**SMALL, refresh_cache_every=1), resume=False, stages=[])
+
+
+@pytest.mark.parametrize("refresh_cache_every", [0, 1])
+def test_resumed_run_equals_uninterrupted_run_and_nan_stops(setup, make_model, tmp_path, monkeypatch, refresh_cache_every):
     _, dataset, cache = setup
-    config = TrainRLConfig(**SMALL, steps=2, checkpoint_every=1)
+    config = TrainRLConfig(**SMALL, steps=2, checkpoint_every=1, refresh_cache_every=refresh_cache_every)
     straight = make_model()
     run_train_rl(straight, dataset, cache, tmp_path / "straight", config, resume=False, stages=[])
 

@@ -72,6 +72,9 @@ class TrainRLConfig:
     # their CoTs sampled under one fixed seed, before RL and at every checkpoint.
     validation_split: str = "validation"
     validation_queries: int = 32
+    # Re-embed the negatives cache with the current model every this many steps (0: never). RL changes the
+    # reasoning adapter, whose prefill every no-think embedding reads, so the cache drifts from the model.
+    refresh_cache_every: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -83,6 +86,11 @@ class TrainRLConfig:
             raise TWNError("batch_size, steps and max_think_tokens must be positive")
         if self.validation_queries < 0:
             raise TWNError("validation_queries must not be negative")
+        if self.refresh_cache_every < 0:
+            raise TWNError("refresh_cache_every must not be negative")
+        if self.refresh_cache_every and self.checkpoint_every % self.refresh_cache_every:
+            # Every saved state is then a refresh point, so a resumed run refreshes to the same cache.
+            raise TWNError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of refresh_cache_every ({self.refresh_cache_every})")
 
 
 # ----------------------------------------------------------------------------------------- negatives
@@ -261,6 +269,17 @@ class RLTrainer:
             rewards[query] = reward + format_reward(groups["ended"][group], config.format_reward) + length_cost(groups["cot_tokens"][group], config.token_cost)
         return rewards
 
+    @torch.no_grad()
+    def refresh_cache(self, batch_size: int = 64) -> None:
+        """Re-embed every cache entry (a candidate of the prepared dataset) with the current model."""
+        self.model.eval()
+        ids = self.cache.ids
+        parts = [
+            self.model.embed([self._candidate(item) for item in ids[start : start + batch_size]]).embeddings.float().cpu()
+            for start in range(0, len(ids), batch_size)
+        ]
+        self.cache = NegativesCache(ids, torch.cat(parts))
+
     def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
         compare); `reference`: with the pre-RL reasoning adapter."""
@@ -323,10 +342,17 @@ def run_train_rl(
                            "(set validation_queries: 0 to train without it)")
         validation = dataset.queries[config.validation_split]
         heldout_rows = [validation[i] for i in range(min(config.validation_queries, len(validation)))]
+    if config.refresh_cache_every:
+        unknown = next((item for item in cache.ids if item not in data.candidate_index), None)
+        if unknown is not None:
+            raise TWNError(f"negatives cache entry '{unknown}' is not a candidate of '{dataset.path}': only caches of the "
+                           "dataset's candidates (twn embed DATA -o cache.pt) can be refreshed")
     trainer = RLTrainer(model, data, cache, config)
     run.start(resume)
     if resume:
         resume_latest_state(run, model, trainer, config)
+        if config.refresh_cache_every and trainer.step_done:
+            trainer.refresh_cache()
     heldout_before = trainer.heldout_reward(heldout_rows, reference=True) if heldout_rows else None
     started = time.perf_counter()
     history = []
@@ -336,6 +362,9 @@ def run_train_rl(
         except FloatingPointError as error:
             last = run.latest_state()
             raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+        if config.refresh_cache_every and trainer.step_done % config.refresh_cache_every == 0:
+            trainer.refresh_cache()
+            metrics["cache_refreshed"] = True
         if heldout_rows and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
             metrics["heldout_reward"] = trainer.heldout_reward(heldout_rows)
         metrics["seconds"] = time.perf_counter() - started
@@ -348,6 +377,7 @@ def run_train_rl(
     return {
         "steps": trainer.step_done,
         "negatives_cache_size": len(cache.ids),
+        "cache_refreshes": sum(1 for m in history if m.get("cache_refreshed")),
         "heldout_reward": {
             "split": config.validation_split,
             "queries": len(heldout_rows),
