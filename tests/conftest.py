@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,6 +31,16 @@ REAL_IMAGE_NAMES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", 
 @pytest.fixture(scope="session")
 def toy_backbone_dir(tmp_path_factory) -> Path:
     return build_toy_backbone(tmp_path_factory.mktemp("backbone") / "toy", seed=0, spec=TEST_SPEC)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the tiny model's matrices are too small for threads to pay (on a busy
+    2-core machine they cost ~10x), and each torchrun process runs with one (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from twn_cli.data.prepared import load_prepared, write_prepared
@@ -20,13 +19,7 @@ from twn_cli.toyworld.dataset import write_synthetic_dataset
 TIMING_KEYS = {"wall_seconds", "inputs_per_second", "created", "run"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small for threads to pay; on a busy 2-core machine they cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from twn_cli.engine.checkpoint import save_checkpoint
 RUN_KEYS = {"wall_seconds", "inputs_per_second", "created", "run", "command"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The reference run uses one thread, as each torchrun process does (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
