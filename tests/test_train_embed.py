@@ -100,6 +100,29 @@ def test_resumed_run_equals_uninterrupted_run(make_model, toy_dataset_dir, tmp_p
         assert torch.equal(parameter, dict(resumed.named_parameters())[name]), name
 
 
+def test_tensorboard_gets_the_logged_metrics_and_a_resumed_run_replaces_the_steps_it_redoes(make_model, toy_dataset_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainEmbedConfig(**{**SMALL, "steps": 3, "checkpoint_every": 1, "log_every": 1, "tensorboard": True})
+    model = make_model(**{name: getattr(config, name) for name in train_embed.MODEL_SETTINGS})
+
+    def interrupt_after_step_two(metrics: dict) -> None:
+        if metrics["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[], on_step=interrupt_after_step_two)
+    (tmp_path / "run" / "train" / "states" / "step-00000002").rename(tmp_path / "run" / "train" / "states" / "dropped")
+    run_train_embed(model, dataset, tmp_path / "run", config, resume=True, stages=[])  # redoes step 2
+    events = EventAccumulator(str(tmp_path / "run" / "train" / "tensorboard")).Reload()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "contrastive_loss", "sft_loss", "learning_rate"} <= set(events.Tags()["scalars"])
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [
+        (record["step"], pytest.approx(record["loss"], rel=1e-6)) for record in logged
+    ]
+
+
 def test_nan_loss_stops_training_and_names_the_last_good_state(make_model, toy_dataset_dir, tmp_path, monkeypatch):
     dataset = load_prepared(toy_dataset_dir)
     config = TrainEmbedConfig(**{**SMALL, "steps": 3, "checkpoint_every": 1})

@@ -52,12 +52,15 @@ def restore_rng_state(state: dict) -> None:
 class RunDirectory:
     """The `train/` part of a run directory: metrics log and resumable training states."""
 
-    def __init__(self, run_dir: str | Path, keep_states: int = 2):
+    def __init__(self, run_dir: str | Path, keep_states: int = 2, tensorboard: bool = False):
         self.run_dir = Path(run_dir)
         self.train_dir = self.run_dir / TRAIN_DIR
         self.states_dir = self.train_dir / "states"
         self.metrics_path = self.train_dir / "metrics.jsonl"
+        self.tensorboard_dir = self.train_dir / "tensorboard"
         self.keep_states = keep_states
+        self.tensorboard = tensorboard
+        self._writer = None
 
     def start(self, resume: bool) -> None:
         """Begin a run: a fresh one refuses to overwrite another run's states unless it resumes."""
@@ -68,14 +71,36 @@ class RunDirectory:
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            writer = self._tensorboard_writer()
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(name, value, record["step"])
+            writer.flush()
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def truncate_log(self, after_step: int) -> None:
-        """Drop log lines past `after_step`: a resumed run logs them again."""
+        """Drop log lines past `after_step`: a resumed run logs them again (TensorBoard events too)."""
+        if self.tensorboard:
+            self._tensorboard_writer(purge_step=after_step + 1)
         if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= after_step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _tensorboard_writer(self, purge_step: int | None = None):
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TWNError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge_step)
+        return self._writer
 
     def state_path(self, step: int) -> Path:
         return self.states_dir / f"step-{step:08d}"

@@ -84,6 +84,7 @@ class TrainEmbedConfig:
     # Bookkeeping.
     checkpoint_every: int = 100
     log_every: int = 10
+    tensorboard: bool = False  # also log the metrics as TensorBoard scalars in RUN/train/tensorboard
     validation_queries: int = 200
     split: str = "train"
     validation_split: str = "validation"
@@ -405,7 +406,7 @@ def run_train_embed(
 ) -> dict:
     """Train, checkpointing every `checkpoint_every` steps into `run_dir/train/states`; returns the summary."""
     distributed = Distributed()
-    run = RunDirectory(run_dir)
+    run = RunDirectory(run_dir, tensorboard=config.tensorboard)
     data = TrainingData(dataset, config.split, config.hard_negatives, config.seed)
     trainer = EmbedTrainer(model, data, config, distributed)
     if distributed.is_main:
@@ -426,6 +427,7 @@ def run_train_embed(
             run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
                            checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
+    run.finish()
     summary = {"steps": trainer.step_done, "parameters": model.parameter_overhead()}
     if distributed.is_main and config.validation_queries and config.validation_split in dataset.queries:
         summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries)

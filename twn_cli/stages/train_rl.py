@@ -67,6 +67,7 @@ class TrainRLConfig:
     # Bookkeeping.
     checkpoint_every: int = 50
     log_every: int = 1
+    tensorboard: bool = False  # also log the metrics as TensorBoard scalars in RUN/train/tensorboard
     split: str = "train"
     # Held-out reward: the mean reward of the first `validation_queries` queries of `validation_split` (0: off),
     # their CoTs sampled under one fixed seed, before RL and at every checkpoint.
@@ -333,7 +334,7 @@ def run_train_rl(
 
     `model` must hold the pre-RL adapters (the input checkpoint) also when resuming: they are the KL reference.
     """
-    run = RunDirectory(run_dir)
+    run = RunDirectory(run_dir, tensorboard=config.tensorboard)
     data = TrainingData(dataset, config.split, hard_negatives=0, seed=config.seed)
     heldout_rows = []
     if config.validation_queries:
@@ -372,6 +373,7 @@ def run_train_rl(
         run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
                        checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
+    run.finish()
     last = history[-min(len(history), 10) :]
     heldout_curve = [(m["step"], m["heldout_reward"]) for m in history if "heldout_reward" in m]
     return {
