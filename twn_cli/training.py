@@ -116,6 +116,14 @@ class RunDirectory:
         )
         return self.state_path(steps[-1]) if steps else None
 
+    def guarded_step(self, trainer) -> dict:
+        """`trainer.step()`; a NaN or inf loss (its FloatingPointError) stops training, naming the last good state."""
+        try:
+            return trainer.step()
+        except FloatingPointError as error:
+            last = self.latest_state()
+            raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+
     def after_step(self, model, trainer, metrics: dict, *, total_steps: int, log_every: int, checkpoint_every: int, stages: list[dict]) -> None:
         """Log the step and, every `checkpoint_every` steps and at the end, save a resumable state."""
         from twn_cli.engine.checkpoint import save_checkpoint

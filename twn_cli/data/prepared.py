@@ -263,3 +263,26 @@ def prepared_input(row: Mapping):
         except ValueError as error:
             raise BadRecordError(f"record '{row['id']}'", f"image '{path}' {error}") from None
     return ModelInput(text=row["text"], images=images, instruction=row["instruction"] or None)
+
+
+class CandidateEmbedder:
+    """No-think embeddings of a prepared dataset's candidates, by id, `batch_size` at a time (on the CPU, in the model's dtype)."""
+
+    def __init__(self, model, candidates: datasets.Dataset, batch_size: int):
+        self.model = model
+        self.candidates = candidates
+        self.index = {candidate_id: i for i, candidate_id in enumerate(candidates["id"])}
+        self.batch_size = batch_size
+
+    def __call__(self, ids: Sequence[str]):
+        import torch
+
+        unknown = next((item for item in ids if item not in self.index), None)
+        if unknown is not None:
+            raise TWNError(f"candidate '{unknown}' is not among the prepared dataset's candidates")
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(ids), self.batch_size):
+                inputs = [prepared_input(self.candidates[self.index[i]]) for i in ids[start : start + self.batch_size]]
+                parts.append(self.model.embed(inputs).embeddings.cpu())
+        return torch.cat(parts)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
 from twn_cli.distributed import Distributed
 from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
@@ -368,14 +368,9 @@ class EmbedTrainer:
 def validation_hit_at_1(model: TWNModel, dataset: PreparedDataset, split: str, limit: int, batch_size: int = 16) -> dict[str, float]:
     """Hit@1 of up to `limit` queries of `split` against their pools: never-think, teacher CoT, generated CoT."""
     rows = dataset.queries[split].select(range(min(limit, len(dataset.queries[split]))))
-    index = {candidate_id: i for i, candidate_id in enumerate(dataset.candidates["id"])}
     pools = [dataset.candidate_pool(row) for row in rows]
     needed = sorted({candidate for pool in pools for candidate in pool})
-    candidate_embeddings = {}
-    for start in range(0, len(needed), batch_size):
-        ids = needed[start : start + batch_size]
-        inputs = [prepared_input(dataset.candidates[index[i]]) for i in ids]
-        candidate_embeddings.update(zip(ids, model.embed(inputs).embeddings))
+    candidate_embeddings = dict(zip(needed, CandidateEmbedder(model, dataset.candidates, batch_size)(needed).to(model.device)))
     hits = {"never": 0, "teacher_cot": 0, "generated_cot": 0}
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
@@ -416,11 +411,7 @@ def run_train_embed(
     started = time.perf_counter()
     samples = 0
     while trainer.step_done < config.steps:
-        try:
-            metrics = trainer.step()
-        except FloatingPointError as error:
-            last = run.latest_state()
-            raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+        metrics = run.guarded_step(trainer)
         samples += config.batch_size
         metrics["samples_per_second"] = samples / (time.perf_counter() - started)
         if distributed.is_main:

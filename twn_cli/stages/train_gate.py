@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.negatives_cache import NegativesCache
-from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
 from twn_cli.engine.checkpoint import check_checkpoint_output
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.model import ModelInput, Sampling, TWNModel
@@ -117,24 +117,6 @@ def embed_views(model: TWNModel, inputs: list[ModelInput], sampling: Sampling) -
         thoughts = model.think(prefix, sampling)
         think = model.query_pass(thoughts.prefix)
     return Views(last_state.float().cpu(), never.cpu(), think.cpu(), thoughts.reasoning_tokens, thoughts.texts)
-
-
-class CandidateEmbedder:
-    """No-think embeddings of a prepared dataset's candidates, by id."""
-
-    def __init__(self, model: TWNModel, dataset: PreparedDataset, batch_size: int):
-        self.model = model
-        self.candidates = dataset.candidates
-        self.index = {candidate_id: i for i, candidate_id in enumerate(dataset.candidates["id"])}
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, ids: list[str]) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(ids), self.batch_size):
-            inputs = [prepared_input(self.candidates[self.index[i]]) for i in ids[start : start + self.batch_size]]
-            parts.append(self.model.embed(inputs).embeddings.cpu())
-        return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------- labels
@@ -327,7 +309,7 @@ def label_inputs(
 ) -> LabelledInputs:
     """Margins and gate inputs of `rows`, batch by batch, from the label cache where it has them."""
     cache = LabelCache(cache_dir, labelling_key(model, dataset, config, negatives))
-    embed_candidates = CandidateEmbedder(model, dataset, config.label_batch_size)
+    embed_candidates = CandidateEmbedder(model, dataset.candidates, config.label_batch_size)
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
     parts, done, reused = [], 0, 0
     progress("labelling", 0, len(rows))
@@ -426,7 +408,7 @@ def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGat
         raise TWNError(f"the '{config.validation_split}' split is empty: τ is chosen on it")
     pools = [dataset.candidate_pool(row) for row in rows]
     needed = sorted({candidate for pool in pools for candidate in pool})
-    embeddings = dict(zip(needed, CandidateEmbedder(model, dataset, config.label_batch_size)(needed)))
+    embeddings = dict(zip(needed, CandidateEmbedder(model, dataset.candidates, config.label_batch_size)(needed)))
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
     features, hit_never, hit_think, tokens = [], [], [], []
     progress("validation", 0, len(rows))

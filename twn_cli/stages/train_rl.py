@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from twn_cli.data.negatives_cache import NegativesCache
-from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
 from twn_cli.engine.model import Sampling, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.stages.train_embed import TrainingData
@@ -178,6 +178,7 @@ class RLTrainer:
         self.data = data
         self.cache = cache
         self.config = config
+        self.candidates = CandidateEmbedder(model, data.candidates, batch_size=64)
         self.parameters = model.adapter_parameters("reasoning")
         # The frozen reference: the reasoning adapter as it was before RL.
         self.reference = {name: p.detach().clone() for name, p in self.parameters.items()}
@@ -252,12 +253,12 @@ class RLTrainer:
     @torch.no_grad()
     def rewards(self, rows: list[dict], groups: dict, key: int | None = None) -> torch.Tensor:
         """[queries, G] rewards of sampled groups against the cache's negatives for each query."""
-        config, model = self.config, self.model
+        config = self.config
         rng = random.Random(f"{config.seed}/{self.step_done if key is None else key}")
         rewards = torch.empty(len(rows), config.group_size)
         for query, row in enumerate(rows):
             positive_ids = set(row["positive_ids"])
-            positives = model.embed([self._candidate(item) for item in row["positive_ids"]]).embeddings.float().cpu()
+            positives = self.candidates(row["positive_ids"]).float()
             negatives = self.cache.embeddings[
                 pick_negatives(self.cache, groups["no_think"][query], positive_ids, config.hardest_negatives, config.random_negatives, rng)
             ]
@@ -270,16 +271,10 @@ class RLTrainer:
             rewards[query] = reward + format_reward(groups["ended"][group], config.format_reward) + length_cost(groups["cot_tokens"][group], config.token_cost)
         return rewards
 
-    @torch.no_grad()
-    def refresh_cache(self, batch_size: int = 64) -> None:
+    def refresh_cache(self) -> None:
         """Re-embed every cache entry (a candidate of the prepared dataset) with the current model."""
         self.model.eval()
-        ids = self.cache.ids
-        parts = [
-            self.model.embed([self._candidate(item) for item in ids[start : start + batch_size]]).embeddings.float().cpu()
-            for start in range(0, len(ids), batch_size)
-        ]
-        self.cache = NegativesCache(ids, torch.cat(parts))
+        self.cache = NegativesCache(self.cache.ids, self.candidates(self.cache.ids).float())
 
     def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
@@ -291,11 +286,6 @@ class RLTrainer:
                 batch = rows[start : start + self.config.batch_size]
                 total += self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
         return total / (len(rows) * self.config.group_size)
-
-    def _candidate(self, candidate_id: str):
-        if candidate_id not in self.data.candidate_index:
-            raise TWNError(f"positive '{candidate_id}' is not among the prepared dataset's candidates")
-        return prepared_input(self.data.candidates[self.data.candidate_index[candidate_id]])
 
     @contextmanager
     def _reference_weights(self):
@@ -358,11 +348,7 @@ def run_train_rl(
     started = time.perf_counter()
     history = []
     while trainer.step_done < config.steps:
-        try:
-            metrics = trainer.step()
-        except FloatingPointError as error:
-            last = run.latest_state()
-            raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
+        metrics = run.guarded_step(trainer)
         if config.refresh_cache_every and trainer.step_done % config.refresh_cache_every == 0:
             trainer.refresh_cache()
             metrics["cache_refreshed"] = True
