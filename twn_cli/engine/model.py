@@ -503,7 +503,8 @@ class TWNModel(nn.Module):
         makes a think rate r cost nearly what thinking always costs. So with think="auto" the inputs are
         prefilled and routed `batch_size` at a time, which also gives their no-think embeddings; the cached
         prefixes of those that think are gathered across the batches (left-padded to one length) and decoded
-        `batch_size` at a time. With interface=reencode they are simply embedded again, together.
+        as soon as `batch_size` of them are waiting. With interface=reencode they are simply embedded again,
+        together.
         """
         batches = [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
         if think != "auto":
@@ -518,23 +519,23 @@ class TWNModel(nn.Module):
                 rows = thinking[start : start + batch_size]
                 self._fill_thoughts(routed, rows, self.embed([inputs[row] for row in rows], "always", sampling=sampling))
             return routed
-        parts, pending_rows, pending_prefixes = [], [], []
+        parts, pending, decoded = [], [], []  # pending: (input row, its one-row prefix) of inputs that think
         for first, batch in zip(range(0, len(inputs), batch_size), batches):
             prefix, last_state = self.prefill(self.encode(batch))
             p_think = self.gate_probability(last_state)
             decision = p_think >= tau
             parts.append(EmbedResult(self.query_pass(prefix), decision, p_think, [""] * len(batch), [0] * len(batch)))
-            thinking = decision.nonzero().flatten()
-            if len(thinking):
-                pending_rows += (thinking + first).tolist()
-                pending_prefixes.append(prefix.select(thinking))
+            pending += [(first + row, prefix.select(torch.tensor([row], device=self.device))) for row in decision.nonzero().flatten().tolist()]
+            # Decode as soon as a batch is full, so that at most two batches of thinking prefixes are held.
+            is_last = first + batch_size >= len(inputs)
+            while len(pending) >= batch_size or (pending and is_last):
+                taken, pending = pending[:batch_size], pending[batch_size:]
+                thoughts = self.think(Prefix.concatenate([row_prefix for _, row_prefix in taken]), sampling)
+                embeddings = self.query_pass(thoughts.prefix)
+                decoded.append(([row for row, _ in taken], EmbedResult(embeddings, None, None, thoughts.texts, thoughts.reasoning_tokens)))
         routed = EmbedResult.concatenate(parts)
-        merged = Prefix.concatenate(pending_prefixes) if pending_prefixes else None
-        for start in range(0, len(pending_rows), batch_size):
-            chunk = torch.arange(start, min(start + batch_size, len(pending_rows)), device=self.device)
-            thoughts = self.think(merged.select(chunk), sampling)
-            rows = pending_rows[start : start + batch_size]
-            self._fill_thoughts(routed, rows, EmbedResult(self.query_pass(thoughts.prefix), None, None, thoughts.texts, thoughts.reasoning_tokens))
+        for rows, thought in decoded:
+            self._fill_thoughts(routed, rows, thought)
         return routed
 
     @staticmethod
