@@ -14,13 +14,13 @@ for the continuous softmax reward) and the mean within-group standard deviation.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
+import sys
 from dataclasses import replace
 
 import torch
 
+import _common as common
 from twn_cli.data.negatives_cache import NegativesCache, load_negatives_cache
 from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.checkpoint import load_checkpoint
@@ -84,7 +84,8 @@ def main() -> None:
             for shape in ("softmax", "ume_r1"):
                 scorer = RLTrainer(model, data, pool, replace(config, reward=shape))
                 rewards.setdefault((name, shape), []).append(scorer.rewards(rows, groups))
-        for shape in ("softmax", "ume_r1"):
+        # hardest_negatives 0 means every entry: the "all" pool above.
+        for shape in ("softmax", "ume_r1") if recipe.hardest_negatives else ():
             scorer = RLTrainer(model, data, cache, replace(recipe, reward=shape))
             scorer.step_done = batch
             rewards.setdefault((selected, shape), []).append(scorer.rewards(rows, groups))
@@ -96,16 +97,14 @@ def main() -> None:
         "results": [
             {"pool": name, "reward": shape, **spread_figures(torch.cat(parts))} for (name, shape), parts in rewards.items()
         ],
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(sys.argv),
+        "machine": common.machine_info(model.device),
     }
     print(f"{'pool':<34}{'reward':<9}{'zero spread':>12}{'spread<0.01':>12}{'mean spread':>12}{'mean reward':>12}")
     for result in figures["results"]:
         print(f"{result['pool']:<34}{result['reward']:<9}{result['zero_spread_groups']:>12.1%}{result['spread_below_0.01']:>12.1%}"
               f"{result['mean_spread']:>12.4f}{result['mean_reward']:>12.4f}")
-    if arguments.output:
-        with open(arguments.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
+    common.finish(figures, arguments.output)
 
 
 if __name__ == "__main__":

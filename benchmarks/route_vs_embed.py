@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
+import sys
 import time
 
-import torch
-
+import _common as common
 from twn_cli.data.embedding_files import EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
 from twn_cli.data.prepared import load_prepared
@@ -60,18 +58,15 @@ def main() -> None:
         "route_share_of_always": round(route_seconds / think_seconds, 4),
         "reasoning_tokens_per_input": round(summary.reasoning_tokens / arguments.n, 1),
         "batch_size": arguments.batch_size,
-        "device": arguments.device,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(sys.argv),
+        "machine": common.machine_info(arguments.device),
     }
     print(f"{'':<28}{'seconds':>10}{'inputs/s':>10}")
     print(f"{'route (prefill + gate)':<28}{route_seconds:>10.2f}{arguments.n / route_seconds:>10.1f}")
     print(f"{'embed --think always':<28}{think_seconds:>10.2f}{arguments.n / think_seconds:>10.1f}")
     print(f"route takes {100 * figures['route_share_of_always']:.1f} % of always-think's time "
           f"({figures['reasoning_tokens_per_input']} reasoning tokens per input)")
-    if arguments.output:
-        with open(arguments.output, "w") as handle:
-            json.dump(figures, handle, indent=2)
+    common.finish(figures, arguments.output)
 
 
 if __name__ == "__main__":

@@ -32,33 +32,37 @@ def gradients(trainer: EmbedTrainer) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in trainer.parameters.items() if p.grad is not None}
 
 
-def test_gradient_cache_gives_the_whole_batch_gradient(make_model, toy_dataset_dir):
-    whole = trainer_for(make_model, toy_dataset_dir, chunk_size=6)
-    # Train once so that LoRA B is no longer zero and every parameter has a gradient to compare.
-    whole.step()
-    chunked = trainer_for(make_model, toy_dataset_dir, chunk_size=2)
-    chunked.model.load_state_dict(whole.model.state_dict())
-    chunked.step_done = whole.step_done
-    metrics_whole, metrics_chunked = whole.compute_gradients(), chunked.compute_gradients()
-    assert metrics_whole["loss"] == pytest.approx(metrics_chunked["loss"], rel=1e-5)
-    expected, actual = gradients(whole), gradients(chunked)
-    assert expected.keys() == actual.keys() == whole.parameters.keys()
+def trained_once_and_copied(reference: EmbedTrainer, other: EmbedTrainer) -> None:
+    """Train `reference` one step (so that LoRA B is no longer zero and every parameter has a gradient to
+    compare), then give `other` the same weights and step."""
+    reference.step()
+    other.model.load_state_dict(reference.model.state_dict())
+    other.step_done = reference.step_done
+
+
+def assert_same_gradients(expected_trainer: EmbedTrainer, actual_trainer: EmbedTrainer) -> None:
+    expected, actual = gradients(expected_trainer), gradients(actual_trainer)
+    assert expected.keys() == actual.keys() == expected_trainer.parameters.keys()
     for name in expected:
         assert torch.allclose(expected[name], actual[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_gradient_cache_gives_the_whole_batch_gradient(make_model, toy_dataset_dir):
+    whole = trainer_for(make_model, toy_dataset_dir, chunk_size=6)
+    chunked = trainer_for(make_model, toy_dataset_dir, chunk_size=2)
+    trained_once_and_copied(whole, chunked)
+    metrics_whole, metrics_chunked = whole.compute_gradients(), chunked.compute_gradients()
+    assert metrics_whole["loss"] == pytest.approx(metrics_chunked["loss"], rel=1e-5)
+    assert_same_gradients(whole, chunked)
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(make_model, toy_dataset_dir):
     plain = trainer_for(make_model, toy_dataset_dir)
-    plain.step()
     checkpointed = trainer_for(make_model, toy_dataset_dir, gradient_checkpointing=True)
-    checkpointed.model.load_state_dict(plain.model.state_dict())
-    checkpointed.step_done = plain.step_done
+    trained_once_and_copied(plain, checkpointed)
     plain.compute_gradients()
     checkpointed.compute_gradients()
-    expected, actual = gradients(plain), gradients(checkpointed)
-    assert expected.keys() == actual.keys() == plain.parameters.keys()
-    for name in expected:
-        assert torch.allclose(expected[name], actual[name], rtol=1e-4, atol=1e-6), name
+    assert_same_gradients(plain, checkpointed)
 
 
 def test_a_step_trains_both_adapters_and_queries_and_nothing_else(make_model, toy_dataset_dir):
