@@ -519,20 +519,26 @@ class TWNModel(nn.Module):
                 rows = thinking[start : start + batch_size]
                 self._fill_thoughts(routed, rows, self.embed([inputs[row] for row in rows], "always", sampling=sampling))
             return routed
-        parts, pending, decoded = [], [], []  # pending: (input row, its one-row prefix) of inputs that think
+        parts, decoded = [], []
+        waiting_rows, waiting = [], None  # the inputs that think, not yet decoded, and their prefixes as one batch
         for first, batch in zip(range(0, len(inputs), batch_size), batches):
             prefix, last_state = self.prefill(self.encode(batch))
             p_think = self.gate_probability(last_state)
             decision = p_think >= tau
             parts.append(EmbedResult(self.query_pass(prefix), decision, p_think, [""] * len(batch), [0] * len(batch)))
-            pending += [(first + row, prefix.select(torch.tensor([row], device=self.device))) for row in decision.nonzero().flatten().tolist()]
+            thinking = decision.nonzero().flatten()
+            if len(thinking):
+                waiting_rows += (thinking + first).tolist()
+                waiting = prefix.select(thinking) if waiting is None else Prefix.concatenate([waiting, prefix.select(thinking)])
             # Decode as soon as a batch is full, so that at most two batches of thinking prefixes are held.
             is_last = first + batch_size >= len(inputs)
-            while len(pending) >= batch_size or (pending and is_last):
-                taken, pending = pending[:batch_size], pending[batch_size:]
-                thoughts = self.think(Prefix.concatenate([row_prefix for _, row_prefix in taken]), sampling)
+            while len(waiting_rows) >= batch_size or (waiting_rows and is_last):
+                count = min(batch_size, len(waiting_rows))
+                thoughts = self.think(waiting.select(torch.arange(count, device=self.device)), sampling)
                 embeddings = self.query_pass(thoughts.prefix)
-                decoded.append(([row for row, _ in taken], EmbedResult(embeddings, None, None, thoughts.texts, thoughts.reasoning_tokens)))
+                decoded.append((waiting_rows[:count], EmbedResult(embeddings, None, None, thoughts.texts, thoughts.reasoning_tokens)))
+                waiting = waiting.select(torch.arange(count, len(waiting_rows), device=self.device)) if count < len(waiting_rows) else None
+                waiting_rows = waiting_rows[count:]
         routed = EmbedResult.concatenate(parts)
         for rows, thought in decoded:
             self._fill_thoughts(routed, rows, thought)
