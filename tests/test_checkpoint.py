@@ -112,3 +112,14 @@ def test_overwriting_replaces_the_checkpoint_atomically(saved):
     assert json.loads((path / "twn.json").read_text())["stages"] == [{"stage": "again", "arguments": {}}]
     assert [p.name for p in path.parent.iterdir()] == ["run"]
     load_checkpoint(path, device="cpu")
+
+
+def test_a_checkpoint_made_from_a_relative_backbone_path_loads_from_any_directory(toy_backbone_dir, tmp_path, monkeypatch):
+    from twn_cli.engine.model import TWNConfig, TWNModel
+
+    monkeypatch.chdir(toy_backbone_dir.parent)
+    backbone = load_backbone(toy_backbone_dir.name, device="cpu")
+    assert backbone.source == str(toy_backbone_dir.resolve())
+    save_checkpoint(TWNModel(backbone, TWNConfig(lora_rank=4)), tmp_path / "run", stages=[])
+    monkeypatch.chdir(tmp_path)
+    assert load_checkpoint(tmp_path / "run", device="cpu").backbone.source == str(toy_backbone_dir.resolve())

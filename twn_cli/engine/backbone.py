@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,4 +116,6 @@ def load_backbone(
     model.requires_grad_(False)
     model.eval()
     model.to(resolve_device(device))
-    return Backbone(model=model, processor=processor, source=str(source), fingerprint=config_fingerprint(model.config))
+    # A local directory is recorded absolute, so a checkpoint made from it loads from any working directory.
+    recorded = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+    return Backbone(model=model, processor=processor, source=recorded, fingerprint=config_fingerprint(model.config))

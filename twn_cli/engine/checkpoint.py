@@ -150,13 +150,16 @@ def load_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
     if backbone is None:
-        backbone = load_backbone(
-            manifest["backbone"]["source"],
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
+        try:
+            backbone = load_backbone(
+                manifest["backbone"]["source"],
+                dtype=dtype,
+                device=device,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+        except TWNError as error:
+            raise TWNError(f"checkpoint '{checkpoint_dir}' names its backbone, but: {error} (give a local copy with --backbone DIR)") from None
     expected = manifest["backbone"]["fingerprint"]
     if backbone.fingerprint != expected:
         raise TWNError(
