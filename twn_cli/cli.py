@@ -133,7 +133,7 @@ def toy_backbone(
                 TextColumn("pre-training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("loss {task.fields[loss]}"), console=_stderr_console(),
             ) as progress:
-                task = progress.add_task("pretrain", total=settings.steps, loss="")
+                task = progress.add_task("pretrain", total=settings.vision_warmup_steps + settings.steps, loss="")
                 report = pretrain_toy_backbone(
                     staging, settings, world_seed=seed,
                     on_step=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.3f}"),
