@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from twn_cli.recipes import load_recipe
+from typer.testing import CliRunner
+
+from twn_cli.cli import app
+from twn_cli.recipes import load_recipe, parse_overrides
 from twn_cli.stages.train_embed import TrainEmbedConfig
 from twn_cli.stages.train_gate import TrainGateConfig
 from twn_cli.stages.train_rl import TrainRLConfig
@@ -36,3 +39,14 @@ def test_an_unknown_setting_is_a_clear_error(tmp_path):
     recipe.write_text("stepz: 3\n")
     with pytest.raises(TWNError, match="unknown settings stepz"):
         load_recipe(recipe, TrainEmbedConfig)
+
+
+def test_set_and_a_named_option_of_the_same_setting_combine_with_the_option_winning():
+    assert parse_overrides(["learning_rate=0.002", "steps=5"], learning_rate=None, steps=7) == {"learning_rate": 0.002, "steps": 7}
+
+
+def test_train_embed_accepts_set_for_a_setting_that_also_has_an_option(tmp_path):
+    result = CliRunner().invoke(
+        app, ["train-embed", str(tmp_path / "missing"), "--backbone", str(tmp_path), "-o", str(tmp_path / "run"), "--set", "learning_rate=0.002"]
+    )
+    assert result.exit_code == 1 and "missing" in result.stderr and not isinstance(result.exception, TypeError)

@@ -458,11 +458,10 @@ def train_embed(
 
     if (backbone is None) == (checkpoint is None) and not resume:
         raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
-    overrides = parse_overrides(setting)
-    config = load_recipe(
-        recipe, TrainEmbedConfig, **overrides, steps=steps, batch_size=batch_size, chunk_size=chunk_size,
-        learning_rate=learning_rate, temperature=temperature, seed=seed,
+    overrides = parse_overrides(
+        setting, steps=steps, batch_size=batch_size, chunk_size=chunk_size, learning_rate=learning_rate, temperature=temperature, seed=seed
     )
+    config = load_recipe(recipe, TrainEmbedConfig, **overrides)
     start_process_group()
     distributed = Distributed()
     load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
@@ -557,10 +556,9 @@ def train_gate(
 
     if think_budget is not None and target is GateTarget.best:
         raise TWNError("--think-budget and --target best contradict each other: give one")
-    overrides = parse_overrides(setting)
     chosen_target = GateTarget.budget.value if think_budget is not None else target.value if target else None
-    options = {"target": chosen_target, "think_budget": think_budget, "delta": delta}
-    config = load_recipe(recipe, TrainGateConfig, **{**overrides, **{key: value for key, value in options.items() if value is not None}})
+    overrides = parse_overrides(setting, target=chosen_target, think_budget=think_budget, delta=delta)
+    config = load_recipe(recipe, TrainGateConfig, **overrides)
     load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
@@ -644,7 +642,7 @@ def train_rl(
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
 
-    config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting), steps=steps, seed=seed)
+    config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting, steps=steps, seed=seed))
     load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)

@@ -35,8 +35,9 @@ def load_recipe(path: str | Path | None, settings_class: type[Settings], **overr
     return settings_class(**values)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`KEY=VALUE` strings from the command line, the values read as YAML (numbers, lists, booleans)."""
+def parse_overrides(items: list[str], **options) -> dict:
+    """`KEY=VALUE` strings from the command line (values read as YAML: numbers, lists, booleans), then the
+    command's own options that were given (not None), which win over a `--set` of the same key."""
     import yaml
 
     overrides = {}
@@ -45,4 +46,4 @@ def parse_overrides(items: list[str]) -> dict:
         if not separator:
             raise TWNError(f"--set takes KEY=VALUE, not '{item}'")
         overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+    return overrides | {key: value for key, value in options.items() if value is not None}
