@@ -107,6 +107,19 @@ def check_report_against_predictions(report_dir: Path, dataset_dir: Path) -> dic
     for modality, group in result["modalities"].items():
         members = [scores[task] for task, entry in result["tasks"].items() if entry["modality"] == modality]
         assert group["score"] == pytest.approx(sum(members) / len(members))
+    difficulty = {row["id"]: row["difficulty"] for row in dataset.queries["test"]}
+    by_difficulty: dict[str, list[dict]] = {}
+    for prediction in read_predictions(report_dir):
+        if difficulty[prediction["query_id"]]:
+            by_difficulty.setdefault(difficulty[prediction["query_id"]], []).append(prediction)
+    assert set(result["by_difficulty"]) == set(by_difficulty)
+    for tag, predictions in by_difficulty.items():
+        group = result["by_difficulty"][tag]
+        hits = [recomputed_metrics(p, relevance[p["query_id"]])["hit@1"] for p in predictions]
+        assert group["queries"] == len(predictions) and group["hit@1"] == pytest.approx(sum(hits) / len(hits))
+        assert group["think_rate"] == pytest.approx(sum(p["think"] for p in predictions) / len(predictions))
+    if by_difficulty:
+        assert "## By difficulty tag" in (report_dir / "report.md").read_text()
     return report
 
 
@@ -117,7 +130,8 @@ def test_adaptive_report_files_and_numbers_match_the_predictions(counted_model, 
     with Image.open(tmp_path / "report" / "quality_vs_tokens.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 300
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == json.loads(json.dumps(report))
-    check_report_against_predictions(tmp_path / "report", toy_dataset)
+    report = check_report_against_predictions(tmp_path / "report", toy_dataset)
+    assert {"simple", "one_step", "two_step"} <= set(report["result"]["by_difficulty"])
     predictions = read_predictions(tmp_path / "report")
     # The untrained gate sits near 0.5: some queries think and some do not, by p_think >= the model's threshold.
     assert {p["think"] for p in predictions} == {True, False}

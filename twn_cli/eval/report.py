@@ -43,6 +43,8 @@ def report_tables(report: dict, compact: bool = False) -> list[Table]:
         ),
         _task_table(result["tasks"], compact),
     ]
+    if result.get("by_difficulty"):
+        tables.append(_difficulty_table(report))
     if report.get("sweep"):
         tables.append(
             Table(
@@ -104,6 +106,21 @@ def print_tables(report: dict, console=None) -> None:
         for row in table.rows:
             rich_table.add_row(*row)
         console.print(rich_table)
+
+
+def _difficulty_table(report: dict) -> Table:
+    """Hit@1 pooled over the queries of each difficulty tag: at never, the reported point and always (a sweep's)."""
+    result = report["result"]
+    points = {point["mode"]: point for point in report.get("sweep") or [] if point["mode"] in ("never", "always")}
+    columns = [("never", points.get("never")), (result["label"], result), ("always", points.get("always"))]
+    columns = [(label, point) for label, point in columns if point is not None and (point is result or label != result["label"])]
+    return Table(
+        "By difficulty tag (Hit@1 pooled over queries)",
+        ["difficulty", "queries", *(f"Hit@1 {label}" for label, _ in columns), f"think rate {result['label']}"],
+        [[difficulty, str(group["queries"]), *(_score(point["by_difficulty"][difficulty]["hit@1"]) for _, point in columns),
+          _rate(group["think_rate"])]
+         for difficulty, group in result["by_difficulty"].items()],
+    )
 
 
 def _task_table(tasks: dict, compact: bool) -> Table:

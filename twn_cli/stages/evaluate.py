@@ -12,7 +12,8 @@ aggregate per meta-task, modality and overall (twn_cli/eval/aggregate.py). Modes
 
 Outputs in REPORT_DIR: report.json, report.md, predictions.jsonl (the chosen point: the mode, or for a
 sweep the adaptive point at the threshold), quality_vs_tokens.png, and cache/ (twn_cli/eval/cache.py),
-from which an interrupted run resumes.
+from which an interrupted run resumes. Each point also holds Hit@1 and think rate per difficulty tag, where
+the queries have one (an analysis tag, e.g. the toy world's).
 
 Wall time is embedding time (image loading included, ranking excluded), measured per batch and shared
 equally by the batch's rows. A point's time is the sum over its inputs of the view it uses, so the
@@ -99,6 +100,8 @@ class TaskResult:
     modality: str
     pool_kind: str
     query_ids: list[str]
+    # The dataset's analysis tag per query ("" where it has none): the report breaks results down by it.
+    difficulties: list[str]
     golds: list[tuple[list[str], list[float]]]
     candidates: int
     candidate_seconds: float
@@ -386,6 +389,7 @@ def _rank_task(
         modality=task.modality,
         pool_kind=task.pool_kind,
         query_ids=queries.ids,
+        difficulties=[query.get("difficulty") or "" for query in task.queries],
         golds=golds,
         candidates=len(candidates.ids),
         candidate_seconds=float(candidates.seconds["no_think"].sum()),
@@ -417,9 +421,15 @@ def _chosen_views(result: TaskResult, mode: str, threshold: float | None) -> lis
 
 def _point(results: Mapping[str, TaskResult], mode: str, threshold: float | None) -> dict:
     """Every number of one thinking policy: per task, per meta-task, per modality and overall."""
-    tasks, costs = {}, {}
+    tasks, costs, by_difficulty = {}, {}, {}
     for name, result in results.items():
         views = _chosen_views(result, mode, threshold)
+        for row, (view, difficulty) in enumerate(zip(views, result.difficulties)):
+            if difficulty:
+                group = by_difficulty.setdefault(difficulty, {"queries": 0, "hit@1": 0.0, "think_rate": 0.0})
+                group["queries"] += 1
+                group["hit@1"] += result.ranked[view][row]["metrics"]["hit@1"]
+                group["think_rate"] += view == "think"
         thinking = [row for row, view in enumerate(views) if view == "think"]
         costs[name] = TaskCost(
             queries=len(views),
@@ -434,8 +444,15 @@ def _point(results: Mapping[str, TaskResult], mode: str, threshold: float | None
             "pool": result.pool_kind,
             "candidates": result.candidates,
         }
+    for group in by_difficulty.values():
+        group["hit@1"] /= group["queries"]
+        group["think_rate"] /= group["queries"]
     label = mode if threshold is None else f"adaptive τ={threshold:.4g}"
-    return {"label": label, "mode": mode, "threshold": threshold, **aggregate(tasks, costs), "tasks": tasks}
+    return {
+        "label": label, "mode": mode, "threshold": threshold, **aggregate(tasks, costs), "tasks": tasks,
+        # Hit@1 pooled over the queries of each difficulty tag (an analysis tag, e.g. the toy world's).
+        "by_difficulty": dict(sorted(by_difficulty.items())),
+    }
 
 
 def _default_thresholds(results: Mapping[str, TaskResult]) -> list[float]:
