@@ -231,6 +231,13 @@ class TWNModel(nn.Module):
                     backbone.model, adapter_dirs["reasoning"], adapter_name="reasoning", is_trainable=True
                 )
                 self.peft.load_adapter(adapter_dirs["embedding"], adapter_name="embedding", is_trainable=True)
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            modules = list(self.peft.modules())
+            if any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules):
+                raise TWNError("adapters with modules_to_save or trainable tokens are not supported: only LoRA layers")
+            self._lora_layers = [module for module in modules if isinstance(module, BaseTunerLayer)]
             embedding_table = backbone.model.get_input_embeddings().weight.detach().float()
             self.queries = nn.Parameter(
                 embedding_table.mean(0) + embedding_table.std() * torch.randn(config.num_queries, hidden)
@@ -279,8 +286,15 @@ class TWNModel(nn.Module):
 
     # ----------------------------------------------------------------- building blocks
     def use_adapter(self, name: str) -> None:
-        """Route the LoRA layers through `name`; in training mode it becomes the trainable adapter."""
-        self.peft.base_model.set_adapter(name, inference_mode=not self.training)
+        """Route the LoRA layers through `name`; in training mode it becomes the trainable adapter.
+
+        What peft's `set_adapter` does for a model whose only adapted modules are LoRA layers, without its
+        walk over every module of the backbone on each call: that walk cost about 10 ms a switch on a
+        28 M-parameter backbone, a fifth of a query pass, and embedding switches twice per batch.
+        """
+        for layer in self._lora_layers:
+            layer.set_adapter(name, inference_mode=not self.training)
+        self.peft.base_model.active_adapter = name
 
     def encode(self, inputs: list[ModelInput]) -> dict:
         """Tokenise a batch of inputs into left-padded prompts (with image placeholders) on the device."""
