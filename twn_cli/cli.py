@@ -600,18 +600,21 @@ def embed(
 
 def _load_model(checkpoint: Optional[Path], backbone: Optional[str], *, uses_gate: bool, seed: int = 0, **load_options):
     """A trained model from --checkpoint (optionally onto a local --backbone copy), or fresh adapters on --backbone."""
+    from twn_cli.distributed import Distributed
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint
     from twn_cli.engine.model import TWNConfig, TWNModel
 
     if checkpoint is None and backbone is None:
         raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
+    # Every process of torchrun / accelerate launch loads the same model: the first one says what is wrong with it.
+    warn = logging.warning if Distributed().rank == 0 else logging.debug
     if checkpoint is None:
-        logging.warning("no --checkpoint: fresh, untrained adapters on '%s'", backbone)
+        warn("no --checkpoint: fresh, untrained adapters on '%s'", backbone)
         return TWNModel(load_backbone(backbone, **load_options), TWNConfig(seed=seed))
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
     if uses_gate and "gate" not in model.manifest:
-        logging.warning("checkpoint '%s' has no trained gate (run train-gate): the gate is untrained", checkpoint)
+        warn("checkpoint '%s' has no trained gate (run train-gate): the gate is untrained", checkpoint)
     return model
 
 
