@@ -110,7 +110,7 @@ def toy_backbone(
     recipe: Optional[Path] = typer.Option(
         None, help="YAML of backbone sizes (default: the values of recipes/toy/toy-backbone.yaml, built in)."
     ),
-    pretrain: bool = typer.Option(False, "--pretrain", help="Pre-train every weight on the toy world (captioning, scene QA, knowledge) before saving."),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Pre-train on the toy world before saving: a vision warm-up, then captioning, scene QA and knowledge."),
     pretrain_recipe: Optional[Path] = typer.Option(
         None, help="YAML of pre-training settings (default: the values of recipes/toy/pretrain.yaml, built in)."
     ),
