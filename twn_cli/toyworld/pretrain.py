@@ -223,13 +223,13 @@ def pretrain_toy_backbone(
     model.requires_grad_(True)
     model.train()
     vision_warmup_shape_accuracy = warm_up_vision(model, processor, settings, on_step)
-    vision = [p for name, p in model.named_parameters() if ".visual." in f".{name}"]
-    vision_ids = {id(p) for p in vision}
+    vision = model.model.visual
+    vision_ids = {id(p) for p in vision.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in vision_ids], "lr": settings.learning_rate}]
     if settings.vision_learning_rate > 0:
-        groups.append({"params": vision, "lr": settings.vision_learning_rate})
+        groups.append({"params": list(vision.parameters()), "lr": settings.vision_learning_rate})
     else:
-        model.model.visual.requires_grad_(False)
+        vision.requires_grad_(False)
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup_steps, settings.steps))
     stream = pretraining_examples(seed=world_seed)
