@@ -608,7 +608,7 @@ def _load_model(checkpoint: Optional[Path], backbone: Optional[str], *, uses_gat
     if checkpoint is None and backbone is None:
         raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
     # Every process of torchrun / accelerate launch loads the same model: the first one says what is wrong with it.
-    warn = logging.warning if Distributed().rank == 0 else logging.debug
+    warn = logging.warning if Distributed().is_main else logging.debug
     if checkpoint is None:
         warn("no --checkpoint: fresh, untrained adapters on '%s'", backbone)
         return TWNModel(load_backbone(backbone, **load_options), TWNConfig(seed=seed))
