@@ -43,7 +43,7 @@ def run(*arguments):
 
 MAP_IN_ORDER_SCRIPT = """
 import json, sys, torch
-from twn_cli.distributed import Distributed, start_process_group
+from twn_cli.distributed import Distributed, end_process_group, start_process_group
 from twn_cli.errors import TWNError
 start_process_group()
 distributed = Distributed()
@@ -58,6 +58,7 @@ except TWNError as error:
     failed = str(error)
 with open(f"{sys.argv[1]}.{distributed.rank}", "w") as output:
     json.dump({"done": done, "failed": failed}, output)
+end_process_group(finished=True)
 """
 
 

@@ -174,7 +174,8 @@ def test_train_embed_command_end_to_end(toy_backbone_dir, toy_dataset_dir, tmp_p
 
 TWO_PROCESS_SCRIPT = """
 import json, os, sys, torch
-torch.distributed.init_process_group("gloo")
+from twn_cli.distributed import end_process_group, start_process_group
+start_process_group()
 from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.engine.model import TWNModel
@@ -186,7 +187,7 @@ trainer = train_embed.EmbedTrainer(model, train_embed.TrainingData(load_prepared
 metrics = trainer.compute_gradients()
 if torch.distributed.get_rank() == 0:
     torch.save({"loss": metrics["loss"], "grads": {n: p.grad for n, p in trainer.parameters.items() if p.grad is not None}}, sys.argv[4])
-torch.distributed.destroy_process_group()
+end_process_group(finished=True)
 """
 
 
@@ -197,7 +198,7 @@ def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_di
     output = tmp_path / "two.pt"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          str(toy_backbone_dir), str(toy_dataset_dir), json.dumps(settings), str(output)],
         check=True, env=environment, capture_output=True, timeout=300,
     )

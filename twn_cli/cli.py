@@ -83,7 +83,7 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
         except TWNError as error:
             hint = " (--skip-bad skips such records)" if isinstance(error, BadRecordError) else ""
             print(f"twn {command.__name__.replace('_', '-')}: error: {error}{hint}", file=sys.stderr)
@@ -91,6 +91,9 @@ def user_errors(command):
         except KeyboardInterrupt:
             print("twn: interrupted; partial outputs were removed", file=sys.stderr)
             raise typer.Exit(130) from None
+        if "twn_cli.distributed" in sys.modules:  # only commands that may run under several processes load it
+            sys.modules["twn_cli.distributed"].end_process_group(finished=True)
+        return result
 
     return wrapper
 

@@ -26,9 +26,22 @@ def start_process_group() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # Gloo carries CPU tensors and gathered Python objects, NCCL the CUDA tensors.
         torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        # A group still alive when the interpreter shuts down can abort the process ("terminate called
-        # without an active exception") after its work is done.
-        atexit.register(torch.distributed.destroy_process_group)
+        # A group still alive when the interpreter shuts down aborts the process ("terminate called without
+        # an active exception"); a command that fails ends it here, one that finishes through end_process_group.
+        atexit.register(end_process_group, finished=False)
+
+
+def end_process_group(*, finished: bool) -> None:
+    """Tear the process group down, after every process arrives when the command `finished` its work.
+
+    Gloo aborts a process whose peer closes their connection while it still holds it, so a process that is
+    done waits for the others before closing. A failed process cannot wait: the others may never arrive.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def process_device(device: str) -> str:
