@@ -122,6 +122,32 @@ def test_the_gate_reads_raw_states_once_its_training_standardisation_is_folded_i
     assert torch.allclose(gate(states), on_standardised, atol=1e-5)
 
 
+def test_the_gate_keeps_the_epoch_with_the_lowest_loss_on_its_stopping_slice():
+    """Noise labels: an MLP learns them by heart, so the loss on unseen labels is lowest early on."""
+    from twn_cli.engine.gate import RoutingGate
+
+    generator = torch.Generator().manual_seed(0)
+    states, labels = torch.randn(200, 16, generator=generator), torch.rand(200, generator=generator) < 0.5
+    config = TrainGateConfig(epochs=60, batch_size=32, learning_rate=1e-2, log_every=1)
+    torch.manual_seed(0)
+    history = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), config)
+    kept = [entry for entry in history if entry["kept"]]
+    assert len(history) == 60 and len(kept) == 1
+    assert kept[0]["stopping_loss"] == min(entry["stopping_loss"] for entry in history)
+    assert kept[0]["epoch"] < 60 and history[-1]["loss"] < kept[0]["loss"]  # it went on to fit the noise
+
+    torch.manual_seed(0)
+    gate = RoutingGate(16, 64)
+    train_gate.fit_gate(gate, states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "epochs": kept[0]["epoch"]}))
+    torch.manual_seed(0)
+    stopped = RoutingGate(16, 64)
+    train_gate.fit_gate(stopped, states, labels, torch.ones(200), config)
+    assert torch.allclose(gate(states), stopped(states), atol=1e-6)  # the kept weights are that epoch's
+
+    without = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "stopping_fraction": 0.0}))
+    assert [entry["epoch"] for entry in without if entry["kept"]] == [60] and "stopping_loss" not in without[0]
+
+
 def test_training_changes_every_gate_parameter_and_nothing_else(make_model, toy_dataset_dir, tmp_path):
     model = make_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

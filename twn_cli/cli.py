@@ -413,6 +413,7 @@ def train_gate(
         table.add_row(f"  thinking helps, {name}", f"{rate:.1%}")
     heldout = "n/a (one class)" if scores["heldout"] is None else f"{scores['heldout']:.3f}"
     table.add_row("gate AUROC", f"{heldout} on {scores['heldout_inputs']} held-out labels")
+    table.add_row("gate epoch kept", f"{summary['gate_epoch']} (lowest loss on the stopping slice)")
     table.add_row(f"{validation['split']} think rate", f"{validation['think_rate']:.1%} of {validation['queries']} queries")
     table.add_row(
         f"{validation['split']} Hit@1", f"{validation['hit@1_adaptive']:.3f} adaptive, {validation['hit@1_never']:.3f} never, {validation['hit@1_always']:.3f} always"

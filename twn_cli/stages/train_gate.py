@@ -11,7 +11,10 @@
    labels are cached, so another δ reuses the cache.
 2. The gate, an MLP on the detached last prompt state, trains on those cached states with a class-weighted
    BCE (optionally weighted by the size of the margin change): no backbone pass, and only the gate's
-   parameters change. A held-out share of the labelled inputs measures its AUROC against their labels.
+   parameters change. Labels are noisy (most CoTs move the margin a little either way), and an MLP on a
+   few thousand states learns them by heart within tens of epochs, so a slice of its training labels
+   picks the epoch to keep (early stopping). A held-out share of the labelled inputs, never trained or
+   stopped on, measures its AUROC against their labels.
 3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
    validation Hit@1 (each validation query is embedded in both views once; ties go to the higher τ, which
    thinks less).
@@ -68,6 +71,7 @@ class TrainGateConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     margin_weighting: bool = False
+    stopping_fraction: float = 0.2  # of the gate's training labels: the epoch with the lowest loss on them is kept
     heldout_fraction: float = 0.2
     # The threshold.
     target: str = "best"
@@ -83,8 +87,9 @@ class TrainGateConfig:
             raise TWNError(f"target must be 'best' or 'budget', not '{self.target}'")
         if not 0.0 <= self.think_budget <= 1.0:
             raise TWNError(f"think_budget is a share of inputs, between 0 and 1, not {self.think_budget}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise TWNError(f"heldout_fraction must be in [0, 1), not {self.heldout_fraction}")
+        for name in ("heldout_fraction", "stopping_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TWNError(f"{name} must be in [0, 1), not {getattr(self, name)}")
         if self.label_batch_size < 2:
             raise TWNError("label_batch_size must be at least 2: the batch's other targets are the negatives")
         if min(self.label_queries, self.validation_queries, self.epochs, self.batch_size, self.log_every) < 1 or self.hard_negatives < 0:
@@ -343,37 +348,54 @@ def sample_weights(labels: torch.Tensor, margin_change: torch.Tensor, margin_wei
 
 
 def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> list[dict]:
-    """Train `gate` on (last prompt state, label) pairs; returns the loss per logged epoch.
+    """Train `gate` on (last prompt state, label) pairs; returns the losses per logged epoch.
 
-    The states are standardised for training (hidden states have a few huge dimensions that would dominate
-    the first layer), and the standardisation is then folded into the first layer, so the gate reads raw
-    states as before.
+    A seeded `stopping_fraction` of the pairs is kept out of training; the gate ends with the weights of the
+    epoch whose weighted loss on them was lowest (marked `kept` in the history). The states are
+    standardised for training (hidden states have a few huge dimensions that would dominate the first
+    layer), and the standardisation is then folded into the first layer, so the gate reads raw states.
     """
     device = next(gate.parameters()).device
     mean = features.mean(0)
     scale = features.std(0, unbiased=False).clamp_min(1e-3)
     inputs = ((features - mean) / scale).to(device)
     targets, weights = labels.float().to(device), weights.to(device)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    history = []
-    gate.train()
+    order = torch.randperm(len(inputs), generator=generator).to(device)
+    stopping_count = min(round(config.stopping_fraction * len(inputs)), len(inputs) - 1)
+    stopping, training = order[:stopping_count], order[stopping_count:]
+
+    def weighted_loss(rows: torch.Tensor) -> torch.Tensor:
+        losses = F.binary_cross_entropy_with_logits(gate.logits(inputs[rows]), targets[rows], reduction="none")
+        return (losses * weights[rows]).sum() / weights[rows].sum()
+
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    history, best_loss, best_state, best_epoch = [], float("inf"), None, config.epochs
     with torch.enable_grad():
         for epoch in range(1, config.epochs + 1):
-            weighted_loss = 0.0
-            for rows in torch.randperm(len(inputs), generator=generator).split(config.batch_size):
-                rows = rows.to(device)
-                losses = F.binary_cross_entropy_with_logits(gate.logits(inputs[rows]), targets[rows], reduction="none")
-                loss = (losses * weights[rows]).sum() / weights[rows].sum()
+            gate.train()
+            train_loss = 0.0
+            for rows in training[torch.randperm(len(training), generator=generator).to(device)].split(config.batch_size):
+                loss = weighted_loss(rows)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                weighted_loss += loss.item() * float(weights[rows].sum())
-            if epoch % config.log_every == 0 or epoch == config.epochs:
-                history.append({"epoch": epoch, "loss": weighted_loss / float(weights.sum())})
+                train_loss += loss.item() * float(weights[rows].sum())
+            entry = {"epoch": epoch, "loss": train_loss / float(weights[training].sum())}
+            if stopping_count:
+                gate.eval()
+                with torch.no_grad():
+                    entry["stopping_loss"] = weighted_loss(stopping).item()
+                if entry["stopping_loss"] < best_loss:
+                    best_loss, best_epoch = entry["stopping_loss"], epoch
+                    best_state = {name: value.clone() for name, value in gate.state_dict().items()}
+            history.append(entry)
+    if best_state is not None:
+        gate.load_state_dict(best_state)
     gate.eval()
     gate.absorb_input_scaling(mean, scale)
-    return history
+    logged = (entry for entry in history if entry["epoch"] % config.log_every == 0 or entry["epoch"] in (config.epochs, best_epoch))
+    return [{**entry, "kept": entry["epoch"] == best_epoch} for entry in logged]
 
 
 @torch.no_grad()
@@ -496,6 +518,7 @@ def run_train_gate(
     progress("gate", 0, 1)
     weights = sample_weights(labels[trained], labelled.margin_change[trained], config.margin_weighting)
     history = fit_gate(model.gate, labelled.features[trained], labels[trained], weights, config)
+    kept = next(entry for entry in history if entry["kept"])
     progress("gate", 1, 1)
     p_labelled = gate_probabilities(model.gate, labelled.features)
     p_validation = gate_probabilities(model.gate, validation.features)
@@ -520,7 +543,8 @@ def run_train_gate(
             "train": auroc(p_labelled[trained], labels[trained]),
             "train_inputs": len(trained),
         },
-        "gate_loss": history[-1]["loss"],
+        "gate_loss": kept["loss"],
+        "gate_epoch": kept["epoch"],
         "validation": {"split": config.validation_split, **adaptive_outcome(p_validation, tau, validation)},
     }
 
