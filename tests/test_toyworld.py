@@ -136,42 +136,42 @@ def test_t2i_gold_pictures_contain_the_resolved_shape_and_hard_negatives_change_
                 assert changes in (["shape"], ["colour"])
 
 
-def test_held_out_combinations_appear_only_in_test(world):
+def test_held_out_combinations_appear_in_validation_and_test_never_in_train(world):
     held = world.held_out.combinations
-    for name in ("train", "validation"):
-        split = world[name]
-        for candidate in split.candidates.values():
-            for image in candidate.images:
-                assert not {(o.colour, o.shape) for o in image.scene.objects} & held
-            assert not any(f"{colour} {shape}" in candidate.text for colour, shape in held)
-        for record in split.records:
-            for image in record.images:
-                assert not {(o.colour, o.shape) for o in image.scene.objects} & held
-            assert not any(f"{colour} {shape}" in f"{record.text} {record.cot}" for colour, shape in held)
-    novel = [r for r in world["test"].records if "combination" in r.held_out]
-    assert {r.task for r in novel} == {"t2i", "i2t", "classification", "vqa"}
-    assert any(r.difficulty in REASONING for r in novel)
+    train = world["train"]
+    for candidate in train.candidates.values():
+        for image in candidate.images:
+            assert not {(o.colour, o.shape) for o in image.scene.objects} & held
+        assert not any(f"{colour} {shape}" in candidate.text for colour, shape in held)
+    for record in train.records:
+        for image in record.images:
+            assert not {(o.colour, o.shape) for o in image.scene.objects} & held
+        assert not any(f"{colour} {shape}" in f"{record.text} {record.cot}" for colour, shape in held)
+    for name in ("validation", "test"):
+        novel = [r for r in world[name].records if "combination" in r.held_out]
+        assert {r.task for r in novel} == {"t2i", "i2t", "classification", "vqa"}, name
+        assert any(r.difficulty in REASONING for r in novel)
 
 
-def test_held_out_phrasings_and_facts_appear_only_in_test(world):
+def test_held_out_phrasings_and_facts_appear_in_validation_and_test_never_in_train(world):
     held = world.held_out
-    train_texts = [f"{r.text} {r.cot}" for name in ("train", "validation") for r in world[name].records]
-    test_texts = [r.text for r in world["test"].records]
+    train_texts = [f"{r.text} {r.cot}" for r in world["train"].records]
     for template in held.templates:
         pattern = template_pattern(template)
         assert not any(pattern.search(text) for text in train_texts), template
-    assert any(template_pattern(template).search(text) for template in held.templates for text in test_texts)
     held_things = {fact.key[0] for fact in held.facts if fact.kind == "colour_thing"}
-    for name in ("train", "validation"):
+    for record in world["train"].records:
+        assert not {clue.fact for clue in record.clues} & held.facts
+        assert not {clue.template for clue in record.clues} & held.templates
+        assert not any(thing in f"{record.text} {record.cot}" for thing in held_things)
+        assert not record.held_out
+    for name in ("validation", "test"):
+        texts = [r.text for r in world[name].records]
+        assert any(template_pattern(template).search(text) for template in held.templates for text in texts), name
         for record in world[name].records:
-            assert not {clue.fact for clue in record.clues} & held.facts
-            assert not {clue.template for clue in record.clues} & held.templates
-            assert not any(thing in f"{record.text} {record.cot}" for thing in held_things)
-            assert not record.held_out
-    for record in world["test"].records:
-        if record.difficulty in REASONING:
-            assert {"fact", "phrasing"} & set(record.held_out), record.text
-    assert any("fact" in r.held_out for r in world["test"].records)
+            if record.difficulty in REASONING:
+                assert {"fact", "phrasing"} & set(record.held_out), record.text
+        assert any("fact" in r.held_out for r in world[name].records), name
 
 
 def test_reasoning_queries_do_not_contain_their_answers(world):

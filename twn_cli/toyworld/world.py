@@ -2,8 +2,9 @@
 
 Design rules (METHOD.md section 5, ENVIRONMENT.md "What a toy world taught us"):
 - Reasoning is necessary on the test split. Each of its reasoning queries uses a clue phrasing or a clue
-  fact that train and validation never use, and about half of its targets are colour-shape combinations that
-  train and validation never show. The backbone still learns every fact and phrasing from
+  fact that the train split never uses, and about half of its targets are colour-shape combinations that
+  train never shows. Validation is drawn the same way (independent records), so that a threshold chosen on
+  it meets the same shift. The backbone still learns every fact and phrasing from
   `pretraining_examples`, so a CoT that writes the knowledge out can solve them.
 - A clue never contains the words of its answer, and the other shapes in a text-to-image target avoid the
   query's colour and shape words: string matching cannot solve a reasoning query, while the hard negatives
@@ -43,12 +44,15 @@ from twn_cli.toyworld.vocabulary import (
 )
 
 SPLIT_SHARES = {"train": 0.7, "validation": 0.1, "test": 0.2}
+# The splits drawn with the held-out elements. Validation is drawn like test (independent records), so that
+# what is chosen on it (the gate's τ) meets the shift that test holds; nothing trains on either.
+HELD_OUT_SPLITS = ("validation", "test")
 META_TASKS = {"t2i": "retrieval", "i2t": "retrieval", "classification": "classification", "vqa": "vqa"}
 TASK_SHARES = {"t2i": 0.4, "vqa": 0.3, "i2t": 0.15, "classification": 0.15}
 # Shares of the tasks that have reasoning queries (t2i, vqa); the others are all `simple`.
 DIFFICULTY_SHARES = {"simple": 0.3, "one_step": 0.25, "two_step": 0.3, "hedged": 0.15}
 OBJECT_COUNT_WEIGHTS = {1: 0.5, 2: 0.3, 3: 0.2}
-# On the test split: the share of targets drawn from the held-out colour-shape combinations.
+# On validation and test: the share of targets drawn from the held-out colour-shape combinations.
 HELD_OUT_TARGET_SHARE = 0.5
 # Share of question scenes whose other shapes carry a colour or shape word of the question.
 LURE_SHARE = 0.5
@@ -104,7 +108,7 @@ CLUE_TEMPLATES = {
     "shape_relation": SHAPE_TEMPLATES,
 }
 HELD_OUT_TEMPLATE_COUNTS = ((COLOUR_THING_TEMPLATES, 2), (COLOUR_MIX_TEMPLATES, 1), (SHAPE_TEMPLATES, 1))
-# Facts held out of train and validation: one thing per colour, one feature of each of two shapes (the
+# Facts held out of train: one thing per colour, one feature of each of two shapes (the
 # other feature stays), and a few mixes and side relations.
 HELD_OUT_FEATURE_SHAPES = 2
 HELD_OUT_MIXES = 2
@@ -287,7 +291,7 @@ class Clue:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """What train and validation never use and the test split does: combinations (colour, shape), facts, phrasings."""
+    """What train never uses and validation and test do: combinations (colour, shape), facts, phrasings."""
 
     combinations: frozenset[tuple[str, str]]
     facts: frozenset[Fact]
@@ -469,13 +473,13 @@ class _SplitBuilder:
 
     def __init__(self, name: str, seed: int, held_out: HeldOut):
         self.name = name
-        self.is_test = name == "test"
+        self.draws_held_out = name in HELD_OUT_SPLITS
         self.held_out = held_out
         self.rng = random.Random(f"toyworld/{seed}/{name}")
-        self.allowed_pairs = [(c, s) for c in COLOURS for s in SHAPES if self.is_test or (c, s) not in held_out.combinations]
+        self.allowed_pairs = [(c, s) for c in COLOURS for s in SHAPES if self.draws_held_out or (c, s) not in held_out.combinations]
         self.allowed_facts: dict[tuple[str, str], list[Fact]] = defaultdict(list)
         for fact in KNOWLEDGE:
-            if self.is_test or fact not in held_out.facts:
+            if self.draws_held_out or fact not in held_out.facts:
                 self.allowed_facts[fact.kind, fact.answer].append(fact)
         self.candidates: dict[str, Candidate] = {}
         self.pools: dict[str, list[str]] = defaultdict(list)
@@ -501,10 +505,10 @@ class _SplitBuilder:
     # -- what a split may use ---------------------------------------------------------------------------
 
     def _templates(self, kind: str) -> list[str]:
-        return [t for t in CLUE_TEMPLATES[kind] if self.is_test or t not in self.held_out.templates]
+        return [t for t in CLUE_TEMPLATES[kind] if self.draws_held_out or t not in self.held_out.templates]
 
     def _pair_allowed(self, colour: str, shape: str) -> bool:
-        return self.is_test or (colour, shape) not in self.held_out.combinations
+        return self.draws_held_out or (colour, shape) not in self.held_out.combinations
 
     def _choose_target(self, forms: list[tuple[str | None, str | None]]) -> tuple[str, str, tuple[str | None, str | None]]:
         """A target (colour, shape) and query forms that this split's facts can express for it."""
@@ -512,7 +516,7 @@ class _SplitBuilder:
         def expressible(form: str | None, answer: str) -> bool:
             return form in (None, "direct") or bool(self.allowed_facts[form, answer])
 
-        novel = self.is_test and self.rng.random() < HELD_OUT_TARGET_SHARE
+        novel = self.draws_held_out and self.rng.random() < HELD_OUT_TARGET_SHARE
         for colour_form, shape_form in self.rng.sample(forms, len(forms)):
             pairs = [(c, s) for c, s in self.allowed_pairs if expressible(colour_form, c) and expressible(shape_form, s)]
             if novel:
@@ -527,11 +531,11 @@ class _SplitBuilder:
     ) -> tuple[str | Clue | None, str | Clue | None, tuple[Clue, ...]]:
         """The query's way of naming colour and shape, and its clues (shape clue first, as the CoT reads).
 
-        On the test split one clue of every reasoning query uses a held-out fact or phrasing.
+        On validation and test one clue of every reasoning query uses a held-out fact or phrasing.
         """
         colour_form, shape_form = forms
         slots = [(form, answer) for form, answer in ((shape_form, shape), (colour_form, colour)) if form not in (None, "direct")]
-        novel_slot = self.rng.randrange(len(slots)) if self.is_test and slots else None
+        novel_slot = self.rng.randrange(len(slots)) if self.draws_held_out and slots else None
         clues = tuple(self._clue(kind, answer, novel=index == novel_slot) for index, (kind, answer) in enumerate(slots))
         by_attribute = {clue.fact.attribute: clue for clue in clues}
 
