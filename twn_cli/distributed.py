@@ -37,7 +37,7 @@ def end_process_group(*, finished: bool) -> None:
     Gloo aborts a process whose peer closes their connection while it still holds it, so a process that is
     done waits for the others before closing. A failed process cannot wait: the others may never arrive.
     """
-    if not torch.distributed.is_initialized():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if finished:
         torch.distributed.barrier()

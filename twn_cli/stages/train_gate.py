@@ -364,6 +364,8 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     order = torch.randperm(len(inputs), generator=generator).to(device)
     stopping_count = min(round(config.stopping_fraction * len(inputs)), len(inputs) - 1)
     stopping, training = order[:stopping_count], order[stopping_count:]
+    if not float(weights[stopping].sum()) > 0:  # nothing to stop on (margin weights can all be zero on a small slice)
+        stopping, training = order[:0], order
 
     def weighted_loss(rows: torch.Tensor) -> torch.Tensor:
         losses = F.binary_cross_entropy_with_logits(gate.logits(inputs[rows]), targets[rows], reduction="none")
@@ -382,7 +384,7 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
                 optimizer.step()
                 train_loss += loss.item() * float(weights[rows].sum())
             entry = {"epoch": epoch, "loss": train_loss / float(weights[training].sum())}
-            if stopping_count:
+            if len(stopping):
                 gate.eval()
                 with torch.no_grad():
                     entry["stopping_loss"] = weighted_loss(stopping).item()
