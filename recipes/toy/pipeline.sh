@@ -7,23 +7,25 @@
 #
 # RUN_DIR defaults to runs/toy; RECIPE_DIR (default: this folder) holds toy-backbone.yaml, pretrain.yaml,
 # train-embed.yaml, train-gate.yaml and train-rl.yaml; TOY_WORLD_SIZE (default 2000) sets the number of
-# queries of the toy world. The test suite runs the same script with a reduced recipe folder and world.
+# queries of the toy world, TOY_SEED (default 0) the seed of the toy backbone and the world (another draw).
+# The test suite runs the same script with a reduced recipe folder and world.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 run="${1:-runs/toy}"
 recipes="${2:-$here}"
 world_size="${TOY_WORLD_SIZE:-2000}"
+seed="${TOY_SEED:-0}"
 mkdir -p "$run"
 export HF_HUB_OFFLINE=1
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "toy backbone: a tiny Qwen2-VL, pre-trained on the toy world"
-backbone=$(twn toy-backbone -o "$run/backbone" --seed 0 --recipe "$recipes/toy-backbone.yaml" \
+backbone=$(twn toy-backbone -o "$run/backbone" --seed "$seed" --recipe "$recipes/toy-backbone.yaml" \
     --pretrain --pretrain-recipe "$recipes/pretrain.yaml")
 
 step "the toy reasoning world as a prepared dataset"
-data=$(twn prepare synthetic -o "$run/data" --n "$world_size" --seed 0)
+data=$(twn prepare synthetic -o "$run/data" --n "$world_size" --seed "$seed")
 
 step "train-embed: reasoning adapter (SFT on teacher CoT) + embedding adapter (two-view InfoNCE)"
 embed_run=$(twn train-embed "$data" --backbone "$backbone" -o "$run/embed" --recipe "$recipes/train-embed.yaml")
