@@ -180,6 +180,15 @@ def test_best_threshold_takes_the_best_hit_at_1_and_thinks_less_on_ties():
     assert best_threshold(p_think, hit_never, hit_never) > 0.9  # thinking never helps: nobody thinks
 
 
+def test_a_tolerance_takes_the_threshold_that_thinks_least_within_it_of_the_best():
+    p_think = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    hit_never = torch.zeros(10, dtype=torch.bool)
+    hit_think = torch.tensor([True, False, False, False, False, False, False, False, False, True])
+    assert best_threshold(p_think, hit_never, hit_think) == pytest.approx(0.05)  # 2 hits, everyone thinks
+    assert best_threshold(p_think, hit_never, hit_think, tolerance=0.1) == pytest.approx(0.9)  # 1 hit, one thinks
+    assert best_threshold(p_think, hit_never, hit_think, tolerance=0.09) == pytest.approx(0.05)
+
+
 def test_label_cache_resumes_with_only_the_missing_inputs(make_model, toy_dataset_dir, tmp_path, monkeypatch):
     dataset = load_prepared(toy_dataset_dir)
     config = TrainGateConfig(**{**SMALL, "label_batch_size": 4})

@@ -76,6 +76,7 @@ class TrainGateConfig:
     # The threshold.
     target: str = "best"
     think_budget: float = 0.5
+    best_tolerance: float = 0.0  # target best: the τ that thinks least within this share of the best Hit@1
     validation_split: str = "validation"
     validation_queries: int = 200
     # Bookkeeping.
@@ -460,16 +461,19 @@ def threshold_for_budget(p_think: torch.Tensor, budget: float) -> float:
     return float(ordered[thinking - 1])
 
 
-def best_threshold(p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor) -> float:
-    """The τ with the best Hit@1 when inputs with p_think ≥ τ use their think view; ties go to the higher τ."""
+def best_threshold(p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor, tolerance: float = 0.0) -> float:
+    """The highest τ whose Hit@1 (inputs with p_think ≥ τ use their think view) is within `tolerance` of the best.
+
+    With no tolerance, ties go to the higher τ, which thinks less; a tolerance (a share of Hit@1, 0.005 for
+    half a point) trades that much validation Hit@1 for fewer reasoning tokens.
+    """
     p_think = p_think.float()
     above_all = float(torch.nextafter(p_think.max(), torch.tensor(float("inf"))))
-    best_tau, best_hits = above_all, int(hit_never.sum())
+    points = [(above_all, int(hit_never.sum()))]
     for tau in sorted(set(p_think.tolist()), reverse=True):
-        hits = int(torch.where(p_think >= tau, hit_think, hit_never).sum())
-        if hits > best_hits:
-            best_tau, best_hits = tau, hits
-    return best_tau
+        points.append((tau, int(torch.where(p_think >= tau, hit_think, hit_never).sum())))
+    enough = max(hits for _, hits in points) - tolerance * len(p_think)
+    return next(tau for tau, hits in points if hits >= enough - 1e-9)
 
 
 def adaptive_outcome(p_think: torch.Tensor, tau: float, validation: ValidationViews) -> dict:
@@ -528,7 +532,7 @@ def run_train_gate(
     if config.target == "budget":
         tau = threshold_for_budget(p_validation, config.think_budget)
     else:
-        tau = best_threshold(p_validation, validation.hit_never, validation.hit_think)
+        tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, config.best_tolerance)
     model.config.gate_threshold = tau
     _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), p_labelled, history)
     return {
