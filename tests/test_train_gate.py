@@ -157,7 +157,12 @@ def test_training_changes_every_gate_parameter_and_nothing_else(make_model, toy_
     assert model.config.gate_threshold == summary["threshold"]
     assert summary["labels"]["inputs"] == 12 and summary["validation"]["queries"] == 8
     lines = (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and {"label", "margin_never", "margin_think", "cot", "heldout"} <= set(json.loads(lines[0]))
+    assert len(lines) == 12 and {"label", "margin_never", "margin_think", "cot", "heldout", "stopping"} <= set(json.loads(lines[0]))
+    records = [json.loads(line) for line in lines]
+    # Every labelled input is trained on, stops the training, or is held out: one of the three.
+    heldout, stopping = sum(r["heldout"] for r in records), sum(r["stopping"] for r in records)
+    assert not any(r["heldout"] and r["stopping"] for r in records) and heldout == summary["auroc"]["heldout_inputs"]
+    assert stopping == summary["auroc"]["stopping_inputs"] > 0 and summary["auroc"]["train_inputs"] == 12 - heldout - stopping
 
 
 def test_think_budget_is_the_quantile_of_validation_p_think(make_model, toy_dataset_dir, tmp_path):

@@ -348,6 +348,13 @@ def sample_weights(labels: torch.Tensor, margin_change: torch.Tensor, margin_wei
     return weights
 
 
+def stopping_split(count: int, config: TrainGateConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of `count` training pairs, the seeded `stopping_fraction` that picks the gate's epoch, and the rest."""
+    order = torch.randperm(count, generator=generator)
+    stopping_count = min(round(config.stopping_fraction * count), count - 1)
+    return order[:stopping_count], order[stopping_count:]
+
+
 def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> list[dict]:
     """Train `gate` on (last prompt state, label) pairs; returns the losses per logged epoch.
 
@@ -362,11 +369,9 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     inputs = ((features - mean) / scale).to(device)
     targets, weights = labels.float().to(device), weights.to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(inputs), generator=generator).to(device)
-    stopping_count = min(round(config.stopping_fraction * len(inputs)), len(inputs) - 1)
-    stopping, training = order[:stopping_count], order[stopping_count:]
+    stopping, training = (rows.to(device) for rows in stopping_split(len(inputs), config, generator))
     if not float(weights[stopping].sum()) > 0:  # nothing to stop on (margin weights can all be zero on a small slice)
-        stopping, training = order[:0], order
+        stopping, training = stopping[:0], torch.cat([stopping, training])
 
     def weighted_loss(rows: torch.Tensor) -> torch.Tensor:
         losses = F.binary_cross_entropy_with_logits(gate.logits(inputs[rows]), targets[rows], reduction="none")
@@ -520,11 +525,14 @@ def run_train_gate(
         log.warning("all %d labels are %s: the gate can only learn one answer", len(labels), "'think'" if labels.all() else "'do not think'")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed + 1))
     heldout_count = min(round(config.heldout_fraction * len(rows)), len(rows) - 1)
-    heldout, trained = order[:heldout_count], order[heldout_count:]
+    heldout, fitted = order[:heldout_count], order[heldout_count:]
     progress("gate", 0, 1)
-    weights = sample_weights(labels[trained], labelled.margin_change[trained], config.margin_weighting)
-    history = fit_gate(model.gate, labelled.features[trained], labels[trained], weights, config)
+    weights = sample_weights(labels[fitted], labelled.margin_change[fitted], config.margin_weighting)
+    history = fit_gate(model.gate, labelled.features[fitted], labels[fitted], weights, config)
     kept = next(entry for entry in history if entry["kept"])
+    stopping, trained = (fitted[rows] for rows in stopping_split(len(fitted), config, torch.Generator().manual_seed(config.seed)))
+    if "stopping_loss" not in kept:  # fit_gate found nothing to stop on and trained on every row
+        stopping, trained = fitted[:0], fitted
     progress("gate", 1, 1)
     p_labelled = gate_probabilities(model.gate, labelled.features)
     p_validation = gate_probabilities(model.gate, validation.features)
@@ -534,7 +542,7 @@ def run_train_gate(
     else:
         tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, config.best_tolerance)
     model.config.gate_threshold = tau
-    _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), p_labelled, history)
+    _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, history)
     return {
         "threshold": tau,
         "target": config.target,
@@ -548,6 +556,8 @@ def run_train_gate(
             "heldout_inputs": len(heldout),
             "train": auroc(p_labelled[trained], labels[trained]),
             "train_inputs": len(trained),
+            "stopping": auroc(p_labelled[stopping], labels[stopping]),
+            "stopping_inputs": len(stopping),
         },
         "gate_loss": kept["loss"],
         "gate_epoch": kept["epoch"],
@@ -574,7 +584,7 @@ def label_statistics(rows: list[dict], labelled: LabelledInputs, labels: torch.T
     return statistics
 
 
-def _write_logs(train_dir, rows, labelled, labels, heldout, p_think, history) -> None:
+def _write_logs(train_dir, rows, labelled, labels, heldout, stopping, p_think, history) -> None:
     """RUN/train/gate-labels.jsonl (every labelled input) and gate-metrics.jsonl, each written atomically."""
     records = [
         {
@@ -587,6 +597,7 @@ def _write_logs(train_dir, rows, labelled, labels, heldout, p_think, history) ->
             "reasoning_tokens": int(labelled.reasoning_tokens[i]),
             "cot": labelled.cots[i],
             "heldout": i in heldout,
+            "stopping": i in stopping,
             "p_think": float(p_think[i]),
         }
         for i, row in enumerate(rows)
