@@ -130,7 +130,7 @@ def test_the_gate_keeps_the_epoch_with_the_lowest_loss_on_its_stopping_slice():
     states, labels = torch.randn(200, 16, generator=generator), torch.rand(200, generator=generator) < 0.5
     config = TrainGateConfig(epochs=60, batch_size=32, learning_rate=1e-2, log_every=1)
     torch.manual_seed(0)
-    history = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), config)
+    history = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), config).history
     kept = [entry for entry in history if entry["kept"]]
     assert len(history) == 60 and len(kept) == 1
     assert kept[0]["stopping_loss"] == min(entry["stopping_loss"] for entry in history)
@@ -144,7 +144,7 @@ def test_the_gate_keeps_the_epoch_with_the_lowest_loss_on_its_stopping_slice():
     train_gate.fit_gate(stopped, states, labels, torch.ones(200), config)
     assert torch.allclose(gate(states), stopped(states), atol=1e-6)  # the kept weights are that epoch's
 
-    without = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "stopping_fraction": 0.0}))
+    without = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "stopping_fraction": 0.0})).history
     assert [entry["epoch"] for entry in without if entry["kept"]] == [60] and "stopping_loss" not in without[0]
 
 

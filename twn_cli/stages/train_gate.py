@@ -348,15 +348,27 @@ def sample_weights(labels: torch.Tensor, margin_change: torch.Tensor, margin_wei
     return weights
 
 
-def stopping_split(count: int, config: TrainGateConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of `count` training pairs, the seeded `stopping_fraction` that picks the gate's epoch, and the rest."""
+def seeded_split(count: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random `fraction` of the rows 0..count-1 (leaving at least one), and the other rows."""
     order = torch.randperm(count, generator=generator)
-    stopping_count = min(round(config.stopping_fraction * count), count - 1)
-    return order[:stopping_count], order[stopping_count:]
+    taken = min(round(fraction * count), count - 1)
+    return order[:taken], order[taken:]
 
 
-def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> list[dict]:
-    """Train `gate` on (last prompt state, label) pairs; returns the losses per logged epoch.
+@dataclass
+class GateFit:
+    """The losses per logged epoch (the kept one marked `kept`), and the rows that picked that epoch."""
+
+    history: list[dict]
+    stopping_rows: torch.Tensor
+
+    @property
+    def kept(self) -> dict:
+        return next(entry for entry in self.history if entry["kept"])
+
+
+def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> GateFit:
+    """Train `gate` on (last prompt state, label) pairs.
 
     A seeded `stopping_fraction` of the pairs is kept out of training; the gate ends with the weights of the
     epoch whose weighted loss on them was lowest (marked `kept` in the history). The states are
@@ -369,7 +381,7 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     inputs = ((features - mean) / scale).to(device)
     targets, weights = labels.float().to(device), weights.to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    stopping, training = (rows.to(device) for rows in stopping_split(len(inputs), config, generator))
+    stopping, training = (rows.to(device) for rows in seeded_split(len(inputs), config.stopping_fraction, generator))
     if not float(weights[stopping].sum()) > 0:  # nothing to stop on (margin weights can all be zero on a small slice)
         stopping, training = stopping[:0], torch.cat([stopping, training])
 
@@ -403,7 +415,7 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     gate.eval()
     gate.absorb_input_scaling(mean, scale)
     logged = (entry for entry in history if entry["epoch"] % config.log_every == 0 or entry["epoch"] in (config.epochs, best_epoch))
-    return [{**entry, "kept": entry["epoch"] == best_epoch} for entry in logged]
+    return GateFit([{**entry, "kept": entry["epoch"] == best_epoch} for entry in logged], stopping.cpu())
 
 
 @torch.no_grad()
@@ -523,16 +535,12 @@ def run_train_gate(
     labels = labelled.labels(config.delta)
     if labels.all() or not labels.any():
         log.warning("all %d labels are %s: the gate can only learn one answer", len(labels), "'think'" if labels.all() else "'do not think'")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed + 1))
-    heldout_count = min(round(config.heldout_fraction * len(rows)), len(rows) - 1)
-    heldout, fitted = order[:heldout_count], order[heldout_count:]
+    heldout, fitted = seeded_split(len(rows), config.heldout_fraction, torch.Generator().manual_seed(config.seed + 1))
     progress("gate", 0, 1)
     weights = sample_weights(labels[fitted], labelled.margin_change[fitted], config.margin_weighting)
-    history = fit_gate(model.gate, labelled.features[fitted], labels[fitted], weights, config)
-    kept = next(entry for entry in history if entry["kept"])
-    stopping, trained = (fitted[rows] for rows in stopping_split(len(fitted), config, torch.Generator().manual_seed(config.seed)))
-    if "stopping_loss" not in kept:  # fit_gate found nothing to stop on and trained on every row
-        stopping, trained = fitted[:0], fitted
+    fit = fit_gate(model.gate, labelled.features[fitted], labels[fitted], weights, config)
+    stopping = fitted[fit.stopping_rows]
+    trained = fitted[~torch.isin(torch.arange(len(fitted)), fit.stopping_rows)]
     progress("gate", 1, 1)
     p_labelled = gate_probabilities(model.gate, labelled.features)
     p_validation = gate_probabilities(model.gate, validation.features)
@@ -542,7 +550,7 @@ def run_train_gate(
     else:
         tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, config.best_tolerance)
     model.config.gate_threshold = tau
-    _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, history)
+    _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, fit.history)
     return {
         "threshold": tau,
         "target": config.target,
@@ -559,8 +567,8 @@ def run_train_gate(
             "stopping": auroc(p_labelled[stopping], labels[stopping]),
             "stopping_inputs": len(stopping),
         },
-        "gate_loss": kept["loss"],
-        "gate_epoch": kept["epoch"],
+        "gate_loss": fit.kept["loss"],
+        "gate_epoch": fit.kept["epoch"],
         "validation": {"split": config.validation_split, **adaptive_outcome(p_validation, tau, validation)},
     }
 
