@@ -41,6 +41,22 @@ def test_an_unknown_setting_is_a_clear_error(tmp_path):
         load_recipe(recipe, TrainEmbedConfig)
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ("best_tolerance: abc", "best_tolerance must be a number, not 'abc'"),
+    ("epochs: 2.5", "epochs must be a whole number, not 2.5"),
+    ("margin_weighting: 1", "margin_weighting must be true or false, not 1"),
+    ("max_think_tokens: many", "max_think_tokens must be a whole number or empty \\(null\\), not 'many'"),
+])
+def test_a_setting_of_the_wrong_type_is_a_clear_error(tmp_path, setting, message):
+    from twn_cli.errors import TWNError
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(setting + "\n")
+    with pytest.raises(TWNError, match=message):
+        load_recipe(recipe, TrainGateConfig)
+    assert load_recipe(None, TrainGateConfig, delta=1, max_think_tokens=None).delta == 1  # an int is a number
+
+
 def test_set_and_a_named_option_of_the_same_setting_combine_with_the_option_winning():
     assert parse_overrides(["learning_rate=0.002", "steps=5"], learning_rate=None, steps=7) == {"learning_rate": 0.002, "steps": 7}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import TypeVar
@@ -32,7 +34,34 @@ def load_recipe(path: str | Path | None, settings_class: type[Settings], **overr
     if unknown:
         source = f"recipe '{path}'" if path is not None else "settings"
         raise TWNError(f"{source}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    hints = typing.get_type_hints(settings_class)
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            source = "command line" if overrides.get(name) is not None else f"recipe '{path}'"
+            raise TWNError(f"{source}: {name} must be {_describe(hints[name])}, not {value!r}")
     return settings_class(**values)
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a YAML value suits a setting's annotation (an int is a float; a bool is no number)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_fits(value, member) for member in typing.get_args(annotation))
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is type(None):
+        return value is None
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def _describe(annotation) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list", tuple: "a list"}
+    members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return " or ".join("empty (null)" if member is type(None) else names.get(typing.get_origin(member) or member, str(member)) for member in members)
 
 
 def parse_overrides(items: list[str], **options) -> dict:
