@@ -121,3 +121,13 @@ def without(value, keys: set[str]):
     if isinstance(value, list):
         return [without(item, keys) for item in value]
     return value
+
+
+@pytest.mark.parametrize("plugin", ["FSDP", "DEEPSPEED"])
+def test_accelerate_sharding_configs_are_refused_rather_than_ignored(plugin, monkeypatch):
+    from twn_cli.distributed import start_process_group
+    from twn_cli.errors import TWNError
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{plugin}", "true")
+    with pytest.raises(TWNError, match="shard_backbone"):
+        start_process_group()

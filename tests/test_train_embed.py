@@ -174,7 +174,7 @@ def test_train_embed_command_end_to_end(toy_backbone_dir, toy_dataset_dir, tmp_p
 
 TWO_PROCESS_SCRIPT = """
 import json, os, sys, torch
-from twn_cli.distributed import end_process_group, start_process_group
+from twn_cli.distributed import end_process_group, shard_language_model, start_process_group
 start_process_group()
 from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.backbone import load_backbone
@@ -183,16 +183,23 @@ from twn_cli.stages import train_embed
 backbone_dir, dataset_dir, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 config = train_embed.TrainEmbedConfig(**settings)
 model = TWNModel(load_backbone(backbone_dir, device="cpu"), config.model_config())
+if config.shard_backbone:
+    shard_language_model(model, torch.device("cpu"))
+frozen = [p for n, p in model.backbone.model.get_decoder().layers.named_parameters() if "lora_" not in n]
+held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
 trainer = train_embed.EmbedTrainer(model, train_embed.TrainingData(load_prepared(dataset_dir), "train", config.hard_negatives, config.seed), config)
 metrics = trainer.compute_gradients()
 if torch.distributed.get_rank() == 0:
-    torch.save({"loss": metrics["loss"], "grads": {n: p.grad for n, p in trainer.parameters.items() if p.grad is not None}}, sys.argv[4])
+    grads = {n: p.grad for n, p in trainer.parameters.items() if p.grad is not None}
+    torch.save({"loss": metrics["loss"], "grads": grads, "held": held, "whole": sum(p.numel() for p in frozen)}, sys.argv[4])
 end_process_group(finished=True)
 """
 
 
-def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_dir, toy_dataset_dir, tmp_path):
-    settings = {**SMALL, "lora_rank": 4, "max_think_tokens": 12}
+@pytest.mark.parametrize("shard_backbone", [False, True])
+def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_dir, toy_dataset_dir, tmp_path, shard_backbone):
+    """Also with the language model's frozen layer weights sharded, half of them on each process (FSDP2)."""
+    settings = {**SMALL, "lora_rank": 4, "max_think_tokens": 12, "gradient_checkpointing": shard_backbone, "shard_backbone": shard_backbone}
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     output = tmp_path / "two.pt"
@@ -211,6 +218,31 @@ def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_di
     model = TWNModel(load_backbone(str(toy_backbone_dir), device="cpu"), config.model_config())
     single = EmbedTrainer(model, TrainingData(load_prepared(toy_dataset_dir), "train", config.hard_negatives, config.seed), config)
     metrics = single.compute_gradients()
+    assert two["held"] < 0.55 * two["whole"] if shard_backbone else two["held"] == two["whole"]
     assert two["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
     for name, gradient in gradients(single).items():
         assert torch.allclose(two["grads"][name], gradient, rtol=1e-4, atol=1e-6), name
+
+
+def test_sharded_command_on_two_processes_saves_what_one_process_trains(toy_backbone_dir, toy_dataset_dir, tmp_path):
+    """The whole command with a sharded backbone: loaded on the CPU, sharded, trained, validated in lockstep."""
+    common = [
+        "--recipe", str(Path(__file__).parents[1] / "recipes" / "toy" / "train-embed.yaml"), "--steps", "2",
+        "--batch-size", "4", "--chunk-size", "2", "--set", "validation_queries=4", "--set", "lora_rank=4",
+        "--set", "shard_backbone=true",
+    ]
+    arguments = ["train-embed", str(toy_dataset_dir), "--backbone", str(toy_backbone_dir), *common]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "twn_cli",
+         *arguments, "-o", str(tmp_path / "two"), "--verbose"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "sharded" in two.stderr and two.stdout.strip() == str(tmp_path / "two")
+    one = CliRunner().invoke(app, [*arguments, "-o", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.stderr
+
+    sharded, single = load_checkpoint(tmp_path / "two", device="cpu"), load_checkpoint(tmp_path / "one", device="cpu")
+    assert sharded.manifest["train_embed"]["validation"] == single.manifest["train_embed"]["validation"]
+    for name, parameter in single.named_parameters():
+        assert torch.allclose(dict(sharded.named_parameters())[name], parameter, rtol=1e-4, atol=1e-6), name

@@ -274,8 +274,8 @@ def train_embed(
     from rich.table import Table
 
     from twn_cli.data.prepared import load_prepared
-    from twn_cli.distributed import Distributed, process_device, start_process_group
-    from twn_cli.engine.backbone import load_backbone
+    from twn_cli.distributed import Distributed, process_device, shard_language_model, start_process_group
+    from twn_cli.engine.backbone import load_backbone, resolve_device
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
     from twn_cli.engine.model import TWNModel
     from twn_cli.recipes import load_recipe, parse_overrides
@@ -289,7 +289,10 @@ def train_embed(
     config = load_recipe(recipe, TrainEmbedConfig, **overrides)
     start_process_group()
     distributed = Distributed()
-    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    shard = config.shard_backbone and distributed.world_size > 1
+    # A backbone to shard is loaded on the CPU first, so that no device ever holds all of it.
+    load_device = "cpu" if shard else process_device(device)
+    load_options = dict(dtype=dtype, device=load_device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
@@ -299,6 +302,9 @@ def train_embed(
         history = []
     else:
         raise TWNError("--resume needs the --backbone or --checkpoint the run started from")
+    if shard:
+        layers = shard_language_model(model, resolve_device(process_device(device)))
+        logging.info("sharded %d language-model layers over %d processes", layers, distributed.world_size)
     record = {
         "stage": "train-embed",
         "data": str(Path(data).resolve()),

@@ -23,6 +23,13 @@ Result = TypeVar("Result")
 
 def start_process_group() -> None:
     """Join the process group that torchrun / accelerate launch describe in the environment, if any."""
+    plugins = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if plugins:
+        # twn runs its own process group and would silently train unsharded under those configs.
+        raise TWNError(
+            f"accelerate's {' and '.join(plugins)} config is not used by twn: launch with a plain multi-GPU config "
+            "(or torchrun) and shard the backbone with the train-embed setting shard_backbone: true"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # Gloo carries CPU tensors and gathered Python objects, NCCL the CUDA tensors.
         torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
@@ -117,3 +124,46 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+
+def shard_language_model(model: torch.nn.Module, device: torch.device) -> int:
+    """Shard the frozen weights of `model`'s language-model layers over the processes (FSDP2), then move
+    everything to `device`; returns the number of sharded layers.
+
+    `model` may sit on the CPU, so that no device ever holds the whole backbone. Each decoder layer becomes
+    one FSDP unit: its frozen weights live one share per process and are gathered for its forward and its
+    backward only. The LoRA weights inside stay whole on every process, like the queries, the gate, the
+    embeddings and the vision tower, so their gradients are summed as without sharding and checkpoints are
+    written as without it. The language model holds nearly all of a large backbone's weights and runs in
+    every pass; the vision tower runs only for batches with pictures, which differ between processes, so it
+    is not sharded: processes must call the sharded layers in the same order (`backbone_is_sharded`).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    layers = getattr(model.backbone.model.get_decoder(), "layers", None)
+    if not layers:
+        raise TWNError(f"cannot shard '{model.backbone.source}': its language model has no `layers` list")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the mesh places each process's shards on its current device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in layers:
+        adapters = {parameter for name, parameter in layer.named_parameters() if "lora_" in name}
+        fully_shard(layer, mesh=mesh, ignored_params=adapters)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if not isinstance(parameter, DTensor):
+                    parameter.data = parameter.data.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
+    return len(layers)
+
+
+def backbone_is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `shard_language_model` sharded `model`: then every process must run the same forward passes."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())

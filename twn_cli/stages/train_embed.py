@@ -16,7 +16,8 @@ loss's gradient with respect to the embeddings, then re-run each chunk with grad
 those cached embedding gradients. The result is the gradient of the whole-batch loss with the memory of
 one chunk. With several processes (torchrun / accelerate launch), each process holds a slice of the global
 batch, embeddings are gathered so that every query sees the global batch's negatives, and the trainable
-parameters' gradients are summed across processes.
+parameters' gradients are summed across processes. For large backbones the language model's frozen layer
+weights can be sharded over the processes (`shard_backbone`, see `twn_cli.distributed.shard_language_model`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
-from twn_cli.distributed import Distributed
+from twn_cli.distributed import Distributed, backbone_is_sharded
 from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.training import (
@@ -81,6 +82,10 @@ class TrainEmbedConfig:
     # forward. Safe with two adapters because every loss is backpropagated while its own adapter is active,
     # so the recomputation runs the adapter that ran forward (peft issue 2832).
     gradient_checkpointing: bool = False
+    # Under several processes, keep one share of each language-model layer's frozen weights per process
+    # (FSDP2), gathered layer by layer as it runs: for backbones too large for one device. Adapters,
+    # queries and gate stay whole, so results match an unsharded run.
+    shard_backbone: bool = False
     # Bookkeeping.
     checkpoint_every: int = 100
     log_every: int = 10
@@ -420,7 +425,9 @@ def run_train_embed(
         on_step(metrics)
     run.finish()
     summary = {"steps": trainer.step_done, "parameters": model.parameter_overhead()}
-    if distributed.is_main and config.validation_queries and config.validation_split in dataset.queries:
+    # A sharded backbone runs only in lockstep, so every process then computes the same validation.
+    validates = distributed.is_main or backbone_is_sharded(model)
+    if validates and config.validation_queries and config.validation_split in dataset.queries:
         summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries)
     return summary
 
