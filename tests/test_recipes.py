@@ -26,10 +26,20 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/*.yaml")), ids=lambda path: f"{path.parent.name}/{path.name}")
+STAGE_RECIPES = sorted(path for path in RECIPES.glob("*/*.yaml") if path.parent.name != "accelerate")
+
+
+@pytest.mark.parametrize("recipe", STAGE_RECIPES, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_recipe_loads_into_its_stage_settings(recipe):
     assert recipe.name in SETTINGS, f"{recipe} belongs to no known stage"
     load_recipe(recipe, SETTINGS[recipe.name])
+
+
+@pytest.mark.parametrize("config", sorted(RECIPES.glob("accelerate/*.yaml")), ids=lambda path: path.name)
+def test_accelerate_launch_config_loads_in_accelerate(config):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    assert ClusterConfig.from_yaml_file(config).distributed_type.value == "MULTI_GPU"
 
 
 def test_an_unknown_setting_is_a_clear_error(tmp_path):

@@ -19,6 +19,7 @@ from twn_cli.errors import TWNError
 from twn_cli.stages import train_embed
 from twn_cli.stages.train_embed import EmbedTrainer, TrainEmbedConfig, TrainingData, run_train_embed
 
+RECIPES = Path(__file__).parents[1] / "recipes"
 SMALL = dict(batch_size=6, chunk_size=6, hard_negatives=1, learning_rate=5e-3, warmup_steps=1, temperature=0.1, validation_queries=0, lora_rank=4)
 
 
@@ -225,16 +226,16 @@ def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_di
 
 
 def test_sharded_command_on_two_processes_saves_what_one_process_trains(toy_backbone_dir, toy_dataset_dir, tmp_path):
-    """The whole command with a sharded backbone: loaded on the CPU, sharded, trained, validated in lockstep."""
+    """The whole command with a sharded backbone, started by accelerate launch with the recipes' config:
+    loaded on the CPU, sharded, trained, validated in lockstep."""
     common = [
-        "--recipe", str(Path(__file__).parents[1] / "recipes" / "toy" / "train-embed.yaml"), "--steps", "2",
-        "--batch-size", "4", "--chunk-size", "2", "--set", "validation_queries=4", "--set", "lora_rank=4",
+        "--recipe", str(RECIPES / "toy" / "train-embed.yaml"), "--steps", "2", "--batch-size", "4", "--chunk-size", "2", "--set", "validation_queries=4", "--set", "lora_rank=4",
         "--set", "shard_backbone=true",
     ]
     arguments = ["train-embed", str(toy_dataset_dir), "--backbone", str(toy_backbone_dir), *common]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "twn_cli",
-         *arguments, "-o", str(tmp_path / "two"), "--verbose"],
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "multi-gpu.yaml"),
+         "--num_processes", "2", "-m", "twn_cli", *arguments, "-o", str(tmp_path / "two"), "--verbose"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-4000:]
