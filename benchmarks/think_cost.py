@@ -13,7 +13,9 @@ Measures embedding time (inputs/s) and reasoning tokens per input over the same 
   against the shared prefill. Target: shared at least 1.3 times faster;
 - never against a plain single-pass last-token embedder on the same backbone, adapter and inputs (VLM2Vec-style:
   one forward over the prompt with the embedding adapter, last token's final state, L2-normalised). Target:
-  never takes at most 1.05 times the plain embedder's time.
+  never takes at most 1.05 times the plain embedder's time (both batch the same inputs together);
+- never with batches of like prompt length (as `embed_block` cuts them) against batches in input order: what
+  sorting by length saves where text-only inputs and pictures are mixed.
 
 Timing covers `TWNModel.embed` on inputs already in memory (prompt building, image processing, the model);
 reading files is not timed. Modes are interleaved round by round (`--repeats` rounds, medians reported) after
@@ -74,13 +76,14 @@ def run(arguments) -> dict:
         thresholds = {rate: threshold_for_rate(p_think, rate) for rate in arguments.rates}
 
         def embedding(name: str, think: str, threshold: float | None = None, interface: str = "shared", per_batch: bool = False):
-            """Timed as `twn embed` runs: `embed_block` over blocks of `block_size` inputs (per_batch: the gate
-            decides batch by batch and each batch decodes its own thinking rows, the way before embed_block)."""
+            """Timed as `twn embed` runs: `embed_block` over blocks of `block_size` inputs (per_batch: blocks of
+            one batch, as before embed_block: batches keep the inputs' order, and when the gate decides each batch
+            decodes its own thinking rows)."""
             def over(selected):
                 model.config.interface = interface
                 tokens = thought = 0
                 flat = [item for batch in selected for item in batch]
-                size = arguments.batch_size if per_batch else model.block_size(think, arguments.batch_size)
+                size = arguments.batch_size if per_batch else model.block_size(arguments.batch_size)
                 try:
                     for start in range(0, len(flat), size):
                         result = model.embed_block(flat[start : start + size], think, arguments.batch_size, threshold)
@@ -93,10 +96,19 @@ def run(arguments) -> dict:
             return over
 
         def plain(selected):
-            for batch in selected:
-                plain_embed(model, batch)
+            """Batched as `embed_block` batches: blocks of inputs sorted by prompt length."""
+            flat = [item for batch in selected for item in batch]
+            size = model.block_size(arguments.batch_size)
+            for start in range(0, len(flat), size):
+                for batch in common.batched(sorted(flat[start : start + size], key=model.prompt_length), arguments.batch_size):
+                    plain_embed(model, batch)
 
-        measured = {"never": embedding("never", "never"), "always": embedding("always", "always")}
+        measured = {
+            "never": embedding("never", "never"),
+            # One batch per block: nothing to sort across batches, so batches keep the inputs' order.
+            "never, batches in input order": embedding("never, batches in input order", "never", per_batch=True),
+            "always": embedding("always", "always"),
+        }
         for rate in arguments.rates:
             measured[f"adaptive r={rate:g}"] = embedding(f"adaptive r={rate:g}", "auto", thresholds[rate])
             name = f"adaptive r={rate:g}, per batch"
@@ -154,6 +166,8 @@ def run(arguments) -> dict:
             "shared_seconds": always, "reencode_seconds": reencode, "reencode_over_shared": round(reencode / always, 4),
             "target": f">= {REENCODE_TARGET}", "met": reencode / always >= REENCODE_TARGET,
         }
+    unsorted = modes["never, batches in input order"]["seconds"]
+    figures["length_sorting"] = {"input_order_seconds": unsorted, "sorted_seconds": never, "input_order_over_sorted": round(unsorted / never, 4)}
     plain_seconds = modes["plain last-token embedder"]["seconds"]
     figures["plain"] = {
         "never_seconds": never, "plain_seconds": plain_seconds, "never_over_plain": round(never / plain_seconds, 4),
@@ -179,6 +193,7 @@ def report(figures: dict) -> None:
     if "interface" in figures:
         item = figures["interface"]
         print(f"always: reencode / shared = {common.verdict(item['reencode_over_shared'], REENCODE_TARGET, at_most=False)}")
+    print(f"never: batches in input order / batches sorted by prompt length = {figures['length_sorting']['input_order_over_sorted']:.3f}")
     item = figures["plain"]
     print(f"never / plain last-token embedder = {common.verdict(item['never_over_plain'], PLAIN_TARGET, at_most=True)}")
 

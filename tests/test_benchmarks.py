@@ -37,7 +37,7 @@ def test_cpu_benchmarks_run_at_tiny_sizes(scripts, toy_backbone_dir, toy_dataset
     assert figures["modes"]["always"]["reasoning_tokens_per_input"] == 2  # every CoT runs to the budget
     assert figures["modes"]["never"]["reasoning_tokens_per_input"] == 0
     assert figures["adaptive"][0]["think_rate"] == 0.5
-    assert {"interface", "plain", "machine"} <= figures.keys()
+    assert {"interface", "plain", "length_sorting", "machine"} <= figures.keys()
 
     figures = scripts("train_embed_memory").main(
         backbone + ["--data", str(toy_dataset_dir), "--batch-sizes", "2", "--chunks", "none", "1", "--steps", "1",

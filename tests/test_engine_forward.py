@@ -111,7 +111,21 @@ def test_adaptive_blocks_decode_the_thinking_inputs_of_several_batches_together(
     assert torch.allclose(block.embeddings, per_batch.embeddings, atol=ATOL)
     assert block.cot == per_batch.cot and block.reasoning_tokens == per_batch.reasoning_tokens
     assert decoded_rows == [2] * (int(block.think.sum()) // 2) + [1] * (int(block.think.sum()) % 2)  # full batches
-    assert model.block_size("auto", 2) > model.block_size("never", 2) == 2
+
+
+def test_blocks_batch_inputs_of_like_length_and_keep_input_order(make_model, inputs, monkeypatch):
+    model = make_model()
+    prompt_lengths = [model.encode([item])["input_ids"].shape[1] for item in inputs]
+    # The estimate leaves out only the chat template's tokens (a few per prompt and per image).
+    template = [real - model.prompt_length(item) for real, item in zip(prompt_lengths, inputs)]
+    assert all(0 < extra <= template[1] + 2 * len(item.images) for extra, item in zip(template, inputs)), template
+    many = inputs * 2  # 8 inputs of interleaved lengths: four batches of 2
+    batches = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda batch: batches.append([model.prompt_length(item) for item in batch]) or encode(batch))
+    block = model.embed_block(many, "never", batch_size=2)
+    assert [length for batch in batches for length in batch] == sorted(model.prompt_length(item) for item in many)
+    assert torch.allclose(block.embeddings, one_at_a_time(model, many, "never"), atol=ATOL)
 
 
 def test_sampled_thoughts_are_reproducible_for_a_seed(make_model, inputs):

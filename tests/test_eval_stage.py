@@ -202,17 +202,18 @@ def test_an_interrupted_evaluation_resumes_without_recomputing_finished_tasks(ma
     assert read_predictions(tmp_path / "resumed") == read_predictions(tmp_path / "whole")
 
 
-def test_an_interrupted_task_keeps_its_finished_batches(counted_model, toy_dataset, tmp_path):
-    def stop_after_the_first_batch(event):
+def test_an_interrupted_task_keeps_its_finished_blocks(counted_model, toy_dataset, tmp_path, monkeypatch):
+    def stop_after_the_first_block(event):
         assert event.task_number == 1 and event.step == "candidates" and event.done < event.total
         raise KeyboardInterrupt
 
+    monkeypatch.setattr("twn_cli.engine.model.BLOCK_BATCHES", 1)  # blocks of one batch: the first task has several
     with pytest.raises(KeyboardInterrupt):
-        run_eval(counted_model, toy_dataset, tmp_path, mode="never", batch_size=2, progress=stop_after_the_first_batch)
+        run_eval(counted_model, toy_dataset, tmp_path, mode="never", batch_size=2, progress=stop_after_the_first_block)
     assert counted_model.embedded["never"] == 2
     report = run_eval(counted_model, toy_dataset, tmp_path, mode="never", batch_size=2)
     inputs = sum(task["inputs"] for task in report["result"]["tasks"].values())
-    assert counted_model.embedded["never"] == inputs  # 2 before the interruption, the rest after it
+    assert counted_model.embedded["never"] == inputs  # one block before the interruption, the rest after it
 
 
 def hand_built_dataset(path: Path, pools: dict[str, list[str]]) -> Path:

@@ -32,8 +32,9 @@ from twn_cli.errors import TWNError
 
 ADAPTERS = ("reasoning", "embedding")
 ThinkMode = Literal["never", "always", "auto"]
-# When the gate decides, inputs are embedded this many batches at a time (`TWNModel.embed_block`).
-ADAPTIVE_BATCHES = 8
+# Inputs are embedded this many batches at a time (`TWNModel.embed_block`): room to batch inputs of like
+# length together and, when the gate decides, to decode the thinking ones in full batches.
+BLOCK_BATCHES = 8
 
 
 @dataclass
@@ -164,6 +165,17 @@ class EmbedResult:
     p_think: torch.Tensor
     cot: list[str]
     reasoning_tokens: list[int]
+
+    def take(self, rows: list[int]) -> "EmbedResult":
+        """The results of `rows`, in that order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.embeddings.device)
+        return EmbedResult(
+            embeddings=self.embeddings[index],
+            think=self.think[index.to(self.think.device)],
+            p_think=self.p_think[index.to(self.p_think.device)],
+            cot=[self.cot[row] for row in rows],
+            reasoning_tokens=[self.reasoning_tokens[row] for row in rows],
+        )
 
     @classmethod
     def concatenate(cls, parts: list["EmbedResult"]) -> "EmbedResult":
@@ -498,9 +510,23 @@ class TWNModel(nn.Module):
         return EmbedResult(embeddings, decision, p_think, cot, reasoning_tokens)
 
     @staticmethod
-    def block_size(think: ThinkMode, batch_size: int) -> int:
-        """How many inputs to hand `embed_block` at once: one batch, or ADAPTIVE_BATCHES when the gate decides."""
-        return batch_size * (ADAPTIVE_BATCHES if think == "auto" else 1)
+    def block_size(batch_size: int) -> int:
+        """How many inputs to hand `embed_block` at once."""
+        return batch_size * BLOCK_BATCHES
+
+    def prompt_length(self, item: ModelInput) -> int:
+        """About how many tokens `item`'s prompt holds: its text and instruction, and its images' placeholders.
+
+        Counted without building the prompt or processing the images (the image processor's count of patches
+        from the image size, merged as the model merges them); the chat template's few tokens are left out.
+        """
+        instruction = item.instruction if item.instruction is not None else self.config.default_instruction
+        length = len(self.tokenizer(f"{instruction} {item.text}", add_special_tokens=False)["input_ids"])
+        image_processor = self.backbone.processor.image_processor
+        if item.images and hasattr(image_processor, "get_number_of_image_patches"):
+            merged = getattr(image_processor, "merge_size", 1) ** 2
+            length += sum(image_processor.get_number_of_image_patches(image.height, image.width, {}) // merged for image in item.images)
+        return length
 
     @torch.no_grad()
     def embed_block(
@@ -511,7 +537,23 @@ class TWNModel(nn.Module):
         threshold: float | None = None,
         sampling: Sampling = Sampling(),
     ) -> EmbedResult:
-        """`embed` over many inputs, `batch_size` at a time; when the gate decides, in full decode batches.
+        """`embed` over many inputs, `batch_size` at a time, in batches of like prompt length; results in input order.
+
+        Every row of a batch is padded to its longest prompt, and the model computes the padding too: a short
+        text batched with pictures of hundreds of tokens costs what they cost. So the inputs are sorted by
+        `prompt_length` before they are cut into batches.
+        """
+        order = sorted(range(len(inputs)), key=lambda row: self.prompt_length(inputs[row]))
+        result = self._embed_in_batches([inputs[row] for row in order], think, batch_size, threshold, sampling)
+        in_input_order = [0] * len(order)
+        for position, row in enumerate(order):
+            in_input_order[row] = position
+        return result.take(in_input_order)
+
+    def _embed_in_batches(
+        self, inputs: list[ModelInput], think: ThinkMode, batch_size: int, threshold: float | None, sampling: Sampling
+    ) -> EmbedResult:
+        """`embed` over `inputs`, `batch_size` at a time; when the gate decides, in full decode batches.
 
         A decode step costs about as much for a few rows as for a whole batch, so deciding batch by batch
         makes a think rate r cost nearly what thinking always costs. So with think="auto" the inputs are

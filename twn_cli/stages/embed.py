@@ -41,9 +41,8 @@ def run_embed(
 ) -> EmbedSummary:
     """Embed every record into `writer`; a bad record stops the run unless `skip_bad` (then it is reported).
 
-    Under several processes each one embeds its share of the blocks of records (one batch, or several when
-    the gate decides: `TWNModel.block_size`), and every
-    process receives every batch in input order and counts it, so all return the same summary; only the
+    Under several processes each one embeds its share of the blocks of records (`TWNModel.block_size`), and
+    every process receives every block in input order and counts it, so all return the same summary; only the
     first holds a writer (the others pass None). On any failure the writer's partial output is dropped.
     """
     distributed = Distributed()
@@ -66,7 +65,7 @@ def run_embed(
         return batch, skipped
 
     try:
-        blocks = batched(records, model.block_size(settings.think, settings.batch_size))
+        blocks = batched(records, model.block_size(settings.batch_size))
         for batch, skipped in distributed.map_in_order(embed_block, blocks):
             summary.skipped += skipped
             if batch is None:

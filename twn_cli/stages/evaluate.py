@@ -301,7 +301,7 @@ def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, 
         return batch, result, time.perf_counter() - started
 
     done = 0
-    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, model.block_size(think, batch_size))):
+    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, model.block_size(batch_size))):
         table.record(batch, ["think" if flag else "no_think" for flag in result.think.tolist()], result, seconds)
         done += len(batch)
         on_batch(done)
