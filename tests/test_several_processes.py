@@ -47,15 +47,21 @@ from twn_cli.distributed import Distributed, end_process_group, start_process_gr
 from twn_cli.errors import TWNError
 start_process_group()
 distributed = Distributed()
+def prepare(block):
+    if block == "unreadable":
+        raise TWNError(f"block {block} could not be read in process {distributed.rank}")
+    return block.upper()
 def work(block):
-    if block == "bad":
+    if block == "BAD":
         raise TWNError(f"block {block} failed in process {distributed.rank}")
     return (block, distributed.rank)
-done = list(distributed.map_in_order(work, ["a", "b", "c", "d", "e"]))
-try:
-    list(distributed.map_in_order(work, ["a", "b", "c", "bad", "e"]))
-except TWNError as error:
-    failed = str(error)
+done = list(distributed.map_in_order(work, ["a", "b", "c", "d", "e"], prepare))
+failed = []
+for blocks in (["a", "b", "c", "bad", "e"], ["a", "b", "unreadable", "d"]):
+    try:
+        list(distributed.map_in_order(work, blocks, prepare))
+    except TWNError as error:
+        failed.append(str(error))
 with open(f"{sys.argv[1]}.{distributed.rank}", "w") as output:
     json.dump({"done": done, "failed": failed}, output)
 end_process_group(finished=True)
@@ -69,8 +75,38 @@ def test_map_in_order_keeps_block_order_and_raises_an_error_in_every_process(tmp
     for rank in (0, 1):
         result = json.loads((tmp_path / f"out.{rank}").read_text())
         # Block i is worked on by process i % 2; every process receives every result in block order.
-        assert result["done"] == [["a", 0], ["b", 1], ["c", 0], ["d", 1], ["e", 0]]
-        assert result["failed"] == "block bad failed in process 1"
+        assert result["done"] == [["A", 0], ["B", 1], ["C", 0], ["D", 1], ["E", 0]]
+        assert result["failed"] == ["block BAD failed in process 1", "block unreadable could not be read in process 0"]
+
+
+def test_blocks_are_prepared_ahead_in_a_thread_but_never_drawn_past_what_a_stream_has_given():
+    """The next block is prepared while the current one is worked on, and a stream that has given one
+    block and waits (stdin) gets that block's result before anything more is drawn from it."""
+    import threading
+
+    from twn_cli.distributed import Distributed
+
+    a_worked, c_prepared = threading.Event(), threading.Event()
+
+    def stream():
+        yield "a"
+        assert a_worked.wait(timeout=30), "block a was not worked on before block b was drawn"
+        yield "b"
+        yield "c"
+
+    def prepare(block):
+        if block == "c":
+            c_prepared.set()
+        return block.upper()
+
+    def work(block):
+        if block == "A":
+            a_worked.set()
+        if block == "B":
+            assert c_prepared.wait(timeout=30), "block c was not prepared while block b was worked on"
+        return block
+
+    assert list(Distributed().map_in_order(work, stream(), prepare)) == ["A", "B", "C"]
 
 
 def test_embed_with_two_processes_streams_what_one_process_writes(checkpoint, real_image_paths, tmp_path):

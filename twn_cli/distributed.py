@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import TypeVar
 
@@ -18,7 +21,11 @@ import torch
 from twn_cli.errors import TWNError
 
 Block = TypeVar("Block")
+Prepared = TypeVar("Prepared")
 Result = TypeVar("Result")
+
+# How many of its blocks a process prepares ahead of the one its model works on.
+PREPARED_AHEAD = 1
 
 
 def start_process_group() -> None:
@@ -65,6 +72,60 @@ def batched(items: Iterable, size: int) -> Iterator[tuple]:
         yield block
 
 
+def prepared_ahead(
+    blocks: Iterable[Block], prepare: Callable[[Block], Prepared], mine: Callable[[int], bool], depth: int = PREPARED_AHEAD
+) -> Iterator[tuple[Block, tuple[Prepared | None, TWNError | None]]]:
+    """(block, (prepare(block), None)) for each block, or (block, (None, error)) when preparing it raised a
+    TWNError, or (block, (None, None)) for blocks that are not `mine(index)`; drawn and prepared in a
+    background thread at most `depth` blocks ahead of the consumer. Any other failure, in drawing or
+    preparing, is raised here.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stopped.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for index, block in enumerate(blocks):
+                outcome = (None, None)
+                if mine(index):
+                    try:
+                        outcome = (prepare(block), None)
+                    except TWNError as error:
+                        outcome = (None, error)
+                if not hand_over((block, outcome)):
+                    return
+            hand_over(_END)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            hand_over(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="twn-prepare", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stopped.set()
+
+
+_END = object()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
 class Distributed:
     """The process group, or a single process; only trainable gradients, embeddings and results cross processes."""
 
@@ -96,24 +157,37 @@ class Distributed:
                 parameter.grad = torch.zeros_like(parameter)
             torch.distributed.all_reduce(parameter.grad)
 
-    def map_in_order(self, work: Callable[[Block], Result], blocks: Iterable[Block]) -> Iterator[Result]:
-        """`work(block)` for every block, yielded in the order of `blocks` in every process.
+    def map_in_order(
+        self, work: Callable[[Prepared], Result], blocks: Iterable[Block], prepare: Callable[[Block], Prepared]
+    ) -> Iterator[Result]:
+        """`work(prepare(block))` for every block, yielded in the order of `blocks` in every process.
 
         Block i is worked on by process i % world_size; after each round of world_size blocks the results
         are gathered, and rank order is block order. Every process must see the same blocks (results must
-        pickle, CPU tensors only). A TWNError in one process's work is raised in every process after its
+        pickle, CPU tensors only). `prepare` (reading and decoding a block's files) runs in a background
+        thread, up to PREPARED_AHEAD of this process's blocks ahead, so that it overlaps the model's work;
+        that thread also draws the blocks, so a stream (stdin) is never read further than it has been
+        written. A TWNError in one process's preparation or work is raised in every process after its
         round, so that none waits for the others forever and all report the same error.
         """
+        mine = (lambda index: True) if not self.active else (lambda index: index % self.world_size == self.rank)
+        prepared = prepared_ahead(blocks, prepare, mine)
         if not self.active:
-            yield from map(work, blocks)
+            for _, (ready, error) in prepared:
+                if error is not None:
+                    raise error
+                yield work(ready)
             return
-        for round_blocks in batched(blocks, self.world_size):
+        for round_blocks in batched(prepared, self.world_size):
             outcome = (None, None)
             if self.rank < len(round_blocks):
-                try:
-                    outcome = (work(round_blocks[self.rank]), None)
-                except TWNError as error:
-                    outcome = (None, error)
+                _, (ready, error) = round_blocks[self.rank]
+                outcome = (None, error)
+                if error is None:
+                    try:
+                        outcome = (work(ready), None)
+                    except TWNError as failure:
+                        outcome = (None, failure)
             outcomes = self.gather_objects([outcome])[: len(round_blocks)]
             for _, error in outcomes:
                 if error is not None:

@@ -41,16 +41,21 @@ def run_embed(
 ) -> EmbedSummary:
     """Embed every record into `writer`; a bad record stops the run unless `skip_bad` (then it is reported).
 
-    Under several processes each one embeds its share of the blocks of records (`TWNModel.block_size`), and
+    Each process opens the images of its next blocks in a background thread while its model works. Under
+    several processes each one embeds its share of the blocks of records (`TWNModel.block_size`), and
     every process receives every block in input order and counts it, so all return the same summary; only the
     first holds a writer (the others pass None). On any failure the writer's partial output is dropped.
     """
     distributed = Distributed()
     summary = EmbedSummary()
 
-    def embed_block(block: tuple[InputRecord, ...]) -> tuple[EmbeddingBatch | None, list[BadRecordError]]:
+    def load(block: tuple[InputRecord, ...]) -> tuple[list[str], list[ModelInput], list[BadRecordError]]:
         skipped: list[BadRecordError] = []
         ids, inputs = load_block(block, settings.skip_bad, skipped)
+        return ids, inputs, skipped
+
+    def embed_block(loaded: tuple[list[str], list[ModelInput], list[BadRecordError]]) -> tuple[EmbeddingBatch | None, list[BadRecordError]]:
+        ids, inputs, skipped = loaded
         if not ids:
             return None, skipped
         result = model.embed_block(inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
@@ -66,7 +71,7 @@ def run_embed(
 
     try:
         blocks = batched(records, model.block_size(settings.batch_size))
-        for batch, skipped in distributed.map_in_order(embed_block, blocks):
+        for batch, skipped in distributed.map_in_order(embed_block, blocks, prepare=load):
             summary.skipped += skipped
             if batch is None:
                 continue

@@ -293,15 +293,20 @@ def _embed_task(
 
 
 def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, checkpoint, distributed) -> None:
-    def embed(batch: tuple[int, ...]) -> tuple[tuple[int, ...], EmbedResult, float]:
+    def load(batch: tuple[int, ...]) -> tuple[tuple[int, ...], list[ModelInput], float]:
         started = time.perf_counter()
-        result = model.embed_block([input_of(row) for row in batch], think, batch_size, threshold=tau)
+        return batch, [input_of(row) for row in batch], time.perf_counter() - started
+
+    def embed(loaded: tuple[tuple[int, ...], list[ModelInput], float]) -> tuple[tuple[int, ...], EmbedResult, float]:
+        batch, inputs, loading_seconds = loaded
+        started = time.perf_counter()
+        result = model.embed_block(inputs, think, batch_size, threshold=tau)
         # On the CPU: results cross processes, and the table keeps them there anyway.
         result = dataclasses.replace(result, embeddings=result.embeddings.cpu(), think=result.think.cpu(), p_think=result.p_think.cpu())
-        return batch, result, time.perf_counter() - started
+        return batch, result, loading_seconds + time.perf_counter() - started
 
     done = 0
-    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, model.block_size(batch_size))):
+    for batch, result, seconds in distributed.map_in_order(embed, batched(rows, model.block_size(batch_size)), prepare=load):
         table.record(batch, ["think" if flag else "no_think" for flag in result.think.tolist()], result, seconds)
         done += len(batch)
         on_batch(done)
