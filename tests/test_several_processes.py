@@ -110,32 +110,34 @@ def test_blocks_are_prepared_ahead_in_a_thread_but_never_drawn_past_what_a_strea
 
 
 def test_embed_with_two_processes_streams_what_one_process_writes(checkpoint, real_image_paths, tmp_path):
-    lines = [
+    kinds = [
         {"id": "q1", "text": "a cat sitting", "image": str(real_image_paths[1])},
         {"id": "q2", "text": "the shape with one more side than a square"},
         {"id": "q3", "image": str(real_image_paths[0])},
         {"id": "gone", "image": str(tmp_path / "missing.png")},
         {"id": "q4", "images": [str(real_image_paths[2]), str(real_image_paths[3])], "instruction": "Find the caption."},
     ]
+    lines = [{**kind, "id": f"{kind['id']}-{copy}"} for copy in range(4) for kind in kinds]
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    options = ["--checkpoint", checkpoint, "--think", "always", "--batch-size", 2, "--skip-bad"]
+    options = ["--checkpoint", checkpoint, "--think", "always", "--batch-size", 1, "--skip-bad"]
     single = run("embed", inputs, *options, "-o", tmp_path / "one.jsonl")
     assert single.exit_code == 0, single.stderr
-    # Blocks of two records: process 0 embeds q1 q2 and q4, process 1 q3 and the missing picture.
+    # Blocks of 8 records (8 batches of one): process 0 embeds the first and third, process 1 the second.
     two = torchrun("-m", "twn_cli", "embed", inputs, *options, "-o", "-")
     expected = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
     streamed = [json.loads(line) for line in two.stdout.splitlines()]
-    assert [record["id"] for record in streamed] == [record["id"] for record in expected] == ["q1", "q2", "q3", "q4"]
+    kept = [line["id"] for line in lines if not line["id"].startswith("gone")]
+    assert [record["id"] for record in streamed] == [record["id"] for record in expected] == kept
     for got, want in zip(streamed, expected):
         assert torch.allclose(torch.tensor(got.pop("embedding")), torch.tensor(want.pop("embedding")), atol=1e-5)
         assert got == want
-    summaries = [line for line in two.stderr.splitlines() if line.startswith("embedded ")]
-    assert len(summaries) == 1 and summaries[0].startswith("embedded 4 inputs (4 thought, 48 reasoning tokens, 1 skipped)")
+    summaries = [line.split(" in ")[0] for line in two.stderr.splitlines() if line.startswith("embedded ")]
+    assert summaries == [f"embedded 16 inputs (16 thought, {16 * 12} reasoning tokens, 4 skipped)"]
 
 
 def test_eval_with_two_processes_reports_what_one_process_reports(checkpoint, toy_dataset_dir, tmp_path):
-    options = ["--checkpoint", checkpoint, "--mode", "adaptive", "--batch-size", 4]
+    options = ["--checkpoint", checkpoint, "--mode", "adaptive", "--batch-size", 1]  # blocks of 8 inputs
     single = run("eval", toy_dataset_dir, *options, "-o", tmp_path / "one")
     assert single.exit_code == 0, single.stderr
     two = torchrun("-m", "twn_cli", "eval", toy_dataset_dir, *options, "-o", tmp_path / "two")
@@ -167,3 +169,19 @@ def test_accelerate_sharding_configs_are_refused_rather_than_ignored(plugin, mon
     monkeypatch.setenv(f"ACCELERATE_USE_{plugin}", "true")
     with pytest.raises(TWNError, match="shard_backbone"):
         start_process_group()
+
+
+def test_train_gate_with_two_processes_saves_what_one_process_saves(checkpoint, toy_dataset_dir, tmp_path):
+    settings = {"label_queries": 8, "label_batch_size": 2, "validation_queries": 8, "max_think_tokens": 6, "hard_negatives": 2, "epochs": 20, "batch_size": 8}
+    options = ["--checkpoint", checkpoint, "--target", "best", "--delta", 0.01, *[f"--set={key}={value}" for key, value in settings.items()]]
+    single = run("train-gate", toy_dataset_dir, *options, "-o", tmp_path / "one")
+    assert single.exit_code == 0, single.stderr
+    # Four labelling batches: processes 0 and 1 each label (and cache) two of them.
+    two = torchrun("-m", "twn_cli", "train-gate", toy_dataset_dir, *options, "-o", tmp_path / "two")
+    assert two.stdout.splitlines() == [str(tmp_path / "two")]
+    gates = {name: json.loads((tmp_path / name / "twn.json").read_text())["gate"] for name in ("one", "two")}
+    assert gates["two"] == gates["one"]
+    assert (tmp_path / "two" / "gate.safetensors").read_bytes() == (tmp_path / "one" / "gate.safetensors").read_bytes()
+    for name in ("gate-labels.jsonl", "gate-metrics.jsonl"):
+        assert (tmp_path / "two" / "train" / name).read_text() == (tmp_path / "one" / "train" / name).read_text()
+    assert len(list((tmp_path / "two" / "train" / "gate-labels").glob("batch-*.safetensors"))) == 4

@@ -367,17 +367,19 @@ def train_gate(
     labels only what is missing. The gate (an MLP on the prefill's last prompt state) trains on those
     labels with a class-weighted BCE; only its parameters change. τ is chosen on the validation split, for
     a think budget (--think-budget F) or the best Hit@1 (--target best), and stored with the label
-    statistics, the gate's AUROC on held-out labels and the think rate in twn.json. Prints the checkpoint.
+    statistics, the gate's AUROC on held-out labels and the think rate in twn.json. Under torchrun /
+    accelerate launch the processes share the labelling and validation batches. Prints the checkpoint.
     Usage: twn train-gate DATA --checkpoint RUN -o RUN2 [--think-budget F | --target best].
     """
     _setup_logging(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.data.prepared import load_prepared
+    from twn_cli.distributed import Distributed, process_device, start_process_group
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
-    from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
 
@@ -386,7 +388,9 @@ def train_gate(
     chosen_target = GateTarget.budget.value if think_budget is not None else target.value if target else None
     overrides = parse_overrides(setting, target=chosen_target, think_budget=think_budget, delta=delta)
     config = load_recipe(recipe, TrainGateConfig, **overrides)
-    load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    start_process_group()
+    distributed = Distributed()
+    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
     negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
@@ -400,6 +404,7 @@ def train_gate(
     }
     with Progress(
         TextColumn("train-gate {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr_console(),
+        disable=not distributed.is_main,
     ) as progress:
         bar = progress.add_task("train-gate", total=None, phase="")
 
@@ -407,6 +412,8 @@ def train_gate(
             progress.update(bar, phase=phase, completed=done, total=total)
 
         summary = run_train_gate(model, dataset, output, config, negatives=negatives, progress=show)
+    if not distributed.is_main:
+        return
     save_checkpoint(model, output, stages=model.manifest["stages"] + [record], extra={**stage_results(model.manifest), "gate": summary})
 
     labels, scores, validation = summary["labels"], summary["auroc"], summary["validation"]

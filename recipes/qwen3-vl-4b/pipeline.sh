@@ -28,9 +28,9 @@ step "train-embed on $gpus GPU(s): batch 1024 through the gradient cache, bf16"
 embed_run=$(torchrun --nproc_per_node "$gpus" -m twn_cli train-embed "$train_data" --backbone "$backbone" \
     -o "$run/embed" --recipe "$here/train-embed.yaml" --dtype bfloat16)
 
-step "train-gate: self-supervised labels, gate, threshold on validation Hit@1"
-gate_run=$(twn train-gate "$train_data" --checkpoint "$embed_run" -o "$run/gate" --recipe "$here/train-gate.yaml" \
-    --dtype bfloat16)
+step "train-gate on $gpus GPU(s): self-supervised labels, gate, threshold on validation Hit@1"
+gate_run=$(torchrun --nproc_per_node "$gpus" -m twn_cli train-gate "$train_data" --checkpoint "$embed_run" -o "$run/gate" \
+    --recipe "$here/train-gate.yaml" --dtype bfloat16)
 
 step "the global negatives cache: every MMEB-train candidate, embedded without thinking"
 cache=$(torchrun --nproc_per_node "$gpus" -m twn_cli embed "$train_data" --checkpoint "$gate_run" -o "$run/cache.safetensors" \

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
+from twn_cli.distributed import Distributed, batched
 from twn_cli.engine.checkpoint import check_checkpoint_output
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.model import ModelInput, Sampling, TWNModel
@@ -203,15 +204,17 @@ class LabelledInputs:
 def label_batch(
     model: TWNModel,
     rows: list[Mapping],
+    inputs: list[ModelInput],
     embed_candidates: CandidateEmbedder,
     hard_negatives: int,
     sampling: Sampling,
     negatives: NegativesCache | None = None,
 ) -> LabelledInputs:
-    """Both views of a batch of training queries and their margins against the batch's candidates (and the cache)."""
+    """Both views of a batch of training queries (`inputs`: their opened rows) and their margins against the
+    batch's candidates (and the cache)."""
     ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives)
     candidates = embed_candidates(ids)
-    views = embed_views(model, [prepared_input(row) for row in rows], sampling)
+    views = embed_views(model, inputs, sampling)
 
     positive_ids = [list(row["positive_ids"]) for row in rows]
 
@@ -313,21 +316,35 @@ def label_inputs(
     progress: Progress = lambda phase, done, total: None,
     negatives: NegativesCache | None = None,
 ) -> LabelledInputs:
-    """Margins and gate inputs of `rows`, batch by batch, from the label cache where it has them."""
+    """Margins and gate inputs of `rows`, batch by batch, from the label cache where it has them.
+
+    Under several processes each labels (and caches) its share of the batches, and every process receives
+    all of them in order. A batch's cache file and images are read in a background thread ahead of its turn.
+    """
     cache = LabelCache(cache_dir, labelling_key(model, dataset, config, negatives))
     embed_candidates = CandidateEmbedder(model, dataset.candidates, config.label_batch_size)
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
+
+    def read(numbered: tuple[int, list[dict]]) -> tuple[int, list[dict], LabelledInputs | None, list[ModelInput]]:
+        number, batch = numbered
+        cached = cache.load(number, [row["id"] for row in batch])
+        return number, batch, cached, [] if cached is not None else [prepared_input(row) for row in batch]
+
+    def label(read_batch: tuple[int, list[dict], LabelledInputs | None, list[ModelInput]]) -> tuple[LabelledInputs, bool]:
+        number, batch, cached, inputs = read_batch
+        if cached is not None:
+            return cached, True
+        labelled = label_batch(model, batch, inputs, embed_candidates, config.hard_negatives, sampling, negatives)
+        cache.save(number, labelled)
+        return labelled, False
+
     parts, done, reused = [], 0, 0
     progress("labelling", 0, len(rows))
-    for number, batch in enumerate(labelling_batches(rows, config.label_batch_size)):
-        labelled = cache.load(number, [row["id"] for row in batch])
-        if labelled is None:
-            labelled = label_batch(model, batch, embed_candidates, config.hard_negatives, sampling, negatives)
-            cache.save(number, labelled)
-        else:
-            reused += len(batch)
+    numbered = enumerate(labelling_batches(rows, config.label_batch_size))
+    for labelled, from_cache in Distributed().map_in_order(label, numbered, prepare=read):
         parts.append(labelled)
-        done += len(batch)
+        done += len(labelled.ids)
+        reused += len(labelled.ids) if from_cache else 0
         progress("labelling", done, len(rows))
     log.info("labelled %d inputs (%d from the cache in %s)", len(rows), reused, cache_dir)
     return LabelledInputs.concatenate(parts)
@@ -443,29 +460,49 @@ def is_hit(query: torch.Tensor, pool: torch.Tensor, gold: torch.Tensor) -> bool:
 
 
 def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig, progress: Progress = lambda phase, done, total: None) -> ValidationViews:
-    """Both views of up to `validation_queries` validation queries, judged against their candidate pools."""
+    """Both views of up to `validation_queries` validation queries, judged against their candidate pools.
+
+    Under several processes each embeds its share of the candidate and query batches, and every process
+    receives all of them in order.
+    """
     split = dataset.queries[config.validation_split]
     rows = [split[i] for i in range(min(config.validation_queries, len(split)))]
     if not rows:
         raise TWNError(f"the '{config.validation_split}' split is empty: τ is chosen on it")
+    distributed = Distributed()
     pools = [dataset.candidate_pool(row) for row in rows]
     needed = sorted({candidate for pool in pools for candidate in pool})
-    embeddings = dict(zip(needed, CandidateEmbedder(model, dataset.candidates, config.label_batch_size)(needed)))
+    embed_candidates = CandidateEmbedder(model, dataset.candidates, config.label_batch_size)
+    blocks = batched(needed, config.label_batch_size)
+    parts = distributed.map_in_order(lambda ids: embed_candidates(list(ids)), blocks, prepare=lambda ids: ids)
+    embeddings = dict(zip(needed, torch.cat(list(parts))))
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
-    features, hit_never, hit_think, tokens = [], [], [], []
-    progress("validation", 0, len(rows))
-    for start in range(0, len(rows), config.label_batch_size):
-        batch = rows[start : start + config.label_batch_size]
-        views = embed_views(model, [prepared_input(row) for row in batch], sampling)
+
+    def judge(read_batch: tuple[int, list[dict], list[ModelInput]]) -> tuple[torch.Tensor, list[int], list[bool], list[bool]]:
+        """The batch's gate inputs, reasoning tokens, and whether each view ranks a positive first."""
+        start, batch, inputs = read_batch
+        views = embed_views(model, inputs, sampling)
+        hits_never, hits_think = [], []
         for offset, row in enumerate(batch):
             pool = pools[start + offset]
             pool_embeddings = torch.stack([embeddings[c] for c in pool])
             gold = torch.tensor([c in row["positive_ids"] for c in pool])
-            hit_never.append(is_hit(views.never[offset], pool_embeddings, gold))
-            hit_think.append(is_hit(views.think[offset], pool_embeddings, gold))
-        features.append(views.last_prompt_state)
-        tokens.extend(views.reasoning_tokens)
-        progress("validation", start + len(batch), len(rows))
+            hits_never.append(is_hit(views.never[offset], pool_embeddings, gold))
+            hits_think.append(is_hit(views.think[offset], pool_embeddings, gold))
+        return views.last_prompt_state, views.reasoning_tokens, hits_never, hits_think
+
+    def read(start: int) -> tuple[int, list[dict], list[ModelInput]]:
+        batch = rows[start : start + config.label_batch_size]
+        return start, batch, [prepared_input(row) for row in batch]
+
+    features, hit_never, hit_think, tokens = [], [], [], []
+    progress("validation", 0, len(rows))
+    for state, reasoning_tokens, never, think in distributed.map_in_order(judge, range(0, len(rows), config.label_batch_size), prepare=read):
+        features.append(state)
+        tokens.extend(reasoning_tokens)
+        hit_never += never
+        hit_think += think
+        progress("validation", len(hit_never), len(rows))
     return ValidationViews(torch.cat(features), torch.tensor(hit_never), torch.tensor(hit_think), torch.tensor(tokens, dtype=torch.int64))
 
 
@@ -550,7 +587,8 @@ def run_train_gate(
     else:
         tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, config.best_tolerance)
     model.config.gate_threshold = tau
-    _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, fit.history)
+    if Distributed().is_main:
+        _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, fit.history)
     return {
         "threshold": tau,
         "target": config.target,
