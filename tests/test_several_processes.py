@@ -109,6 +109,28 @@ def test_blocks_are_prepared_ahead_in_a_thread_but_never_drawn_past_what_a_strea
     assert list(Distributed().map_in_order(work, stream(), prepare)) == ["A", "B", "C"]
 
 
+def test_a_process_prepares_its_next_block_while_it_works_however_many_blocks_are_others():
+    """With three processes, rank 2's blocks are 2, 5, 8: block 5 is prepared while block 2 is worked on,
+    although blocks 3 and 4, which other processes work on, come between."""
+    import threading
+
+    from twn_cli.distributed import prepared_ahead
+
+    next_one_started = threading.Event()
+
+    def prepare(block):
+        if block == 5:
+            next_one_started.set()
+        return block
+
+    handed = []
+    for block, (ready, error) in prepared_ahead(range(9), prepare, mine=lambda index: index % 3 == 2):
+        if block == 2:
+            assert next_one_started.wait(timeout=30), "block 5 was not prepared while block 2 was worked on"
+        handed.append((block, ready, error))
+    assert handed == [(block, block if block % 3 == 2 else None, None) for block in range(9)]
+
+
 def test_embed_with_two_processes_streams_what_one_process_writes(checkpoint, real_image_paths, tmp_path):
     kinds = [
         {"id": "q1", "text": "a cat sitting", "image": str(real_image_paths[1])},

@@ -177,7 +177,7 @@ TWO_PROCESS_SCRIPT = """
 import json, os, sys, torch
 from twn_cli.distributed import end_process_group, shard_language_model, start_process_group
 start_process_group()
-from twn_cli.data.prepared import load_prepared
+from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.engine.model import TWNModel
 from twn_cli.stages import train_embed
@@ -186,10 +186,12 @@ config = train_embed.TrainEmbedConfig(**settings)
 model = TWNModel(load_backbone(backbone_dir, device="cpu"), config.model_config())
 if config.shard_backbone:
     shard_language_model(model, torch.device("cpu"))
-frozen = [p for n, p in model.backbone.model.get_decoder().layers.named_parameters() if "lora_" not in n]
-held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
 trainer = train_embed.EmbedTrainer(model, train_embed.TrainingData(load_prepared(dataset_dir), "train", config.hard_negatives, config.seed), config)
 metrics = trainer.compute_gradients()
+model.embed([prepared_input(load_prepared(dataset_dir).queries["train"][0])])  # a forward without gradients
+# What each process holds between passes (sharded layers gather their weights only while they run).
+frozen = [p for n, p in model.backbone.model.get_decoder().layers.named_parameters() if "lora_" not in n]
+held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
 if torch.distributed.get_rank() == 0:
     grads = {n: p.grad for n, p in trainer.parameters.items() if p.grad is not None}
     torch.save({"loss": metrics["loss"], "grads": grads, "held": held, "whole": sum(p.numel() for p in frozen)}, sys.argv[4])

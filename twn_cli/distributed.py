@@ -59,8 +59,8 @@ def end_process_group(*, finished: bool) -> None:
 
 
 def process_device(device: str) -> str:
-    """Under several processes, `auto` means this process's own GPU."""
-    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+    """Under several processes, `auto` and `cuda` mean this process's own GPU."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
 
@@ -76,20 +76,20 @@ def prepared_ahead(
     blocks: Iterable[Block], prepare: Callable[[Block], Prepared], mine: Callable[[int], bool], depth: int = PREPARED_AHEAD
 ) -> Iterator[tuple[Block, tuple[Prepared | None, TWNError | None]]]:
     """(block, (prepare(block), None)) for each block, or (block, (None, error)) when preparing it raised a
-    TWNError, or (block, (None, None)) for blocks that are not `mine(index)`; drawn and prepared in a
-    background thread at most `depth` blocks ahead of the consumer. Any other failure, in drawing or
-    preparing, is raised here.
+    TWNError, or (block, (None, None)) for blocks that are not `mine(index)`.
+
+    A background thread draws the blocks and prepares this process's own, at most `depth` of them ahead of
+    the one the consumer has taken; other processes' blocks pass straight through. Any other failure, in
+    drawing or preparing, is raised here.
     """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
+    handed: queue.Queue = queue.Queue()
+    free_slots = threading.Semaphore(depth)
     stopped = threading.Event()
 
-    def hand_over(item) -> bool:
+    def wait_for_a_slot() -> bool:
         while not stopped.is_set():
-            try:
-                ready.put(item, timeout=0.1)
+            if free_slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def produce() -> None:
@@ -97,23 +97,27 @@ def prepared_ahead(
             for index, block in enumerate(blocks):
                 outcome = (None, None)
                 if mine(index):
+                    if not wait_for_a_slot():
+                        return
                     try:
                         outcome = (prepare(block), None)
                     except TWNError as error:
                         outcome = (None, error)
-                if not hand_over((block, outcome)):
-                    return
-            hand_over(_END)
+                handed.put((index, block, outcome))
+            handed.put(_END)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
-            hand_over(_Failure(error))
+            handed.put(_Failure(error))
 
     thread = threading.Thread(target=produce, name="twn-prepare", daemon=True)
     thread.start()
     try:
-        while (item := ready.get()) is not _END:
+        while (item := handed.get()) is not _END:
             if isinstance(item, _Failure):
                 raise item.error
-            yield item
+            index, block, outcome = item
+            if mine(index):
+                free_slots.release()
+            yield block, outcome
     finally:
         stopped.set()
 
@@ -172,6 +176,12 @@ class Distributed:
         """
         mine = (lambda index: True) if not self.active else (lambda index: index % self.world_size == self.rank)
         prepared = prepared_ahead(blocks, prepare, mine)
+        try:
+            yield from self._work_in_rounds(work, prepared)
+        finally:
+            prepared.close()  # stops the thread now, also when the consumer stops early
+
+    def _work_in_rounds(self, work: Callable[[Prepared], Result], prepared: Iterator) -> Iterator[Result]:
         if not self.active:
             for _, (ready, error) in prepared:
                 if error is not None:
@@ -225,7 +235,8 @@ def shard_language_model(model: torch.nn.Module, device: torch.device) -> int:
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for layer in layers:
         adapters = {parameter for name, parameter in layer.named_parameters() if "lora_" in name}
-        fully_shard(layer, mesh=mesh, ignored_params=adapters)
+        # Each layer is its own FSDP root, and roots keep their weights gathered after forward unless told not to.
+        fully_shard(layer, mesh=mesh, ignored_params=adapters, reshard_after_forward=True)
     with torch.no_grad():
         for module in model.modules():
             for name, parameter in module.named_parameters(recurse=False):
@@ -238,6 +249,6 @@ def shard_language_model(model: torch.nn.Module, device: torch.device) -> int:
 
 def backbone_is_sharded(model: torch.nn.Module) -> bool:
     """Whether `shard_language_model` sharded `model`: then every process must run the same forward passes."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+    return any(isinstance(module, FSDPModule) for module in model.modules())

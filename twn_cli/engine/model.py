@@ -525,7 +525,10 @@ class TWNModel(nn.Module):
         image_processor = self.backbone.processor.image_processor
         if item.images and hasattr(image_processor, "get_number_of_image_patches"):
             merged = getattr(image_processor, "merge_size", 1) ** 2
-            length += sum(image_processor.get_number_of_image_patches(image.height, image.width, {}) // merged for image in item.images)
+            for image in item.images:
+                patches = image_processor.get_number_of_image_patches(image.height, image.width, {})
+                # Some processors (tiling ones) answer with a tuple; their images then count only as present.
+                length += patches // merged if isinstance(patches, int) else 1
         return length
 
     @torch.no_grad()

@@ -336,7 +336,9 @@ class EmbedTrainer:
 
         def backward(forced) -> None:
             values.append(forced.sft_loss_sum.item())
-            if self.config.sft_weight and forced.sft_tokens:
+            # Also a chunk without CoT tokens (a zero loss): processes sharing a sharded backbone must run
+            # the same backward passes.
+            if self.config.sft_weight and sft_tokens:
                 (self.config.sft_weight * forced.sft_loss_sum / sft_tokens).backward()
 
         return backward
@@ -425,7 +427,8 @@ def run_train_embed(
         on_step(metrics)
     run.finish()
     summary = {"steps": trainer.step_done, "parameters": model.parameter_overhead()}
-    # A sharded backbone runs only in lockstep, so every process then computes the same validation.
+    # A sharded backbone runs only in lockstep, so every process then computes the same validation: the same
+    # inputs through the same weights give the same CoTs, hence the same decode steps in every process.
     validates = distributed.is_main or backbone_is_sharded(model)
     if validates and config.validation_queries and config.validation_split in dataset.queries:
         summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries)
