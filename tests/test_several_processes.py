@@ -207,3 +207,20 @@ def test_train_gate_with_two_processes_saves_what_one_process_saves(checkpoint, 
     for name in ("gate-labels.jsonl", "gate-metrics.jsonl"):
         assert (tmp_path / "two" / "train" / name).read_text() == (tmp_path / "one" / "train" / name).read_text()
     assert len(list((tmp_path / "two" / "train" / "gate-labels").glob("batch-*.safetensors"))) == 4
+
+
+def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, toy_dataset_dir, tmp_path):
+    cache = run("embed", toy_dataset_dir, "--checkpoint", checkpoint, "-o", tmp_path / "cache.pt")
+    assert cache.exit_code == 0, cache.stderr
+    options = ["train-rl", toy_dataset_dir, "--checkpoint", checkpoint, "--negatives-cache", tmp_path / "cache.pt",
+               "-o", tmp_path / "rl", "--set=batch_size=4", "--set=group_size=2", "--set=max_think_tokens=4",
+               "--set=validation_queries=4", "--set=checkpoint_every=1", "--set=refresh_cache_every=1"]
+    first = torchrun("-m", "twn_cli", *options, "--steps", 1)
+    assert first.stdout.splitlines() == [str(tmp_path / "rl")]
+    resumed = torchrun("-m", "twn_cli", *options, "--steps", 2, "--resume")
+    assert resumed.stdout.splitlines() == [str(tmp_path / "rl")]
+    manifest = json.loads((tmp_path / "rl" / "twn.json").read_text())
+    assert manifest["train_rl"]["steps"] == 2 and manifest["train_rl"]["cache_refreshes"] == 1  # the resumed run's step
+    steps = [json.loads(line)["step"] for line in (tmp_path / "rl" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert "held-out reward (4 validation queries)" in resumed.stderr

@@ -236,3 +236,73 @@ def test_cot_log_probs_agree_with_the_sft_cross_entropy(make_model):
         forced = model.teacher_forced(encoded, cot_ids)
     assert mask.sum(1).tolist() == [len(ids) + len(model.think_end_ids) for ids in cot_ids]
     assert torch.allclose(-log_probs.sum(), forced.sft_loss_sum, rtol=1e-5)
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+from twn_cli.distributed import Distributed, end_process_group, start_process_group
+start_process_group()
+from twn_cli.data.negatives_cache import load_negatives_cache
+from twn_cli.data.prepared import load_prepared
+from twn_cli.engine.checkpoint import load_checkpoint
+from twn_cli.stages.train_embed import TrainingData
+from twn_cli.stages.train_rl import RLTrainer, TrainRLConfig
+checkpoint, dataset_dir, cache_path, output = sys.argv[1:5]
+model = load_checkpoint(checkpoint, device="cpu")
+dataset = load_prepared(dataset_dir)
+trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), load_negatives_cache(cache_path, model.embedding_dim), TrainRLConfig(**SMALL))
+rank = Distributed().rank
+share = trainer.config.batch_size // 2
+rows = [trainer.data.rows[i] for i in trainer.data.batch_indices(0, trainer.config.batch_size)[rank * share : (rank + 1) * share]]
+sampled = trainer.sample_groups(rows, stream=rank)
+rewards = trainer.rewards(rows, sampled, stream=rank)
+metrics = trainer.policy_gradient(rows, sampled, rewards)
+heldout = trainer.heldout_reward([dataset.queries["validation"][i] for i in range(3)])
+trainer.refresh_cache()
+torch.save({
+    "rows": [row["id"] for row in rows], "sampled": sampled, "rewards": rewards, "metrics": metrics, "heldout": heldout,
+    "grads": {name: p.grad for name, p in trainer.parameters.items()}, "cache": trainer.cache.embeddings,
+}, f"{output}.{rank}")
+end_process_group(finished=True)
+"""
+
+
+def test_two_processes_give_the_gradient_of_their_samples_together(setup, toy_dataset_dir, tmp_path):
+    """Each process samples its half of the batch; the summed gradient is the one-process gradient of all
+    the samples together, and the held-out reward and a refreshed cache are what one process computes."""
+    import os
+    import subprocess
+    import sys
+
+    model, dataset, cache = setup
+    checkpoint = save_checkpoint(model, tmp_path / "start", stages=[])
+    torch.save({"ids": cache.ids, "embeddings": cache.embeddings}, tmp_path / "cache.pt")
+    script = tmp_path / "two.py"
+    script.write_text(f"SMALL = {dict(SMALL, batch_size=4)!r}\n" + TWO_PROCESS_SCRIPT)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(checkpoint), str(toy_dataset_dir), str(tmp_path / "cache.pt"), str(tmp_path / "out")],
+        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300,
+    )
+    parts = [torch.load(tmp_path / f"out.{rank}", weights_only=False) for rank in (0, 1)]
+    assert parts[0]["sampled"]["cot_ids"] != parts[1]["sampled"]["cot_ids"]  # each process its own stream
+
+    single = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**dict(SMALL, batch_size=4)))
+    rows = [single.data.rows[i] for i in single.data.batch_indices(0, 4)]
+    assert [row["id"] for row in rows] == parts[0]["rows"] + parts[1]["rows"]
+    together = {
+        key: [*parts[0]["sampled"][key], *parts[1]["sampled"][key]] if isinstance(parts[0]["sampled"][key], list)
+        else torch.cat([parts[0]["sampled"][key], parts[1]["sampled"][key]])
+        for key in parts[0]["sampled"]
+    }
+    metrics = single.policy_gradient(rows, together, torch.cat([parts[0]["rewards"], parts[1]["rewards"]]))
+    assert any(float(parameter.grad.abs().sum()) > 0 for parameter in single.parameters.values())
+    for name, parameter in single.parameters.items():
+        for part in parts:
+            assert torch.allclose(part["grads"][name], parameter.grad, rtol=1e-4, atol=1e-7), name
+    assert parts[0]["metrics"] == parts[1]["metrics"]
+    for key, value in metrics.items():
+        assert parts[0]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    assert parts[0]["heldout"] == parts[1]["heldout"] == single.heldout_reward([dataset.queries["validation"][i] for i in range(3)])
+    single.refresh_cache()
+    assert torch.equal(parts[0]["cache"], single.cache.embeddings) and torch.equal(parts[1]["cache"], single.cache.embeddings)

@@ -465,21 +465,25 @@ def train_rl(
     advantages, a clipped surrogate with asymmetric ε, k3 KL to the pre-RL adapter; only the reasoning
     adapter changes. The cache is checked first (dimension, unique ids, finite values; .pt only as plain
     tensors). States every `checkpoint_every` steps (--resume continues exactly); a NaN loss stops with
-    the last good state named. Prints the checkpoint (run) directory.
+    the last good state named. Under torchrun / accelerate launch each process samples its share of every
+    step's queries and the gradients are summed. Prints the checkpoint (run) directory.
     Usage: twn train-rl DATA --checkpoint RUN --negatives-cache cache.pt -o RUN2.
     """
     _setup_logging(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.data.prepared import load_prepared
+    from twn_cli.distributed import Distributed, process_device, start_process_group
     from twn_cli.engine.backbone import load_backbone
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
-    from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
 
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting, steps=steps, seed=seed))
-    load_options = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    start_process_group()
+    distributed = Distributed()
+    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
     cache = load_negatives_cache(negatives_cache, model.embedding_dim)
@@ -494,7 +498,7 @@ def train_rl(
     stages = model.manifest["stages"] + [record]
     with Progress(
         TextColumn("train-rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=_stderr_console(),
+        TextColumn("{task.fields[status]}"), console=_stderr_console(), disable=not distributed.is_main,
     ) as progress:
         task = progress.add_task("train", total=config.steps, status="")
 
@@ -505,6 +509,8 @@ def train_rl(
             )
 
         summary = run_train_rl(model, dataset, cache, output, config, resume=resume, stages=stages, on_step=show)
+    if not distributed.is_main:
+        return
     save_checkpoint(model, output, stages=stages, extra={**stage_results(model.manifest), "train_rl": summary})
     heldout = summary["heldout_reward"]
     if heldout:

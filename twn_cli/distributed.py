@@ -146,6 +146,16 @@ class Distributed:
         torch.distributed.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a scalar over the processes (the scalar itself for one process)."""
+        if not self.active:
+            return value
+        return self.gather(value.detach().reshape(1)).sum()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over the processes."""
+        return self.sum(value) / self.world_size
+
     def gather_objects(self, items: list) -> list:
         if not self.active:
             return items

@@ -36,9 +36,9 @@ step "the global negatives cache: every MMEB-train candidate, embedded without t
 cache=$(torchrun --nproc_per_node "$gpus" -m twn_cli embed "$train_data" --checkpoint "$gate_run" -o "$run/cache.safetensors" \
     --dtype bfloat16 --batch-size 64)
 
-step "train-rl: GRPO on the reasoning adapter against the cache"
-rl_run=$(twn train-rl "$train_data" --checkpoint "$gate_run" --negatives-cache "$cache" -o "$run/rl" \
-    --recipe "$here/train-rl.yaml" --dtype bfloat16)
+step "train-rl on $gpus GPU(s): GRPO on the reasoning adapter against the cache"
+rl_run=$(torchrun --nproc_per_node "$gpus" -m twn_cli train-rl "$train_data" --checkpoint "$gate_run" \
+    --negatives-cache "$cache" -o "$run/rl" --recipe "$here/train-rl.yaml" --dtype bfloat16)
 
 step "eval on MMEB-V2: never, always, and the gate's thresholds"
 torchrun --nproc_per_node "$gpus" -m twn_cli eval "$eval_data" --checkpoint "$rl_run" -o "$run/report" --mode sweep \

@@ -30,6 +30,7 @@ import torch
 
 from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
+from twn_cli.distributed import Distributed
 from twn_cli.engine.model import Sampling, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.stages.train_embed import TrainingData
@@ -171,13 +172,21 @@ def k3_kl(log_probs: torch.Tensor, reference_log_probs: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------------------- trainer
 class RLTrainer:
-    """GRPO on the reasoning adapter of one model, against one negatives cache."""
+    """GRPO on the reasoning adapter of one model, against one negatives cache.
 
-    def __init__(self, model: TWNModel, data: TrainingData, cache: NegativesCache, config: TrainRLConfig):
+    Under several processes each takes a slice of every step's queries and samples their groups (its own
+    random stream), the loss is normalised by the whole batch's CoT tokens, and the gradients are summed,
+    so that a step is the single-process step on the union of the samples.
+    """
+
+    def __init__(self, model: TWNModel, data: TrainingData, cache: NegativesCache, config: TrainRLConfig, distributed: Distributed | None = None):
         self.model = model
         self.data = data
         self.cache = cache
         self.config = config
+        self.distributed = distributed or Distributed()
+        if config.batch_size % self.distributed.world_size:
+            raise TWNError(f"batch_size {config.batch_size} must divide evenly over {self.distributed.world_size} processes")
         self.candidates = CandidateEmbedder(model, data.candidates, batch_size=64)
         self.parameters = model.adapter_parameters("reasoning")
         # The frozen reference: the reasoning adapter as it was before RL.
@@ -186,10 +195,21 @@ class RLTrainer:
         self.step_done = 0
 
     def step(self) -> dict:
-        config, model = self.config, self.model
-        rows = [self.data.rows[index] for index in self.data.batch_indices(self.step_done, config.batch_size)]
-        sampled = self.sample_groups(rows)
-        rewards = self.rewards(rows, sampled)
+        """Sample, reward and update on this process's share of the step's queries."""
+        indices = self.data.batch_indices(self.step_done, self.config.batch_size)
+        share = self.config.batch_size // self.distributed.world_size
+        rows = [self.data.rows[index] for index in indices[self.distributed.rank * share : (self.distributed.rank + 1) * share]]
+        sampled = self.sample_groups(rows, stream=self.distributed.rank)
+        rewards = self.rewards(rows, sampled, stream=self.distributed.rank)
+        metrics = self.policy_gradient(rows, sampled, rewards)
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm))
+        self.optimizer.step()
+        self.step_done += 1
+        return {"step": self.step_done, **metrics}
+
+    def policy_gradient(self, rows: list[dict], sampled: dict, rewards: torch.Tensor) -> dict:
+        """The gradient of the batch's GRPO loss in the reasoning adapter (summed over processes), and its metrics."""
+        config, model, distributed = self.config, self.model, self.distributed
         advantages, zero_spread = group_advantages(rewards)
         advantages = advantages.flatten().to(model.device)
 
@@ -205,31 +225,29 @@ class RLTrainer:
         old_log_probs = log_probs.detach()
         surrogate, clipped = clipped_surrogate(log_probs, old_log_probs, advantages[:, None], config.epsilon_low, config.epsilon_high)
         kl = k3_kl(log_probs, reference_log_probs)
-        tokens = mask.sum().clamp(min=1)
+        tokens = distributed.sum(mask.sum()).clamp(min=1)
         loss = ((-surrogate + config.kl_beta * kl) * mask).sum() / tokens
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step_done + 1}")
+        batch_loss = distributed.sum(loss.detach())
+        if not torch.isfinite(batch_loss):  # the same in every process, so all stop together
+            raise FloatingPointError(f"loss became {batch_loss.item()} at step {self.step_done + 1}")
         loss.backward()  # now, while the reasoning adapter is active
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), config.max_grad_norm)
-        self.optimizer.step()
+        distributed.sum_gradients(list(self.parameters.values()))
         model.eval()
-        self.step_done += 1
+        # Processes hold equal shares, so means over the batch are means of their means.
         return {
-            "step": self.step_done,
-            "loss": loss.item(),
-            "reward_mean": rewards.mean().item(),
-            "reward_spread": rewards.std(1).mean().item(),
-            "zero_spread_groups": zero_spread.float().mean().item(),
-            "kl": ((kl * mask).sum() / tokens).item(),
-            "cot_tokens_mean": sampled["cot_tokens"].float().mean().item(),
-            "clip_fraction": ((clipped & mask).sum() / tokens).item(),
-            "grad_norm": float(grad_norm),
+            "loss": batch_loss.item(),
+            "reward_mean": distributed.mean(rewards.mean()).item(),
+            "reward_spread": distributed.mean(rewards.std(1).mean()).item(),
+            "zero_spread_groups": distributed.mean(zero_spread.float().mean()).item(),
+            "kl": (distributed.sum((kl * mask).sum()) / tokens).item(),
+            "cot_tokens_mean": distributed.mean(sampled["cot_tokens"].float().mean()).item(),
+            "clip_fraction": (distributed.sum((clipped & mask).sum()) / tokens).item(),
         }
 
     @torch.no_grad()
-    def sample_groups(self, rows: list[dict], key: int | None = None) -> dict:
-        """G CoTs per query from one prefill, and their embeddings; seeded by `key` (default: the step), so a
-        resumed run samples the same CoTs as an uninterrupted one."""
+    def sample_groups(self, rows: list[dict], key: int | None = None, stream: int = 0) -> dict:
+        """G CoTs per query from one prefill, and their embeddings; seeded by `key` (default: the step) and
+        `stream` (a process's own), so a resumed run samples the same CoTs as an uninterrupted one."""
         config, model = self.config, self.model
         key = self.step_done if key is None else key
         model.eval()
@@ -237,7 +255,7 @@ class RLTrainer:
         prefix, _ = model.prefill(model.encode(inputs))
         no_think = model.query_pass(prefix).float().cpu()
         repeated = torch.arange(len(rows), device=model.device).repeat_interleave(config.group_size)
-        generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + key)
+        generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + key + stream * 1_000_000_007)
         sampling = Sampling(config.temperature, config.top_p, config.max_think_tokens, generator)
         thoughts = model.think(prefix.select(repeated), sampling)
         cot_ids = [model.strip_end_marker(ids) for ids in thoughts.token_ids]
@@ -251,10 +269,12 @@ class RLTrainer:
         }
 
     @torch.no_grad()
-    def rewards(self, rows: list[dict], groups: dict, key: int | None = None) -> torch.Tensor:
-        """[queries, G] rewards of sampled groups against the cache's negatives for each query."""
+    def rewards(self, rows: list[dict], groups: dict, key: int | None = None, stream: int = 0) -> torch.Tensor:
+        """[queries, G] rewards of sampled groups against the cache's negatives for each query (random
+        negatives drawn as `sample_groups` draws CoTs: by `key` and `stream`)."""
         config = self.config
-        rng = random.Random(f"{config.seed}/{self.step_done if key is None else key}")
+        key = self.step_done if key is None else key
+        rng = random.Random(f"{config.seed}/{key}" + (f"/{stream}" if stream else ""))
         rewards = torch.empty(len(rows), config.group_size)
         for query, row in enumerate(rows):
             positive_ids = set(row["positive_ids"])
@@ -272,19 +292,25 @@ class RLTrainer:
         return rewards
 
     def refresh_cache(self) -> None:
-        """Re-embed every cache entry (a candidate of the prepared dataset) with the current model."""
+        """Re-embed every cache entry (a candidate of the prepared dataset) with the current model; processes
+        share the blocks of entries."""
         self.model.eval()
-        self.cache = NegativesCache(self.cache.ids, self.candidates(self.cache.ids).float())
+        block = self.candidates.batch_size * 8
+        blocks = [self.cache.ids[start : start + block] for start in range(0, len(self.cache.ids), block)]
+        embedded = self.distributed.map_in_order(lambda ids: self.candidates(ids).float(), blocks, prepare=lambda ids: ids)
+        self.cache = NegativesCache(self.cache.ids, torch.cat(list(embedded)))
 
     def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
-        compare); `reference`: with the pre-RL reasoning adapter."""
+        compare); `reference`: with the pre-RL reasoning adapter. Processes share the batches."""
         key = -1  # no training step uses it
-        total = 0.0
+
+        def reward_sum(batch: list[dict]) -> float:
+            return self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
+
+        batches = [rows[start : start + self.config.batch_size] for start in range(0, len(rows), self.config.batch_size)]
         with self._reference_weights() if reference else nullcontext():
-            for start in range(0, len(rows), self.config.batch_size):
-                batch = rows[start : start + self.config.batch_size]
-                total += self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
+            total = sum(self.distributed.map_in_order(reward_sum, batches, prepare=lambda batch: batch))
         return total / (len(rows) * self.config.group_size)
 
     @contextmanager
@@ -338,10 +364,12 @@ def run_train_rl(
         if unknown is not None:
             raise TWNError(f"negatives cache entry '{unknown}' is not a candidate of '{dataset.path}': only caches of the "
                            "dataset's candidates (twn embed DATA -o cache.pt) can be refreshed")
-    trainer = RLTrainer(model, data, cache, config)
-    run.start(resume)
+    distributed = Distributed()
+    trainer = RLTrainer(model, data, cache, config, distributed)
+    if distributed.is_main:
+        run.start(resume)
     if resume:
-        resume_latest_state(run, model, trainer, config)
+        resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
         if config.refresh_cache_every and trainer.step_done:
             trainer.refresh_cache()
     heldout_before = trainer.heldout_reward(heldout_rows, reference=True) if heldout_rows else None
@@ -356,8 +384,9 @@ def run_train_rl(
             metrics["heldout_reward"] = trainer.heldout_reward(heldout_rows)
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
-        run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
-                       checkpoint_every=config.checkpoint_every, stages=stages)
+        if distributed.is_main:
+            run.after_step(model, trainer, metrics, total_steps=config.steps, log_every=config.log_every,
+                           checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
     run.finish()
     last = history[-min(len(history), 10) :]
