@@ -62,13 +62,18 @@ for blocks in (["a", "b", "c", "bad", "e"], ["a", "b", "unreadable", "d"]):
         list(distributed.map_in_order(work, blocks, prepare))
     except TWNError as error:
         failed.append(str(error))
+only_first, nowhere = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+if distributed.rank == 0:
+    only_first.grad = torch.ones(2)
+distributed.sum_gradients([only_first, nowhere])
+gradients = [only_first.grad.tolist(), nowhere.grad]
 with open(f"{sys.argv[1]}.{distributed.rank}", "w") as output:
-    json.dump({"done": done, "failed": failed}, output)
+    json.dump({"done": done, "failed": failed, "gradients": gradients}, output)
 end_process_group(finished=True)
 """
 
 
-def test_map_in_order_keeps_block_order_and_raises_an_error_in_every_process(tmp_path):
+def test_map_in_order_keeps_block_order_and_raises_an_error_in_every_process_and_gradients_sum(tmp_path):
     script = tmp_path / "map.py"
     script.write_text(MAP_IN_ORDER_SCRIPT)
     torchrun(script, tmp_path / "out")
@@ -77,6 +82,8 @@ def test_map_in_order_keeps_block_order_and_raises_an_error_in_every_process(tmp
         # Block i is worked on by process i % 2; every process receives every result in block order.
         assert result["done"] == [["A", 0], ["B", 1], ["C", 0], ["D", 1], ["E", 0]]
         assert result["failed"] == ["block BAD failed in process 1", "block unreadable could not be read in process 0"]
+        # Summed gradients: one process's counts; a parameter no process gave a gradient keeps none.
+        assert result["gradients"] == [[1.0, 1.0], None]
 
 
 def test_blocks_are_prepared_ahead_in_a_thread_but_never_drawn_past_what_a_stream_has_given():
@@ -214,7 +221,7 @@ def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, 
     assert cache.exit_code == 0, cache.stderr
     options = ["train-rl", toy_dataset_dir, "--checkpoint", checkpoint, "--negatives-cache", tmp_path / "cache.pt",
                "-o", tmp_path / "rl", "--set=batch_size=4", "--set=group_size=2", "--set=max_think_tokens=4",
-               "--set=validation_queries=4", "--set=checkpoint_every=1", "--set=refresh_cache_every=1"]
+               "--set=validation_queries=8", "--set=checkpoint_every=1", "--set=refresh_cache_every=1"]  # 2 held-out batches
     first = torchrun("-m", "twn_cli", *options, "--steps", 1)
     assert first.stdout.splitlines() == [str(tmp_path / "rl")]
     resumed = torchrun("-m", "twn_cli", *options, "--steps", 2, "--resume")
@@ -223,4 +230,12 @@ def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, 
     assert manifest["train_rl"]["steps"] == 2 and manifest["train_rl"]["cache_refreshes"] == 1  # the resumed run's step
     steps = [json.loads(line)["step"] for line in (tmp_path / "rl" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
-    assert "held-out reward (4 validation queries)" in resumed.stderr
+    assert "held-out reward (8 validation queries)" in resumed.stderr
+    again = torchrun("-m", "twn_cli", *options, "--steps", 2, "--resume")  # already finished: nothing to train
+    assert "held-out reward (8 validation queries)" in again.stderr
+    fresh = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "twn_cli", *map(str, options), "--steps", "2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    # Every process refuses a directory that holds a run, not only the first.
+    assert fresh.returncode != 0 and fresh.stderr.count("holds a run already") == 2

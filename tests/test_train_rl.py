@@ -251,25 +251,28 @@ checkpoint, dataset_dir, cache_path, output = sys.argv[1:5]
 model = load_checkpoint(checkpoint, device="cpu")
 dataset = load_prepared(dataset_dir)
 trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), load_negatives_cache(cache_path, model.embedding_dim), TrainRLConfig(**SMALL))
+trainer.candidates.batch_size = CANDIDATE_BATCH
 rank = Distributed().rank
-share = trainer.config.batch_size // 2
-rows = [trainer.data.rows[i] for i in trainer.data.batch_indices(0, trainer.config.batch_size)[rank * share : (rank + 1) * share]]
+# The body of trainer.step(), kept apart to save what each process sampled.
+rows = trainer.local_rows()
 sampled = trainer.sample_groups(rows, stream=rank)
 rewards = trainer.rewards(rows, sampled, stream=rank)
-metrics = trainer.policy_gradient(rows, sampled, rewards)
-heldout = trainer.heldout_reward([dataset.queries["validation"][i] for i in range(3)])
+metrics = trainer.update(rows, sampled, rewards)
+heldout = trainer.heldout_reward([dataset.queries["validation"][i] for i in range(HELDOUT)])
 trainer.refresh_cache()
 torch.save({
     "rows": [row["id"] for row in rows], "sampled": sampled, "rewards": rewards, "metrics": metrics, "heldout": heldout,
-    "grads": {name: p.grad for name, p in trainer.parameters.items()}, "cache": trainer.cache.embeddings,
+    "grads": {name: p.grad for name, p in trainer.parameters.items()},
+    "parameters": {name: p.detach() for name, p in trainer.parameters.items()}, "cache": trainer.cache.embeddings,
 }, f"{output}.{rank}")
 end_process_group(finished=True)
 """
 
 
-def test_two_processes_give_the_gradient_of_their_samples_together(setup, toy_dataset_dir, tmp_path):
-    """Each process samples its half of the batch; the summed gradient is the one-process gradient of all
-    the samples together, and the held-out reward and a refreshed cache are what one process computes."""
+def test_two_processes_take_the_step_of_their_samples_together(setup, toy_dataset_dir, tmp_path):
+    """Each process samples its half of the batch from its own stream; the step (gradient, clipping,
+    optimiser) is the one-process step on all the samples together, and the held-out reward and a refreshed
+    cache, shared out batch by batch, are what one process computes."""
     import os
     import subprocess
     import sys
@@ -277,32 +280,43 @@ def test_two_processes_give_the_gradient_of_their_samples_together(setup, toy_da
     model, dataset, cache = setup
     checkpoint = save_checkpoint(model, tmp_path / "start", stages=[])
     torch.save({"ids": cache.ids, "embeddings": cache.embeddings}, tmp_path / "cache.pt")
+    settings, candidate_batch, heldout_queries = dict(SMALL, batch_size=4), 16, 8  # 2 held-out batches, 3 cache blocks
+    assert len(cache.ids) > 2 * candidate_batch * 8
     script = tmp_path / "two.py"
-    script.write_text(f"SMALL = {dict(SMALL, batch_size=4)!r}\n" + TWO_PROCESS_SCRIPT)
-    subprocess.run(
+    script.write_text(f"SMALL = {settings!r}\nCANDIDATE_BATCH = {candidate_batch}\nHELDOUT = {heldout_queries}\n" + TWO_PROCESS_SCRIPT)
+    result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          str(checkpoint), str(toy_dataset_dir), str(tmp_path / "cache.pt"), str(tmp_path / "out")],
-        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
+    assert result.returncode == 0, result.stderr[-4000:]
     parts = [torch.load(tmp_path / f"out.{rank}", weights_only=False) for rank in (0, 1)]
-    assert parts[0]["sampled"]["cot_ids"] != parts[1]["sampled"]["cot_ids"]  # each process its own stream
 
-    single = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**dict(SMALL, batch_size=4)))
+    single = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**settings))
+    single.candidates.batch_size = candidate_batch
     rows = [single.data.rows[i] for i in single.data.batch_indices(0, 4)]
     assert [row["id"] for row in rows] == parts[0]["rows"] + parts[1]["rows"]
+    # Process 1 drew from its own stream: what it sampled is not what stream 0 gives for the same queries.
+    assert single.sample_groups(rows[2:], stream=1)["cot_ids"] == parts[1]["sampled"]["cot_ids"]
+    assert single.sample_groups(rows[2:], stream=0)["cot_ids"] != parts[1]["sampled"]["cot_ids"]
     together = {
         key: [*parts[0]["sampled"][key], *parts[1]["sampled"][key]] if isinstance(parts[0]["sampled"][key], list)
         else torch.cat([parts[0]["sampled"][key], parts[1]["sampled"][key]])
         for key in parts[0]["sampled"]
     }
-    metrics = single.policy_gradient(rows, together, torch.cat([parts[0]["rewards"], parts[1]["rewards"]]))
+    metrics = single.update(rows, together, torch.cat([parts[0]["rewards"], parts[1]["rewards"]]))
     assert any(float(parameter.grad.abs().sum()) > 0 for parameter in single.parameters.values())
     for name, parameter in single.parameters.items():
         for part in parts:
             assert torch.allclose(part["grads"][name], parameter.grad, rtol=1e-4, atol=1e-7), name
+            assert torch.allclose(part["parameters"][name], parameter.detach(), rtol=1e-4, atol=1e-7), name
     assert parts[0]["metrics"] == parts[1]["metrics"]
     for key, value in metrics.items():
         assert parts[0]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
-    assert parts[0]["heldout"] == parts[1]["heldout"] == single.heldout_reward([dataset.queries["validation"][i] for i in range(3)])
+    # The updated weights agree to float rounding (gradients summed in another order), and so do these.
+    heldout = single.heldout_reward([dataset.queries["validation"][i] for i in range(heldout_queries)])
+    assert parts[0]["heldout"] == parts[1]["heldout"] == pytest.approx(heldout, rel=1e-5)
     single.refresh_cache()
-    assert torch.equal(parts[0]["cache"], single.cache.embeddings) and torch.equal(parts[1]["cache"], single.cache.embeddings)
+    for part in parts:
+        assert torch.allclose(part["cache"], single.cache.embeddings, atol=1e-5)
+    assert torch.equal(parts[0]["cache"], parts[1]["cache"])

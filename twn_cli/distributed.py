@@ -164,9 +164,15 @@ class Distributed:
         return [item for part in parts for item in part]
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients over the processes; a parameter that no process gave a gradient keeps none (so
+        the optimiser skips it, as with one process)."""
         if not self.active:
             return
-        for parameter in parameters:
+        has_gradient = torch.tensor([parameter.grad is not None for parameter in parameters], dtype=torch.int32)
+        torch.distributed.all_reduce(has_gradient)
+        for parameter, anywhere in zip(parameters, has_gradient.tolist()):
+            if not anywhere:
+                continue
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
             torch.distributed.all_reduce(parameter.grad)

@@ -411,8 +411,7 @@ def run_train_embed(
     run = RunDirectory(run_dir, tensorboard=config.tensorboard)
     data = TrainingData(dataset, config.split, config.hard_negatives, config.seed)
     trainer = EmbedTrainer(model, data, config, distributed)
-    if distributed.is_main:
-        run.start(resume)
+    run.start(resume)  # in every process, so that all of them refuse a used directory, not only the first
     if resume:
         resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
     started = time.perf_counter()

@@ -195,12 +195,19 @@ class RLTrainer:
         self.step_done = 0
 
     def step(self) -> dict:
-        """Sample, reward and update on this process's share of the step's queries."""
+        """Sample and reward this process's share of the step's queries, then update on all of them."""
+        rows = self.local_rows()
+        sampled = self.sample_groups(rows, stream=self.distributed.rank)
+        return self.update(rows, sampled, self.rewards(rows, sampled, stream=self.distributed.rank))
+
+    def local_rows(self) -> list[dict]:
+        """This process's slice of the current step's queries."""
         indices = self.data.batch_indices(self.step_done, self.config.batch_size)
         share = self.config.batch_size // self.distributed.world_size
-        rows = [self.data.rows[index] for index in indices[self.distributed.rank * share : (self.distributed.rank + 1) * share]]
-        sampled = self.sample_groups(rows, stream=self.distributed.rank)
-        rewards = self.rewards(rows, sampled, stream=self.distributed.rank)
+        return [self.data.rows[index] for index in indices[self.distributed.rank * share : (self.distributed.rank + 1) * share]]
+
+    def update(self, rows: list[dict], sampled: dict, rewards: torch.Tensor) -> dict:
+        """One optimiser step on the GRPO loss of the processes' samples together; returns the step's metrics."""
         metrics = self.policy_gradient(rows, sampled, rewards)
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm))
         self.optimizer.step()
@@ -327,9 +334,15 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"step": self.step_done, "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": asdict(self.config)}
+        return {
+            "step": self.step_done, "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": asdict(self.config),
+            "processes": self.distributed.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("processes", 1) != self.distributed.world_size:
+            log.warning("resuming on %d processes a run that had %d: each process samples its own stream, so the "
+                        "run will not match an uninterrupted one", self.distributed.world_size, state.get("processes", 1))
         self.step_done = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
@@ -366,8 +379,7 @@ def run_train_rl(
                            "dataset's candidates (twn embed DATA -o cache.pt) can be refreshed")
     distributed = Distributed()
     trainer = RLTrainer(model, data, cache, config, distributed)
-    if distributed.is_main:
-        run.start(resume)
+    run.start(resume)  # in every process, so that all of them refuse a used directory, not only the first
     if resume:
         resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
         if config.refresh_cache_every and trainer.step_done:
@@ -399,7 +411,8 @@ def run_train_rl(
             "split": config.validation_split,
             "queries": len(heldout_rows),
             "before": heldout_before,
-            "after": heldout_curve[-1][1] if heldout_curve else None,
+            # A resumed run that had finished takes no step: measure the trained adapter now.
+            "after": heldout_curve[-1][1] if heldout_curve else trainer.heldout_reward(heldout_rows),
             "by_step": heldout_curve,
         }
         if heldout_rows
