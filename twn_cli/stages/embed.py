@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
-from twn_cli.distributed import Distributed, batched
+from twn_cli.distributed import Distributed, batched, prepared_ahead
 from twn_cli.engine.model import ModelInput, Sampling, ThinkMode, TWNModel
 from twn_cli.errors import BadRecordError
 
@@ -94,9 +94,13 @@ def run_embed(
 def loaded_batches(
     records: Iterable[InputRecord], batch_size: int, skip_bad: bool, skipped: list[BadRecordError]
 ) -> Iterator[tuple[list[str], list[ModelInput]]]:
-    """The loaded (ids, inputs) of each block of `batch_size` records that keeps any (see `load_block`)."""
-    for block in batched(records, batch_size):
-        ids, inputs = load_block(block, skip_bad, skipped)
+    """The loaded (ids, inputs) of each block of `batch_size` records that keeps any (see `load_block`),
+    opened in a background thread one block ahead of the consumer."""
+    blocks = prepared_ahead(batched(records, batch_size), lambda block: load_block(block, skip_bad, skipped), mine=lambda index: True)
+    for _, (loaded, error) in blocks:
+        if error is not None:
+            raise error
+        ids, inputs = loaded
         if ids:
             yield ids, inputs
 
