@@ -114,6 +114,33 @@ def test_every_format_holds_the_same_vectors(image_folder, checkpoint, tmp_path)
     assert torch.equal(vectors[0], vectors[1]) and torch.equal(vectors[0], vectors[2])
 
 
+def test_parquet_output_streams_row_groups_and_keeps_what_is_set_at_the_end(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from twn_cli.data import embedding_files
+    from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
+
+    monkeypatch.setattr(embedding_files, "PARQUET_ROW_GROUP", 4)
+    writer = EmbeddingWriter(str(tmp_path / "e.parquet"), {"embedding_dim": 3, "think_mode": "never"})
+    vectors = torch.randn(10, 3)
+    for start in range(0, 10, 3):  # batches of 3, 3, 3, 1
+        rows = range(start, min(start + 3, 10))
+        writer.add(EmbeddingBatch([f"r{i}" for i in rows], vectors[start : start + 3], [False] * len(rows), [0.5] * len(rows), [""] * len(rows), [0] * len(rows)))
+        assert writer._buffered < 4  # written out as soon as a row group is full
+    writer.metadata["skipped"] = [{"record": "x", "reason": "not found"}]
+    writer.close()
+    written = pq.ParquetFile(tmp_path / "e.parquet").metadata
+    assert [written.row_group(i).num_rows for i in range(written.num_row_groups)] == [6, 4]
+    ids, embeddings, metadata = read_embeddings(tmp_path / "e.parquet")
+    assert ids == [f"r{i}" for i in range(10)] and torch.equal(embeddings, vectors)
+    assert metadata["skipped"] == [{"record": "x", "reason": "not found"}] and metadata["think_mode"] == "never"
+
+    aborted = EmbeddingWriter(str(tmp_path / "a.parquet"), {"embedding_dim": 3})
+    aborted.add(EmbeddingBatch(["r0"], vectors[:1], [False], [0.5], [""], [0]))
+    aborted.abort()
+    assert list(tmp_path.iterdir()) == [tmp_path / "e.parquet"]
+
+
 def test_embed_jsonl_from_stdin_streams_jsonl_to_stdout(checkpoint, real_image_paths):
     lines = [
         {"id": "q1", "text": "a cat sitting", "image": str(real_image_paths[1])},

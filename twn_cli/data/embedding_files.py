@@ -3,7 +3,8 @@
 Every file carries, beside the vectors and ids, the checkpoint it came from, the think mode and whether the
 vectors are normalised (and the records skipped as bad). Files are written under a temporary name and
 renamed when complete, so an interrupted run never leaves an output that looks finished. JSONL streams
-record by record; the other formats are written once, at the end.
+record by record and parquet row group by row group, so their memory stays bounded however many inputs
+there are; safetensors and .pt hold every vector until the end, where they are written at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from twn_cli.atomic import AtomicFile
 from twn_cli.errors import TWNError
 
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".parquet": "parquet", ".jsonl": "jsonl"}
+# Rows a parquet output buffers before writing them as one row group.
+PARQUET_ROW_GROUP = 8192
 
 
 @dataclass
@@ -48,7 +51,9 @@ class EmbeddingWriter:
         self._file = AtomicFile(self.path)
         self._temporary = self._file.staging
         self._batches: list[EmbeddingBatch] = []
+        self._buffered = 0
         self._stream = open(self._temporary, "w", encoding="utf-8") if self.format == "jsonl" else None
+        self._parquet = self._open_parquet() if self.format == "parquet" else None
 
     def add(self, batch: EmbeddingBatch) -> None:
         self.count += len(batch.ids)
@@ -64,8 +69,11 @@ class EmbeddingWriter:
                 }
                 self._stream.write(json.dumps(record) + "\n")
             self._stream.flush()
-        else:
-            self._batches.append(batch)
+            return
+        self._batches.append(batch)
+        self._buffered += len(batch.ids)
+        if self._parquet is not None and self._buffered >= PARQUET_ROW_GROUP:
+            self._write_row_group()
 
     def close(self) -> Path | None:
         """Finish the output and move it into place; returns its path (None for stdout)."""
@@ -74,7 +82,10 @@ class EmbeddingWriter:
         if self.format == "jsonl":
             self._stream.close()
         elif self.format == "parquet":
-            self._write_parquet()
+            self._write_row_group()
+            # Set at the end (the records skipped): the footer's metadata, which readers take over the schema's.
+            self._parquet.add_key_value_metadata(self._parquet_metadata())
+            self._parquet.close()
         else:
             self._write_tensors()
         return self._file.commit()
@@ -85,6 +96,8 @@ class EmbeddingWriter:
             return
         if self._stream is not None:
             self._stream.close()
+        if self._parquet is not None:
+            self._parquet.close()
         self._file.discard()
 
     def _columns(self) -> dict:
@@ -111,26 +124,39 @@ class EmbeddingWriter:
         header["ids"] = json.dumps(columns["ids"])
         save_file(tensors, self._temporary, metadata=header)
 
-    def _write_parquet(self) -> None:
+    def _parquet_metadata(self) -> dict[str, str]:
+        return {f"twn.{key}": json.dumps(value) for key, value in self.metadata.items()}
+
+    def _open_parquet(self):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        schema = pa.schema([
+            ("id", pa.string()), ("embedding", pa.list_(pa.float32())), ("think", pa.bool_()), ("p_think", pa.float32()),
+            ("reasoning_tokens", pa.int32()), ("cot", pa.string()),
+        ])
+        return pq.ParquetWriter(str(self._temporary), schema.with_metadata(self._parquet_metadata()))
+
+    def _write_row_group(self) -> None:
+        """Write the buffered batches as one row group and forget them."""
+        import pyarrow as pa
+
+        if not self._batches:
+            return
         columns = self._columns()
         dim = self.metadata["embedding_dim"]
         flat = pa.array(columns["embeddings"].reshape(-1).numpy(), pa.float32())
         offsets = pa.array(range(0, len(flat) + 1, dim), pa.int32())
-        table = pa.table(
-            {
-                "id": pa.array(columns["ids"], pa.string()),
-                "embedding": pa.ListArray.from_arrays(offsets, flat),
-                "think": pa.array(columns["think"].numpy(), pa.bool_()),
-                "p_think": pa.array(columns["p_think"].numpy(), pa.float32()),
-                "reasoning_tokens": pa.array(columns["reasoning_tokens"].numpy(), pa.int32()),
-                "cot": pa.array(columns["cot"], pa.string()),
-            }
-        )
-        metadata = {f"twn.{key}": json.dumps(value) for key, value in self.metadata.items()}
-        pq.write_table(table.replace_schema_metadata(metadata), self._temporary)
+        arrays = {
+            "id": pa.array(columns["ids"], pa.string()),
+            "embedding": pa.ListArray.from_arrays(offsets, flat),
+            "think": pa.array(columns["think"].numpy(), pa.bool_()),
+            "p_think": pa.array(columns["p_think"].numpy(), pa.float32()),
+            "reasoning_tokens": pa.array(columns["reasoning_tokens"].numpy(), pa.int32()),
+            "cot": pa.array(columns["cot"], pa.string()),
+        }
+        self._parquet.write_table(pa.table(arrays, schema=self._parquet.schema))
+        self._batches, self._buffered = [], 0
 
 
 def read_embeddings(path: str | Path) -> tuple[list[str], torch.Tensor, dict]:
@@ -157,9 +183,10 @@ def read_embeddings(path: str | Path) -> tuple[list[str], torch.Tensor, dict]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
+        # The footer's key-value metadata: the schema's, with what was set at the end over it.
         metadata = {
             key.decode()[len("twn."):]: json.loads(value)
-            for key, value in (table.schema.metadata or {}).items()
+            for key, value in (pq.read_metadata(path).metadata or {}).items()
             if key.startswith(b"twn.")
         }
         dim = metadata["embedding_dim"]
