@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from twn_cli.cli import app
 from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.engine.checkpoint import save_checkpoint
+from twn_cli.errors import TWNError
 
 from conftest import TEST_SPEC
 
@@ -114,31 +115,75 @@ def test_every_format_holds_the_same_vectors(image_folder, checkpoint, tmp_path)
     assert torch.equal(vectors[0], vectors[1]) and torch.equal(vectors[0], vectors[2])
 
 
-def test_parquet_output_streams_row_groups_and_keeps_what_is_set_at_the_end(tmp_path, monkeypatch):
+def test_parquet_output_streams_row_groups_keeps_them_when_interrupted_and_resumes(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     from twn_cli.data import embedding_files
     from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
 
     monkeypatch.setattr(embedding_files, "PARQUET_ROW_GROUP", 4)
-    writer = EmbeddingWriter(str(tmp_path / "e.parquet"), {"embedding_dim": 3, "think_mode": "never"})
+    metadata = {"embedding_dim": 3, "think_mode": "never"}
     vectors = torch.randn(10, 3)
-    for start in range(0, 10, 3):  # batches of 3, 3, 3, 1
-        rows = range(start, min(start + 3, 10))
-        writer.add(EmbeddingBatch([f"r{i}" for i in rows], vectors[start : start + 3], [False] * len(rows), [0.5] * len(rows), [""] * len(rows), [0] * len(rows)))
-        assert writer._buffered < 4  # written out as soon as a row group is full
-    writer.metadata["skipped"] = [{"record": "x", "reason": "not found"}]
-    writer.close()
+
+    def batch(rows: range) -> EmbeddingBatch:
+        return EmbeddingBatch([f"r{i}" for i in rows], vectors[rows.start : rows.stop], [False] * len(rows), [0.5] * len(rows), [""] * len(rows), [0] * len(rows))
+
+    writer = EmbeddingWriter(str(tmp_path / "e.parquet"), metadata)
+    writer.add(batch(range(0, 3)), records=4, skipped=[{"record": "x", "reason": "not found"}])  # 4 records, one bad
+    writer.add(batch(range(3, 6)), records=3)
+    assert writer._buffered == 0  # six rows: written out as a part as soon as a row group is full
+    writer.add(batch(range(6, 8)), records=2)
+    writer.abort()  # interrupted: the finished part stays, the rows not yet written are lost
+    assert not (tmp_path / "e.parquet").exists()
+    with pytest.raises(TWNError, match="interrupted run's parts.*--resume"):
+        EmbeddingWriter(str(tmp_path / "e.parquet"), metadata)
+    with pytest.raises(TWNError, match="other settings"):
+        EmbeddingWriter(str(tmp_path / "e.parquet"), {**metadata, "think_mode": "always"}, resume=True)
+
+    resumed = EmbeddingWriter(str(tmp_path / "e.parquet"), metadata, resume=True)
+    assert (resumed.records_done, resumed.count, resumed.skipped) == (7, 6, [{"record": "x", "reason": "not found"}])
+    resumed.add(batch(range(6, 10)), records=4)
+    resumed.close()
     written = pq.ParquetFile(tmp_path / "e.parquet").metadata
     assert [written.row_group(i).num_rows for i in range(written.num_row_groups)] == [6, 4]
-    ids, embeddings, metadata = read_embeddings(tmp_path / "e.parquet")
+    ids, embeddings, read_metadata = read_embeddings(tmp_path / "e.parquet")
     assert ids == [f"r{i}" for i in range(10)] and torch.equal(embeddings, vectors)
-    assert metadata["skipped"] == [{"record": "x", "reason": "not found"}] and metadata["think_mode"] == "never"
+    assert read_metadata["skipped"] == [{"record": "x", "reason": "not found"}] and read_metadata["think_mode"] == "never"
+    assert list(tmp_path.iterdir()) == [tmp_path / "e.parquet"]  # the parts are gone once merged
+    with pytest.raises(TWNError, match="needs a .parquet output"):
+        EmbeddingWriter(str(tmp_path / "e.safetensors"), metadata, resume=True)
 
-    aborted = EmbeddingWriter(str(tmp_path / "a.parquet"), {"embedding_dim": 3})
-    aborted.add(EmbeddingBatch(["r0"], vectors[:1], [False], [0.5], [""], [0]))
-    aborted.abort()
-    assert list(tmp_path.iterdir()) == [tmp_path / "e.parquet"]
+
+def test_embed_resumes_an_interrupted_parquet_output(image_folder, checkpoint, tmp_path, monkeypatch):
+    from twn_cli.data import embedding_files
+    from twn_cli.stages import embed as embed_stage
+
+    monkeypatch.setattr(embedding_files, "PARQUET_ROW_GROUP", 1)  # a part per block of records
+    monkeypatch.setattr("twn_cli.engine.model.BLOCK_BATCHES", 1)
+    options = ["--checkpoint", checkpoint, "--batch-size", 1, "--think", "always"]
+    straight = run("embed", image_folder, *options, "-o", tmp_path / "straight.parquet")
+    assert straight.exit_code == 0, straight.stderr
+
+    original = embed_stage.EmbeddingWriter.add
+    added = []
+
+    def interrupt_after_two_blocks(self, *arguments, **named):
+        original(self, *arguments, **named)
+        added.append(1)
+        if len(added) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", interrupt_after_two_blocks)
+    interrupted = run("embed", image_folder, *options, "-o", tmp_path / "e.parquet")
+    assert interrupted.exit_code != 0 and not (tmp_path / "e.parquet").exists()
+    monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", original)
+    refused = run("embed", image_folder, *options, "-o", tmp_path / "e.parquet")
+    assert refused.exit_code == 1 and "--resume" in refused.stderr
+    resumed = run("embed", image_folder, *options, "-o", tmp_path / "e.parquet", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "after its first 2 records" in resumed.stderr and "embedded 2 inputs" in resumed.stderr
+    expected, got = read_embeddings(tmp_path / "straight.parquet"), read_embeddings(tmp_path / "e.parquet")
+    assert got[0] == expected[0] and torch.allclose(got[1], expected[1], atol=1e-6)
 
 
 def test_embed_jsonl_from_stdin_streams_jsonl_to_stdout(checkpoint, real_image_paths):

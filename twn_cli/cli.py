@@ -537,6 +537,7 @@ def embed(
     threshold: Optional[float] = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same .parquet output after the records it finished."),
     max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
     temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
@@ -551,7 +552,8 @@ def embed(
 
     Writes one vector per input with its id, whether it thought, its CoT and reasoning-token count. File
     outputs also record the checkpoint, the think mode and that vectors are L2-normalised, and are written
-    atomically; with `-o -` (default) JSONL records stream to stdout. Prints the path written.
+    atomically; with `-o -` (default) JSONL records stream to stdout. Prints the path written. A .parquet
+    output keeps an interrupted run's finished row groups, and --resume continues after them.
     Under torchrun / accelerate launch each process embeds its share of the batches and the first one
     writes every input in input order, to a file or to stdout; inputs cannot then come from stdin.
     """
@@ -597,7 +599,11 @@ def embed(
         "embedding_dim": model.embedding_dim,
         "twn_version": _version(),
     }
-    writer = EmbeddingWriter(output, metadata) if distributed.is_main else None
+    if resume and inputs == "-":
+        raise TWNError("--resume needs inputs that can be read again (a file or folder), not stdin")
+    writer = EmbeddingWriter(output, metadata, resume=resume) if distributed.is_main else None
+    if writer is not None and writer.records_done:
+        logging.warning("resuming '%s' after its first %d records", output, writer.records_done)
     started = time.perf_counter()
     with Progress(
         TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -5,11 +5,16 @@ vectors are normalised (and the records skipped as bad). Files are written under
 renamed when complete, so an interrupted run never leaves an output that looks finished. JSONL streams
 record by record and parquet row group by row group, so their memory stays bounded however many inputs
 there are; safetensors and .pt hold every vector until the end, where they are written at once.
+
+A parquet output is resumable: its row groups are first written as part files in a hidden folder beside it
+(`.NAME.parts`), each saying how many input records it completes, and merged into the output at the end.
+An interrupted run leaves the parts, and `twn embed ... --resume` continues after the records they hold.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import TextIO
 
 import torch
 
-from twn_cli.atomic import AtomicFile
+from twn_cli.atomic import AtomicFile, atomic_file
 from twn_cli.errors import TWNError
 
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -36,11 +41,17 @@ class EmbeddingBatch:
 
 
 class EmbeddingWriter:
-    """Collects batches and writes them to `output` ('-' is JSONL on stdout) with `metadata`."""
+    """Collects batches and writes them to `output` ('-' is JSONL on stdout) with `metadata`.
 
-    def __init__(self, output: str, metadata: dict, stdout: TextIO | None = None):
+    `resume` continues a parquet output's interrupted run from its parts (`records_done` says how many input
+    records they hold, `skipped` the bad ones among them); without it, parts left by another run are an error.
+    """
+
+    def __init__(self, output: str, metadata: dict, stdout: TextIO | None = None, resume: bool = False):
         self.metadata = metadata
         self.count = 0
+        self.records_done = 0
+        self.skipped: list[dict] = []
         if output == "-":
             self.format, self.path, self._stream = "jsonl", None, stdout or sys.stdout
             return
@@ -48,15 +59,23 @@ class EmbeddingWriter:
         self.format = FORMATS.get(self.path.suffix)
         if self.format is None:
             raise TWNError(f"unknown output format '{self.path.suffix}' for '{output}': use {', '.join(FORMATS)} or -")
+        if resume and self.format != "parquet":
+            raise TWNError(f"--resume needs a .parquet output (its row groups are kept as parts), not '{output}'")
         self._file = AtomicFile(self.path)
         self._temporary = self._file.staging
         self._batches: list[EmbeddingBatch] = []
         self._buffered = 0
         self._stream = open(self._temporary, "w", encoding="utf-8") if self.format == "jsonl" else None
-        self._parquet = self._open_parquet() if self.format == "parquet" else None
+        if self.format == "parquet":
+            self._parts = self.path.parent / f".{self.path.name}.parts"
+            self._resume_parts(resume)
+            self._skipped_written = len(self.skipped)  # the bad records the parts already list
 
-    def add(self, batch: EmbeddingBatch) -> None:
+    def add(self, batch: EmbeddingBatch, records: int | None = None, skipped: list[dict] = ()) -> None:
+        """Add a batch that completes `records` more input records (default: its rows), `skipped` of them bad."""
         self.count += len(batch.ids)
+        self.records_done += len(batch.ids) if records is None else records
+        self.skipped += skipped
         if self.format == "jsonl":
             for row, record_id in enumerate(batch.ids):
                 record = {
@@ -72,32 +91,33 @@ class EmbeddingWriter:
             return
         self._batches.append(batch)
         self._buffered += len(batch.ids)
-        if self._parquet is not None and self._buffered >= PARQUET_ROW_GROUP:
-            self._write_row_group()
+        if self.format == "parquet" and self._buffered >= PARQUET_ROW_GROUP:
+            self._write_part()
 
     def close(self) -> Path | None:
         """Finish the output and move it into place; returns its path (None for stdout)."""
         if self.path is None:
             return None
+        self.metadata["skipped"] = self.skipped
         if self.format == "jsonl":
             self._stream.close()
         elif self.format == "parquet":
-            self._write_row_group()
-            # Set at the end (the records skipped): the footer's metadata, which readers take over the schema's.
-            self._parquet.add_key_value_metadata(self._parquet_metadata())
-            self._parquet.close()
+            if self._batches:
+                self._write_part()
+            self._merge_parts()
         else:
             self._write_tensors()
-        return self._file.commit()
+        path = self._file.commit()
+        if self.format == "parquet":
+            shutil.rmtree(self._parts)
+        return path
 
     def abort(self) -> None:
-        """Drop a partial output."""
+        """Drop a partial output (a parquet output's finished parts stay, for --resume)."""
         if self.path is None:
             return
         if self._stream is not None:
             self._stream.close()
-        if self._parquet is not None:
-            self._parquet.close()
         self._file.discard()
 
     def _columns(self) -> dict:
@@ -127,36 +147,71 @@ class EmbeddingWriter:
     def _parquet_metadata(self) -> dict[str, str]:
         return {f"twn.{key}": json.dumps(value) for key, value in self.metadata.items()}
 
-    def _open_parquet(self):
+    def _resume_key(self) -> dict:
+        """What the parts' vectors depend on: a resumed run must embed as the interrupted one did."""
+        return {key: value for key, value in self.metadata.items() if key not in ("skipped", "twn_version")}
+
+    def _resume_parts(self, resume: bool) -> None:
+        import pyarrow.parquet as pq
+
+        parts = sorted(self._parts.glob("part-*.parquet")) if self._parts.is_dir() else []
+        if parts and not resume:
+            raise TWNError(
+                f"'{self.path}' has an interrupted run's parts in '{self._parts}': pass --resume to continue it, "
+                "or delete that folder to start again"
+            )
+        self._parts.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            header = {key.decode(): json.loads(value) for key, value in (pq.read_metadata(part).metadata or {}).items() if key.startswith(b"twn.")}
+            if header.get("twn.resume_key") != self._resume_key():
+                raise TWNError(f"cannot resume '{self.path}': its parts were embedded with other settings ({part.name})")
+            self.records_done = header["twn.records_done"]
+            self.skipped += header["twn.skipped_here"]
+            self.count += pq.read_metadata(part).num_rows
+
+    def _write_part(self) -> None:
+        """Write the buffered batches as the next part (one row group, atomically) and forget them."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([
-            ("id", pa.string()), ("embedding", pa.list_(pa.float32())), ("think", pa.bool_()), ("p_think", pa.float32()),
-            ("reasoning_tokens", pa.int32()), ("cot", pa.string()),
-        ])
-        return pq.ParquetWriter(str(self._temporary), schema.with_metadata(self._parquet_metadata()))
-
-    def _write_row_group(self) -> None:
-        """Write the buffered batches as one row group and forget them."""
-        import pyarrow as pa
-
-        if not self._batches:
-            return
+        number = len(list(self._parts.glob("part-*.parquet")))
         columns = self._columns()
         dim = self.metadata["embedding_dim"]
         flat = pa.array(columns["embeddings"].reshape(-1).numpy(), pa.float32())
         offsets = pa.array(range(0, len(flat) + 1, dim), pa.int32())
-        arrays = {
-            "id": pa.array(columns["ids"], pa.string()),
-            "embedding": pa.ListArray.from_arrays(offsets, flat),
-            "think": pa.array(columns["think"].numpy(), pa.bool_()),
-            "p_think": pa.array(columns["p_think"].numpy(), pa.float32()),
-            "reasoning_tokens": pa.array(columns["reasoning_tokens"].numpy(), pa.int32()),
-            "cot": pa.array(columns["cot"], pa.string()),
-        }
-        self._parquet.write_table(pa.table(arrays, schema=self._parquet.schema))
+        table = pa.table(
+            {
+                "id": pa.array(columns["ids"], pa.string()),
+                "embedding": pa.ListArray.from_arrays(offsets, flat),
+                "think": pa.array(columns["think"].numpy(), pa.bool_()),
+                "p_think": pa.array(columns["p_think"].numpy(), pa.float32()),
+                "reasoning_tokens": pa.array(columns["reasoning_tokens"].numpy(), pa.int32()),
+                "cot": pa.array(columns["cot"], pa.string()),
+            },
+            schema=_parquet_schema(),
+        )
+        header = {"twn.resume_key": self._resume_key(), "twn.records_done": self.records_done, "twn.skipped_here": self.skipped[self._skipped_written :]}
+        with atomic_file(self._parts / f"part-{number:06d}.parquet") as staging:
+            pq.write_table(table.replace_schema_metadata({key: json.dumps(value) for key, value in header.items()}), staging)
+        self._skipped_written = len(self.skipped)
         self._batches, self._buffered = [], 0
+
+    def _merge_parts(self) -> None:
+        """The parts, in order, as the output's row groups, with the whole run's metadata."""
+        import pyarrow.parquet as pq
+
+        with pq.ParquetWriter(str(self._temporary), _parquet_schema().with_metadata(self._parquet_metadata())) as output:
+            for part in sorted(self._parts.glob("part-*.parquet")):
+                output.write_table(pq.read_table(part).replace_schema_metadata(self._parquet_metadata()))
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("embedding", pa.list_(pa.float32())), ("think", pa.bool_()), ("p_think", pa.float32()),
+        ("reasoning_tokens", pa.int32()), ("cot", pa.string()),
+    ])
 
 
 def read_embeddings(path: str | Path) -> tuple[list[str], torch.Tensor, dict]:

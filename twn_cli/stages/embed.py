@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
 
 from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
@@ -44,20 +47,23 @@ def run_embed(
     Each process opens the images of its next blocks in a background thread while its model works. Under
     several processes each one embeds its share of the blocks of records (`TWNModel.block_size`), and
     every process receives every block in input order and counts it, so all return the same summary; only the
-    first holds a writer (the others pass None). On any failure the writer's partial output is dropped.
+    first holds a writer (the others pass None). On any failure the writer's partial output is dropped (a
+    parquet output keeps its finished parts). A writer that resumes has its records skipped here.
     """
     distributed = Distributed()
     summary = EmbedSummary()
+    done_before = distributed.gather_objects([writer.records_done if writer is not None else 0])[0]
+    records = islice(records, done_before, None)
 
-    def load(block: tuple[InputRecord, ...]) -> tuple[list[str], list[ModelInput], list[BadRecordError]]:
+    def load(block: tuple[InputRecord, ...]) -> tuple[list[str], list[ModelInput], list[BadRecordError], int]:
         skipped: list[BadRecordError] = []
         ids, inputs = load_block(block, settings.skip_bad, skipped)
-        return ids, inputs, skipped
+        return ids, inputs, skipped, len(block)
 
-    def embed_block(loaded: tuple[list[str], list[ModelInput], list[BadRecordError]]) -> tuple[EmbeddingBatch | None, list[BadRecordError]]:
-        ids, inputs, skipped = loaded
+    def embed_block(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int]) -> tuple[EmbeddingBatch, list[BadRecordError], int]:
+        ids, inputs, skipped, records_in_block = loaded
         if not ids:
-            return None, skipped
+            return EmbeddingBatch([], torch.empty(0, model.embedding_dim), [], [], [], []), skipped, records_in_block
         result = model.embed_block(inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
         batch = EmbeddingBatch(
             ids=ids,
@@ -67,22 +73,20 @@ def run_embed(
             cot=result.cot,
             reasoning_tokens=result.reasoning_tokens,
         )
-        return batch, skipped
+        return batch, skipped, records_in_block
 
     try:
         blocks = batched(records, model.block_size(settings.batch_size))
-        for batch, skipped in distributed.map_in_order(embed_block, blocks, prepare=load):
+        for batch, skipped, records_in_block in distributed.map_in_order(embed_block, blocks, prepare=load):
             summary.skipped += skipped
-            if batch is None:
-                continue
             if writer is not None:
-                writer.add(batch)
+                writer.add(batch, records_in_block, [{"record": error.record, "reason": error.reason} for error in skipped])
             summary.embedded += len(batch.ids)
             summary.thought += sum(batch.think)
             summary.reasoning_tokens += sum(batch.reasoning_tokens)
-            on_batch(len(batch.ids))
+            if batch.ids:
+                on_batch(len(batch.ids))
         if writer is not None:
-            writer.metadata["skipped"] = [{"record": error.record, "reason": error.reason} for error in summary.skipped]
             writer.close()
     except BaseException:
         if writer is not None:
