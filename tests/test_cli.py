@@ -150,40 +150,62 @@ def test_parquet_output_streams_row_groups_keeps_them_when_interrupted_and_resum
     assert ids == [f"r{i}" for i in range(10)] and torch.equal(embeddings, vectors)
     assert read_metadata["skipped"] == [{"record": "x", "reason": "not found"}] and read_metadata["think_mode"] == "never"
     assert list(tmp_path.iterdir()) == [tmp_path / "e.parquet"]  # the parts are gone once merged
-    with pytest.raises(TWNError, match="needs a .parquet output"):
-        EmbeddingWriter(str(tmp_path / "e.safetensors"), metadata, resume=True)
+    for output in (str(tmp_path / "e.safetensors"), "-"):
+        with pytest.raises(TWNError, match="needs a .parquet output"):
+            EmbeddingWriter(output, metadata, resume=True)
+    failed_early = EmbeddingWriter(str(tmp_path / "g.parquet"), metadata)
+    failed_early.abort()  # before any part: nothing is left behind
+    assert list(tmp_path.iterdir()) == [tmp_path / "e.parquet"]
 
 
-def test_embed_resumes_an_interrupted_parquet_output(image_folder, checkpoint, tmp_path, monkeypatch):
+def test_embed_resumes_an_interrupted_parquet_output(checkpoint, real_image_paths, tmp_path, monkeypatch):
     from twn_cli.data import embedding_files
     from twn_cli.stages import embed as embed_stage
 
-    monkeypatch.setattr(embedding_files, "PARQUET_ROW_GROUP", 1)  # a part per block of records
+    # Six records, bad ones at 1 and 4; blocks of one record; a part every two rows.
+    lines = [{"id": f"r{i}", "image": str(real_image_paths[i % 4] if i not in (1, 4) else tmp_path / "missing.png")} for i in range(6)]
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setattr(embedding_files, "PARQUET_ROW_GROUP", 2)
     monkeypatch.setattr("twn_cli.engine.model.BLOCK_BATCHES", 1)
-    options = ["--checkpoint", checkpoint, "--batch-size", 1, "--think", "always"]
-    straight = run("embed", image_folder, *options, "-o", tmp_path / "straight.parquet")
+    options = ["--checkpoint", checkpoint, "--batch-size", 1, "--think", "always", "--skip-bad"]
+    straight = run("embed", inputs, *options, "-o", tmp_path / "straight.parquet")
     assert straight.exit_code == 0, straight.stderr
 
     original = embed_stage.EmbeddingWriter.add
     added = []
 
-    def interrupt_after_two_blocks(self, *arguments, **named):
+    def interrupt_after_four_blocks(self, *arguments, **named):
         original(self, *arguments, **named)
         added.append(1)
-        if len(added) == 2:
+        if len(added) == 4:  # r0, r1 (bad), r2: a part of two rows; r3 still buffered, lost
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", interrupt_after_two_blocks)
-    interrupted = run("embed", image_folder, *options, "-o", tmp_path / "e.parquet")
-    assert interrupted.exit_code != 0 and not (tmp_path / "e.parquet").exists()
+    monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", interrupt_after_four_blocks)
+    assert run("embed", inputs, *options, "-o", tmp_path / "e.parquet").exit_code != 0
     monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", original)
-    refused = run("embed", image_folder, *options, "-o", tmp_path / "e.parquet")
+    assert not (tmp_path / "e.parquet").exists()
+    refused = run("embed", inputs, *options, "-o", tmp_path / "e.parquet")
     assert refused.exit_code == 1 and "--resume" in refused.stderr
-    resumed = run("embed", image_folder, *options, "-o", tmp_path / "e.parquet", "--resume")
+    other_settings = run("embed", inputs, *options[:-2], "never", "--skip-bad", "-o", tmp_path / "e.parquet", "--resume")
+    assert other_settings.exit_code == 1 and "other settings" in other_settings.stderr
+
+    resumed = run("embed", inputs, *options, "-o", tmp_path / "e.parquet", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
-    assert "after its first 2 records" in resumed.stderr and "embedded 2 inputs" in resumed.stderr
+    assert "after its first 3 records" in resumed.stderr and "embedded 2 inputs" in resumed.stderr
     expected, got = read_embeddings(tmp_path / "straight.parquet"), read_embeddings(tmp_path / "e.parquet")
-    assert got[0] == expected[0] and torch.allclose(got[1], expected[1], atol=1e-6)
+    assert got[0] == expected[0] == ["r0", "r2", "r3", "r5"] and torch.allclose(got[1], expected[1], atol=1e-6)
+    assert [entry["record"] for entry in got[2]["skipped"]] == [entry["record"] for entry in expected[2]["skipped"]]
+    assert len(got[2]["skipped"]) == 2 and not list(tmp_path.glob(".e.parquet.parts"))
+
+    # Inputs that changed under an interrupted run are refused, not skipped blindly.
+    monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", interrupt_after_four_blocks)
+    added.clear()
+    assert run("embed", inputs, *options, "-o", tmp_path / "f.parquet").exit_code != 0
+    monkeypatch.setattr(embed_stage.EmbeddingWriter, "add", original)
+    inputs.write_text("".join(json.dumps({**line, "id": f"new-{line['id']}"}) + "\n" for line in lines))
+    changed = run("embed", inputs, *options, "-o", tmp_path / "f.parquet", "--resume")
+    assert changed.exit_code == 1 and "the inputs now have 'new-r2' there" in changed.stderr
 
 
 def test_embed_jsonl_from_stdin_streams_jsonl_to_stdout(checkpoint, real_image_paths):

@@ -591,17 +591,29 @@ def embed(
         sampling=Sampling(temperature=temperature, top_p=top_p, generator=generator),
     )
     metadata = {
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "inputs": inputs if inputs == "-" else str(Path(inputs).resolve()),
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
         "backbone": model.backbone.source,
+        "dtype": dtype,
         "think_mode": mode,
         "threshold": (model.config.gate_threshold if threshold is None else threshold) if mode == "auto" else None,
+        "max_think_tokens": model.config.max_think_tokens,
+        "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed},
         "normalized": True,
         "embedding_dim": model.embedding_dim,
         "twn_version": _version(),
     }
     if resume and inputs == "-":
         raise TWNError("--resume needs inputs that can be read again (a file or folder), not stdin")
-    writer = EmbeddingWriter(output, metadata, resume=resume) if distributed.is_main else None
+    writer, refusal = None, None
+    if distributed.is_main:
+        try:
+            writer = EmbeddingWriter(output, metadata, resume=resume)
+        except TWNError as error:
+            refusal = error
+    refusal = distributed.gather_objects([refusal])[0]  # every process stops on the first one's refusal
+    if refusal is not None:
+        raise refusal
     if writer is not None and writer.records_done:
         logging.warning("resuming '%s' after its first %d records", output, writer.records_done)
     started = time.perf_counter()

@@ -51,7 +51,10 @@ class EmbeddingWriter:
         self.metadata = metadata
         self.count = 0
         self.records_done = 0
+        self.last_record: str | None = None  # the id of the last input record done
         self.skipped: list[dict] = []
+        if resume and (output == "-" or Path(output).suffix != ".parquet"):
+            raise TWNError(f"--resume needs a .parquet output (its row groups are kept as parts), not '{output}'")
         if output == "-":
             self.format, self.path, self._stream = "jsonl", None, stdout or sys.stdout
             return
@@ -59,8 +62,6 @@ class EmbeddingWriter:
         self.format = FORMATS.get(self.path.suffix)
         if self.format is None:
             raise TWNError(f"unknown output format '{self.path.suffix}' for '{output}': use {', '.join(FORMATS)} or -")
-        if resume and self.format != "parquet":
-            raise TWNError(f"--resume needs a .parquet output (its row groups are kept as parts), not '{output}'")
         self._file = AtomicFile(self.path)
         self._temporary = self._file.staging
         self._batches: list[EmbeddingBatch] = []
@@ -71,10 +72,12 @@ class EmbeddingWriter:
             self._resume_parts(resume)
             self._skipped_written = len(self.skipped)  # the bad records the parts already list
 
-    def add(self, batch: EmbeddingBatch, records: int | None = None, skipped: list[dict] = ()) -> None:
-        """Add a batch that completes `records` more input records (default: its rows), `skipped` of them bad."""
+    def add(self, batch: EmbeddingBatch, records: int | None = None, skipped: list[dict] = (), last_record: str | None = None) -> None:
+        """Add a batch that completes `records` more input records (default: its rows), `skipped` of them bad,
+        the last of them `last_record` (default: its last row)."""
         self.count += len(batch.ids)
         self.records_done += len(batch.ids) if records is None else records
+        self.last_record = last_record if last_record is not None else batch.ids[-1] if batch.ids else self.last_record
         self.skipped += skipped
         if self.format == "jsonl":
             for row, record_id in enumerate(batch.ids):
@@ -109,7 +112,7 @@ class EmbeddingWriter:
             self._write_tensors()
         path = self._file.commit()
         if self.format == "parquet":
-            shutil.rmtree(self._parts)
+            shutil.rmtree(self._parts, ignore_errors=True)
         return path
 
     def abort(self) -> None:
@@ -119,6 +122,8 @@ class EmbeddingWriter:
         if self._stream is not None:
             self._stream.close()
         self._file.discard()
+        if self.format == "parquet" and self._parts.is_dir() and not any(self._parts.iterdir()):
+            self._parts.rmdir()  # nothing finished: leave nothing behind
 
     def _columns(self) -> dict:
         batches = self._batches
@@ -148,7 +153,7 @@ class EmbeddingWriter:
         return {f"twn.{key}": json.dumps(value) for key, value in self.metadata.items()}
 
     def _resume_key(self) -> dict:
-        """What the parts' vectors depend on: a resumed run must embed as the interrupted one did."""
+        """What the parts depend on (the inputs, the model, the settings): a resumed run must be the same job."""
         return {key: value for key, value in self.metadata.items() if key not in ("skipped", "twn_version")}
 
     def _resume_parts(self, resume: bool) -> None:
@@ -156,16 +161,17 @@ class EmbeddingWriter:
 
         parts = sorted(self._parts.glob("part-*.parquet")) if self._parts.is_dir() else []
         if parts and not resume:
+            finished = f" ('{self.path}' exists: a finished run may have stopped before removing them)" if self.path.exists() else ""
             raise TWNError(
-                f"'{self.path}' has an interrupted run's parts in '{self._parts}': pass --resume to continue it, "
-                "or delete that folder to start again"
+                f"'{self.path}' has an interrupted run's parts in '{self._parts}'{finished}: pass --resume to continue "
+                "it, or delete that folder to start again"
             )
-        self._parts.mkdir(parents=True, exist_ok=True)
         for part in parts:
             header = {key.decode(): json.loads(value) for key, value in (pq.read_metadata(part).metadata or {}).items() if key.startswith(b"twn.")}
             if header.get("twn.resume_key") != self._resume_key():
                 raise TWNError(f"cannot resume '{self.path}': its parts were embedded with other settings ({part.name})")
             self.records_done = header["twn.records_done"]
+            self.last_record = header["twn.last_record"]
             self.skipped += header["twn.skipped_here"]
             self.count += pq.read_metadata(part).num_rows
 
@@ -174,6 +180,7 @@ class EmbeddingWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self._parts.mkdir(parents=True, exist_ok=True)
         number = len(list(self._parts.glob("part-*.parquet")))
         columns = self._columns()
         dim = self.metadata["embedding_dim"]
@@ -190,7 +197,10 @@ class EmbeddingWriter:
             },
             schema=_parquet_schema(),
         )
-        header = {"twn.resume_key": self._resume_key(), "twn.records_done": self.records_done, "twn.skipped_here": self.skipped[self._skipped_written :]}
+        header = {
+            "twn.resume_key": self._resume_key(), "twn.records_done": self.records_done, "twn.last_record": self.last_record,
+            "twn.skipped_here": self.skipped[self._skipped_written :],
+        }
         with atomic_file(self._parts / f"part-{number:06d}.parquet") as staging:
             pq.write_table(table.replace_schema_metadata({key: json.dumps(value) for key, value in header.items()}), staging)
         self._skipped_written = len(self.skipped)

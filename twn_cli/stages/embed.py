@@ -13,7 +13,7 @@ from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
 from twn_cli.distributed import Distributed, batched, prepared_ahead
 from twn_cli.engine.model import ModelInput, Sampling, ThinkMode, TWNModel
-from twn_cli.errors import BadRecordError
+from twn_cli.errors import BadRecordError, TWNError
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +52,18 @@ def run_embed(
     """
     distributed = Distributed()
     summary = EmbedSummary()
-    done_before = distributed.gather_objects([writer.records_done if writer is not None else 0])[0]
-    records = islice(records, done_before, None)
+    done_before, last_done = distributed.gather_objects([(writer.records_done, writer.last_record) if writer is not None else (0, None)])[0]
+    records = skip_done_records(iter(records), done_before, last_done)
 
-    def load(block: tuple[InputRecord, ...]) -> tuple[list[str], list[ModelInput], list[BadRecordError], int]:
+    def load(block: tuple[InputRecord, ...]) -> tuple[list[str], list[ModelInput], list[BadRecordError], int, str]:
         skipped: list[BadRecordError] = []
         ids, inputs = load_block(block, settings.skip_bad, skipped)
-        return ids, inputs, skipped, len(block)
+        return ids, inputs, skipped, len(block), block[-1].id
 
-    def embed_block(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int]) -> tuple[EmbeddingBatch, list[BadRecordError], int]:
-        ids, inputs, skipped, records_in_block = loaded
+    def embed_block(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int, str]) -> tuple[EmbeddingBatch, list[BadRecordError], int, str]:
+        ids, inputs, skipped, records_in_block, last_record = loaded
         if not ids:
-            return EmbeddingBatch([], torch.empty(0, model.embedding_dim), [], [], [], []), skipped, records_in_block
+            return EmbeddingBatch([], torch.empty(0, model.embedding_dim), [], [], [], []), skipped, records_in_block, last_record
         result = model.embed_block(inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
         batch = EmbeddingBatch(
             ids=ids,
@@ -73,14 +73,14 @@ def run_embed(
             cot=result.cot,
             reasoning_tokens=result.reasoning_tokens,
         )
-        return batch, skipped, records_in_block
+        return batch, skipped, records_in_block, last_record
 
     try:
         blocks = batched(records, model.block_size(settings.batch_size))
-        for batch, skipped, records_in_block in distributed.map_in_order(embed_block, blocks, prepare=load):
+        for batch, skipped, records_in_block, last_record in distributed.map_in_order(embed_block, blocks, prepare=load):
             summary.skipped += skipped
             if writer is not None:
-                writer.add(batch, records_in_block, [{"record": error.record, "reason": error.reason} for error in skipped])
+                writer.add(batch, records_in_block, [{"record": error.record, "reason": error.reason} for error in skipped], last_record)
             summary.embedded += len(batch.ids)
             summary.thought += sum(batch.think)
             summary.reasoning_tokens += sum(batch.reasoning_tokens)
@@ -93,6 +93,17 @@ def run_embed(
             writer.abort()
         raise
     return summary
+
+
+def skip_done_records(records: Iterator[InputRecord], count: int, last_id: str | None) -> Iterator[InputRecord]:
+    """`records` after the first `count`, which an interrupted run did, the last of them `last_id`."""
+    consumed, last = 0, None
+    for consumed, last in enumerate(islice(records, count), start=1):
+        pass
+    if consumed < count or (count and last.id != last_id):
+        found = f"only {consumed} records" if consumed < count else f"'{last.id}' there"
+        raise TWNError(f"cannot resume: the interrupted run's record {count} was '{last_id}', the inputs now have {found}: they changed")
+    return records
 
 
 def loaded_batches(
