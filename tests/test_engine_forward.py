@@ -128,6 +128,24 @@ def test_blocks_batch_inputs_of_like_length_and_keep_input_order(make_model, inp
     assert torch.allclose(block.embeddings, one_at_a_time(model, many, "never"), atol=ATOL)
 
 
+def test_decoding_the_whole_budget_gives_what_stopping_early_gives(make_model, inputs, monkeypatch):
+    """Processes sharing a sharded backbone decode every step of the budget (stop_early=False): the CoTs and
+    embeddings are those of stopping once every row has ended, only the number of steps differs."""
+    from twn_cli.engine.model import Sampling
+
+    model = make_model(max_think_tokens=48)  # room for every taught CoT to end before the budget
+    teach_short_thoughts(model, inputs)
+    steps = []
+    feed = model._feed
+    monkeypatch.setattr(model, "_feed", lambda *arguments: steps.append(1) or feed(*arguments))
+    early = model.embed(inputs, think="always")
+    early_steps, steps[:] = len(steps), []
+    whole = model.embed(inputs, think="always", sampling=Sampling(stop_early=False))
+    assert whole.cot == early.cot and whole.reasoning_tokens == early.reasoning_tokens
+    assert torch.allclose(whole.embeddings, early.embeddings, atol=ATOL)
+    assert early_steps < len(steps) == 1 + model.config.max_think_tokens + 1  # start marker, budget, end marker
+
+
 def test_sampled_thoughts_are_reproducible_for_a_seed(make_model, inputs):
     from twn_cli.engine.model import Sampling
 

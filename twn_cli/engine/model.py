@@ -97,6 +97,9 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int | None = None
     generator: torch.Generator | None = None
+    # False: run all max_new_tokens decode steps even once every row has ended (the same CoTs), so that
+    # processes sharing a sharded backbone run the same layer calls whatever their rows decode.
+    stop_early: bool = True
 
 
 @dataclass
@@ -367,10 +370,10 @@ class TWNModel(nn.Module):
             needs_end |= ~finished & is_eos
             finished |= is_eos | reached_end
             hidden = self._feed(state, torch.where(feeding, tokens, self._pad_id)[:, None], feeding)
-            if bool(finished.all()):
+            if sampling.stop_early and bool(finished.all()):
                 break
         needs_end |= ~finished
-        if bool(needs_end.any()):
+        if bool(needs_end.any()) or not sampling.stop_early:
             self._feed(state, self._token_block(end, rows), needs_end)
         texts = [self._cot_text(ids) for ids in generated]
         return Thoughts(state, generated, texts, [len(ids) for ids in generated])

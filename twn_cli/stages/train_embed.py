@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
 from twn_cli.distributed import Distributed, backbone_is_sharded
-from twn_cli.engine.model import ModelInput, TWNConfig, TWNModel
+from twn_cli.engine.model import ModelInput, Sampling, TWNConfig, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.training import (
     RunDirectory,
@@ -372,8 +372,14 @@ class EmbedTrainer:
 
 
 @torch.no_grad()
-def validation_hit_at_1(model: TWNModel, dataset: PreparedDataset, split: str, limit: int, batch_size: int = 16) -> dict[str, float]:
-    """Hit@1 of up to `limit` queries of `split` against their pools: never-think, teacher CoT, generated CoT."""
+def validation_hit_at_1(
+    model: TWNModel, dataset: PreparedDataset, split: str, limit: int, batch_size: int = 16, lockstep: bool = False
+) -> dict[str, float]:
+    """Hit@1 of up to `limit` queries of `split` against their pools: never-think, teacher CoT, generated CoT.
+
+    `lockstep`: every CoT batch runs its whole token budget, so that processes sharing a sharded backbone
+    make the same layer calls even if their decoding differed.
+    """
     rows = dataset.queries[split].select(range(min(limit, len(dataset.queries[split]))))
     pools = [dataset.candidate_pool(row) for row in rows]
     needed = sorted({candidate for pool in pools for candidate in pool})
@@ -385,7 +391,7 @@ def validation_hit_at_1(model: TWNModel, dataset: PreparedDataset, split: str, l
         views = {
             "never": model.embed(inputs).embeddings,
             "teacher_cot": model.embed_with_thoughts(inputs, [row["cot"] for row in batch]),
-            "generated_cot": model.embed(inputs, think="always").embeddings,
+            "generated_cot": model.embed(inputs, think="always", sampling=Sampling(stop_early=not lockstep)).embeddings,
         }
         for offset, row in enumerate(batch):
             pool = pools[start + offset]
@@ -426,10 +432,9 @@ def run_train_embed(
         on_step(metrics)
     run.finish()
     summary = {"steps": trainer.step_done, "parameters": model.parameter_overhead()}
-    # A sharded backbone runs only in lockstep, so every process then computes the same validation: the same
-    # inputs through the same weights give the same CoTs, hence the same decode steps in every process.
-    validates = distributed.is_main or backbone_is_sharded(model)
-    if validates and config.validation_queries and config.validation_split in dataset.queries:
-        summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries)
+    # A sharded backbone runs only in lockstep, so every process then computes the same validation.
+    sharded = backbone_is_sharded(model)
+    if (distributed.is_main or sharded) and config.validation_queries and config.validation_split in dataset.queries:
+        summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries, lockstep=sharded)
     return summary
 
