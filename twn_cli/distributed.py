@@ -122,6 +122,19 @@ def prepared_ahead(
         stopped.set()
 
 
+def prepared_in_order(blocks: Iterable[Block], prepare: Callable[[Block], Prepared]) -> Iterator[Prepared]:
+    """`prepare(block)` for every block, prepared ahead in a background thread (one process's view of
+    `prepared_ahead`); a TWNError in preparing a block is raised when that block's turn comes."""
+    prepared = prepared_ahead(blocks, prepare, mine=lambda index: True)
+    try:
+        for _, (ready, error) in prepared:
+            if error is not None:
+                raise error
+            yield ready
+    finally:
+        prepared.close()  # stops the thread now, also when the consumer stops early
+
+
 _END = object()
 
 
@@ -190,20 +203,20 @@ class Distributed:
         written. A TWNError in one process's preparation or work is raised in every process after its
         round, so that none waits for the others forever and all report the same error.
         """
-        mine = (lambda index: True) if not self.active else (lambda index: index % self.world_size == self.rank)
-        prepared = prepared_ahead(blocks, prepare, mine)
+        if not self.active:
+            ready = prepared_in_order(blocks, prepare)
+            try:
+                yield from map(work, ready)
+            finally:
+                ready.close()
+            return
+        prepared = prepared_ahead(blocks, prepare, mine=lambda index: index % self.world_size == self.rank)
         try:
             yield from self._work_in_rounds(work, prepared)
         finally:
             prepared.close()  # stops the thread now, also when the consumer stops early
 
     def _work_in_rounds(self, work: Callable[[Prepared], Result], prepared: Iterator) -> Iterator[Result]:
-        if not self.active:
-            for _, (ready, error) in prepared:
-                if error is not None:
-                    raise error
-                yield work(ready)
-            return
         for round_blocks in batched(prepared, self.world_size):
             outcome = (None, None)
             if self.rank < len(round_blocks):

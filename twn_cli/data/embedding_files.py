@@ -77,7 +77,10 @@ class EmbeddingWriter:
         the last of them `last_record` (default: its last row)."""
         self.count += len(batch.ids)
         self.records_done += len(batch.ids) if records is None else records
-        self.last_record = last_record if last_record is not None else batch.ids[-1] if batch.ids else self.last_record
+        if last_record is not None:
+            self.last_record = last_record
+        elif batch.ids:
+            self.last_record = batch.ids[-1]
         self.skipped += skipped
         if self.format == "jsonl":
             for row, record_id in enumerate(batch.ids):
@@ -149,8 +152,6 @@ class EmbeddingWriter:
         header["ids"] = json.dumps(columns["ids"])
         save_file(tensors, self._temporary, metadata=header)
 
-    def _parquet_metadata(self) -> dict[str, str]:
-        return {f"twn.{key}": json.dumps(value) for key, value in self.metadata.items()}
 
     def _resume_key(self) -> dict:
         """What the parts depend on (the inputs, the model, the settings): a resumed run must be the same job."""
@@ -167,13 +168,14 @@ class EmbeddingWriter:
                 "it, or delete that folder to start again"
             )
         for part in parts:
-            header = {key.decode(): json.loads(value) for key, value in (pq.read_metadata(part).metadata or {}).items() if key.startswith(b"twn.")}
-            if header.get("twn.resume_key") != self._resume_key():
+            footer = pq.read_metadata(part)
+            header = _twn_values(footer)
+            if header.get("resume_key") != self._resume_key():
                 raise TWNError(f"cannot resume '{self.path}': its parts were embedded with other settings ({part.name})")
-            self.records_done = header["twn.records_done"]
-            self.last_record = header["twn.last_record"]
-            self.skipped += header["twn.skipped_here"]
-            self.count += pq.read_metadata(part).num_rows
+            self.records_done = header["records_done"]
+            self.last_record = header["last_record"]
+            self.skipped += header["skipped_here"]
+            self.count += footer.num_rows
 
     def _write_part(self) -> None:
         """Write the buffered batches as the next part (one row group, atomically) and forget them."""
@@ -198,11 +200,11 @@ class EmbeddingWriter:
             schema=_parquet_schema(),
         )
         header = {
-            "twn.resume_key": self._resume_key(), "twn.records_done": self.records_done, "twn.last_record": self.last_record,
-            "twn.skipped_here": self.skipped[self._skipped_written :],
+            "resume_key": self._resume_key(), "records_done": self.records_done, "last_record": self.last_record,
+            "skipped_here": self.skipped[self._skipped_written :],
         }
         with atomic_file(self._parts / f"part-{number:06d}.parquet") as staging:
-            pq.write_table(table.replace_schema_metadata({key: json.dumps(value) for key, value in header.items()}), staging)
+            pq.write_table(table.replace_schema_metadata(_twn_header(header)), staging)
         self._skipped_written = len(self.skipped)
         self._batches, self._buffered = [], 0
 
@@ -210,9 +212,20 @@ class EmbeddingWriter:
         """The parts, in order, as the output's row groups, with the whole run's metadata."""
         import pyarrow.parquet as pq
 
-        with pq.ParquetWriter(str(self._temporary), _parquet_schema().with_metadata(self._parquet_metadata())) as output:
+        header = _twn_header(self.metadata)
+        with pq.ParquetWriter(str(self._temporary), _parquet_schema().with_metadata(header)) as output:
             for part in sorted(self._parts.glob("part-*.parquet")):
-                output.write_table(pq.read_table(part).replace_schema_metadata(self._parquet_metadata()))
+                output.write_table(pq.read_table(part).replace_schema_metadata(header))
+
+
+def _twn_header(values: dict) -> dict[str, str]:
+    """Parquet key-value metadata: each value as JSON under `twn.` and its name."""
+    return {f"twn.{key}": json.dumps(value) for key, value in values.items()}
+
+
+def _twn_values(footer) -> dict:
+    """The values `_twn_header` wrote, from a parquet file's footer (pyarrow FileMetaData)."""
+    return {key.decode()[len("twn."):]: json.loads(value) for key, value in (footer.metadata or {}).items() if key.startswith(b"twn.")}
 
 
 def _parquet_schema():
@@ -249,11 +262,7 @@ def read_embeddings(path: str | Path) -> tuple[list[str], torch.Tensor, dict]:
 
         table = pq.read_table(path)
         # The footer's key-value metadata: the schema's, with what was set at the end over it.
-        metadata = {
-            key.decode()[len("twn."):]: json.loads(value)
-            for key, value in (pq.read_metadata(path).metadata or {}).items()
-            if key.startswith(b"twn.")
-        }
+        metadata = _twn_values(pq.read_metadata(path))
         dim = metadata["embedding_dim"]
         flat = table.column("embedding").combine_chunks().flatten().to_numpy()
         return table.column("id").to_pylist(), torch.from_numpy(flat.copy()).view(-1, dim).float(), metadata

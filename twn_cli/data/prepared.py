@@ -286,3 +286,12 @@ class CandidateEmbedder:
                 inputs = [prepared_input(self.candidates[self.index[i]]) for i in ids[start : start + self.batch_size]]
                 parts.append(self.model.embed(inputs).embeddings.cpu())
         return torch.cat(parts)
+
+    def shared_by(self, distributed, ids: Sequence[str]):
+        """What `self(ids)` gives, each process (a `twn_cli.distributed.Distributed`) embedding its share of
+        blocks of eight batches; the batches are those of one process, so the embeddings are too."""
+        import torch
+
+        block = self.batch_size * 8
+        blocks = [ids[start : start + block] for start in range(0, len(ids), block)]
+        return torch.cat(list(distributed.map_in_order(self, blocks, prepare=lambda ids: ids)))

@@ -11,7 +11,7 @@ import torch
 
 from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
-from twn_cli.distributed import Distributed, batched, prepared_ahead
+from twn_cli.distributed import Distributed, batched, prepared_in_order
 from twn_cli.engine.model import ModelInput, Sampling, ThinkMode, TWNModel
 from twn_cli.errors import BadRecordError, TWNError
 
@@ -111,11 +111,7 @@ def loaded_batches(
 ) -> Iterator[tuple[list[str], list[ModelInput]]]:
     """The loaded (ids, inputs) of each block of `batch_size` records that keeps any (see `load_block`),
     opened in a background thread one block ahead of the consumer."""
-    blocks = prepared_ahead(batched(records, batch_size), lambda block: load_block(block, skip_bad, skipped), mine=lambda index: True)
-    for _, (loaded, error) in blocks:
-        if error is not None:
-            raise error
-        ids, inputs = loaded
+    for ids, inputs in prepared_in_order(batched(records, batch_size), lambda block: load_block(block, skip_bad, skipped)):
         if ids:
             yield ids, inputs
 

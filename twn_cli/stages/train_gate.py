@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
-from twn_cli.distributed import Distributed, batched
+from twn_cli.distributed import Distributed
 from twn_cli.engine.checkpoint import check_checkpoint_output
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.model import ModelInput, Sampling, TWNModel
@@ -472,10 +472,7 @@ def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGat
     distributed = Distributed()
     pools = [dataset.candidate_pool(row) for row in rows]
     needed = sorted({candidate for pool in pools for candidate in pool})
-    embed_candidates = CandidateEmbedder(model, dataset.candidates, config.label_batch_size)
-    blocks = batched(needed, config.label_batch_size)
-    parts = distributed.map_in_order(lambda ids: embed_candidates(list(ids)), blocks, prepare=lambda ids: ids)
-    embeddings = dict(zip(needed, torch.cat(list(parts))))
+    embeddings = dict(zip(needed, CandidateEmbedder(model, dataset.candidates, config.label_batch_size).shared_by(distributed, needed)))
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
 
     def judge(read_batch: tuple[int, list[dict], list[ModelInput]]) -> tuple[torch.Tensor, list[int], list[bool], list[bool]]:

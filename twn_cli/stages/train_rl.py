@@ -302,10 +302,7 @@ class RLTrainer:
         """Re-embed every cache entry (a candidate of the prepared dataset) with the current model; processes
         share the blocks of entries."""
         self.model.eval()
-        block = self.candidates.batch_size * 8
-        blocks = [self.cache.ids[start : start + block] for start in range(0, len(self.cache.ids), block)]
-        embedded = self.distributed.map_in_order(lambda ids: self.candidates(ids).float(), blocks, prepare=lambda ids: ids)
-        self.cache = NegativesCache(self.cache.ids, torch.cat(list(embedded)))
+        self.cache = NegativesCache(self.cache.ids, self.candidates.shared_by(self.distributed, self.cache.ids).float())
 
     def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
