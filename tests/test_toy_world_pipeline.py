@@ -64,10 +64,12 @@ def test_pretraining_lowers_caption_loss_on_unseen_pictures(tmp_path):
     backbone_dir = build_toy_backbone(tmp_path / "backbone", seed=0, spec=TEST_SPEC)
     random_fingerprint = load_backbone(str(backbone_dir), device="cpu").fingerprint
     settings = PretrainSettings(
-        vision_warmup_steps=10, vision_warmup_batch_size=8, steps=60, batch_size=8, learning_rate=3e-3, warmup_steps=5, eval_pictures=16
+        vision_warmup_steps=10, vision_warmup_batch_size=8, steps=60, batch_size=8, learning_rate=3e-3, warmup_steps=5,
+        eval_pictures=16, eval_explanations=8,
     )
     report = pretrain_toy_backbone(backbone_dir, settings, world_seed=0)
     assert report.caption_loss_after < 0.5 * report.caption_loss_before
+    assert report.explanation_accuracy_before == 0.0 and 0.0 <= report.explanation_accuracy_after <= 1.0
     assert 0.0 <= report.vision_warmup_shape_accuracy <= 1.0
     reloaded = load_backbone(str(backbone_dir), device="cpu")
     assert reloaded.fingerprint != random_fingerprint == config_fingerprint(
@@ -90,7 +92,7 @@ def test_vision_warmup_trains_every_vision_weight_and_nothing_else(tmp_path):
 def test_captioning_with_a_zero_vision_rate_leaves_the_vision_tower_as_it_was(tmp_path):
     backbone_dir = build_toy_backbone(tmp_path / "backbone", seed=0, spec=TEST_SPEC)
     initial = {name: p.clone() for name, p in load_backbone(str(backbone_dir), device="cpu").model.named_parameters()}
-    settings = PretrainSettings(vision_warmup_steps=0, vision_learning_rate=0.0, steps=3, batch_size=4, warmup_steps=1, eval_pictures=4)
+    settings = PretrainSettings(vision_warmup_steps=0, vision_learning_rate=0.0, steps=3, batch_size=4, warmup_steps=1, eval_pictures=4, eval_explanations=2)
     pretrain_toy_backbone(backbone_dir, settings, world_seed=0)
     trained = dict(load_backbone(str(backbone_dir), device="cpu").model.named_parameters())
     assert all(torch.equal(trained[name], initial[name]) for name in initial if name.startswith("model.visual."))
@@ -101,7 +103,7 @@ def test_toy_backbone_command_pretrains_with_a_recipe(tmp_path):
     sizes = tmp_path / "sizes.yaml"
     sizes.write_text(yaml.safe_dump(dict(vars(TEST_SPEC))))
     pretraining = tmp_path / "pretrain.yaml"
-    pretraining.write_text(yaml.safe_dump({"vision_warmup_steps": 2, "vision_warmup_batch_size": 4, "steps": 4, "batch_size": 4, "eval_pictures": 4}))
+    pretraining.write_text(yaml.safe_dump({"vision_warmup_steps": 2, "vision_warmup_batch_size": 4, "steps": 4, "batch_size": 4, "eval_pictures": 4, "eval_explanations": 2}))
     result = CliRunner().invoke(
         app, ["toy-backbone", "-o", str(tmp_path / "toy"), "--recipe", str(sizes), "--pretrain", "--pretrain-recipe", str(pretraining)]
     )
@@ -111,7 +113,7 @@ def test_toy_backbone_command_pretrains_with_a_recipe(tmp_path):
 
 
 REDUCED_PIPELINE = {
-    "pretrain": {"vision_warmup_steps": 2, "vision_warmup_batch_size": 4, "steps": 6, "batch_size": 4, "eval_pictures": 4},
+    "pretrain": {"vision_warmup_steps": 2, "vision_warmup_batch_size": 4, "steps": 6, "batch_size": 4, "eval_pictures": 4, "eval_explanations": 2},
     "train-embed": {"steps": 6, "batch_size": 8, "chunk_size": 8, "checkpoint_every": 3, "validation_queries": 16, "max_think_tokens": 16},
     "train-gate": {"label_queries": 48, "epochs": 20, "validation_queries": 24, "max_think_tokens": 16},
     "train-rl": {"steps": 2, "batch_size": 2, "group_size": 2, "checkpoint_every": 1, "max_think_tokens": 8},

@@ -225,6 +225,10 @@ def test_pretraining_knows_every_fact_and_phrasing_and_never_pairs_a_clue_with_a
         assert fact.explanation() in answers or fact.explanation(swap=True) in answers
     for template in held.templates:
         assert any(template_pattern(template).search(prompt) for prompt in text_prompts), template
+    explained = [example for example in examples if example.prompt.startswith("explain:")]
+    two_clues = [example for example in explained if "; " in example.answer]
+    assert 0.3 < len(two_clues) / len(explained) < 0.7
+    assert all(len(example.answer.split("; ")) == 2 for example in two_clues)
     scene_examples = [example for example in examples if example.scene is not None]
     assert {example.prompt for example in scene_examples} & {"describe the picture.", "how many shapes are there?"}
     clue_patterns = [template_pattern(template) for template in {template for fact in KNOWLEDGE for template in fact.templates}]

@@ -9,7 +9,8 @@ stream of captioning, scene questions and world knowledge as text (every fact an
 held-out ones included: the knowledge the reasoning adapter must later write out). Every step renders fresh
 pictures: a tiny vision tower memorises fixed renders but generalises from fresh ones. The report measures
 what the backbone learned on pictures it never saw: caption loss before and after, and how often its greedy
-caption of a one-shape picture names the right shape and colour.
+caption of a one-shape picture names the right shape and colour; and what it knows as text: how often its
+greedy explanation of a reference by one or two clues is exactly right.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from twn_cli.engine.backbone import load_backbone
 from twn_cli.training import warmup_cosine
 from twn_cli.toyworld.render import Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
-from twn_cli.toyworld.world import PretrainingExample, describe_scene, pretraining_examples
+from twn_cli.toyworld.world import PretrainingExample, describe_scene, explanation_examples, pretraining_examples
 
 CAPTION_PROMPT = "describe the picture."
 
@@ -49,6 +50,7 @@ class PretrainSettings:
     max_grad_norm: float = 1.0
     image_size: int = 56
     eval_pictures: int = 120
+    eval_explanations: int = 60
     seed: int = 0
 
 
@@ -65,6 +67,8 @@ class PretrainReport:
     shape_accuracy_after: float
     colour_accuracy_before: float
     colour_accuracy_after: float
+    explanation_accuracy_before: float
+    explanation_accuracy_after: float
     shape_chance: float
     colour_chance: float
 
@@ -202,6 +206,22 @@ def measure(model, batcher: ExampleBatcher, scenes: list[Scene], batch_size: int
     }
 
 
+@torch.no_grad()
+def explanation_accuracy(model, batcher: ExampleBatcher, examples: list[PretrainingExample], batch_size: int) -> float:
+    """Share of "explain:" prompts whose greedy answer is exactly the explanation: the knowledge a CoT writes out."""
+    model.eval()
+    right = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batcher.tokenizer.padding_side = "left"
+        prompts = batcher.tokenizer([batcher.prompt(e) for e in chunk], padding=True, return_tensors="pt")
+        generated = model.generate(**prompts, max_new_tokens=48, do_sample=False)
+        answers = batcher.tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
+        right += sum(answer.strip() == example.answer for answer, example in zip(answers, chunk))
+    model.train()
+    return right / max(len(examples), 1)
+
+
 def pretrain_toy_backbone(
     backbone_dir: str | Path,
     settings: PretrainSettings = PretrainSettings(),
@@ -219,6 +239,8 @@ def pretrain_toy_backbone(
     batcher = ExampleBatcher(processor, settings.image_size, random.Random(settings.seed))
     held_out_scenes = evaluation_pictures(settings.eval_pictures, settings.seed)
     before = measure(model, batcher, held_out_scenes, settings.batch_size)
+    explanations = explanation_examples(settings.eval_explanations, settings.seed)
+    explained_before = explanation_accuracy(model, batcher, explanations, settings.batch_size)
 
     model.requires_grad_(True)
     model.train()
@@ -247,6 +269,7 @@ def pretrain_toy_backbone(
         on_step(settings.vision_warmup_steps + step, loss.item())
 
     after = measure(model, batcher, held_out_scenes, settings.batch_size)
+    explained_after = explanation_accuracy(model, batcher, explanations, settings.batch_size)
     report = PretrainReport(
         vision_warmup_steps=settings.vision_warmup_steps,
         vision_warmup_shape_accuracy=vision_warmup_shape_accuracy,
@@ -259,6 +282,8 @@ def pretrain_toy_backbone(
         shape_accuracy_after=after["shape_accuracy"],
         colour_accuracy_before=before["colour_accuracy"],
         colour_accuracy_after=after["colour_accuracy"],
+        explanation_accuracy_before=explained_before,
+        explanation_accuracy_after=explained_after,
         shape_chance=1 / len(SHAPES),
         colour_chance=1 / len(COLOURS),
     )

@@ -778,13 +778,17 @@ class PretrainingExample(NamedTuple):
 # Shares of caption, scene question, fact, side count and clue examples. Pictures dominate: a tiny vision
 # tower needs tens of thousands of fresh renders to ground colours and shapes, text facts are learned fast.
 PRETRAINING_MIX = (0.35, 0.35, 0.1, 0.05, 0.15)
+# Share of clue examples that name both colour and shape by clues (the others name one).
+TWO_CLUE_SHARE = 0.5
 
 
 def pretraining_examples(seed: int = 0, include_held_out_combinations: bool = True) -> Iterator[PretrainingExample]:
     """An endless, seeded stream of captioning and scene QA on random scenes, and of world knowledge as text.
 
     The knowledge covers every fact and every clue phrasing, the held-out ones included ("explain: a
-    square coloured like a lime" -> "a lime is green"), so that a CoT can solve held-out test queries.
+    square coloured like a lime" -> "a lime is green"), alone or with a second clue ("explain: a shape with
+    five corners, coloured like a lime" -> "a shape with five corners is a pentagon; a lime is green"), so
+    that a CoT can solve held-out test queries.
     Clues never appear with a scene here: combining a clue with a picture is left to the reasoner.
     Held-out colour-shape combinations are shown unless `include_held_out_combinations` is False (pass the
     world's seed then).
@@ -830,13 +834,31 @@ def _side_count_example(rng: random.Random, pairs: list[tuple[str, str]]) -> Pre
 
 def _clue_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
     fact = rng.choice(KNOWLEDGE)
-    template, swap = rng.choice(fact.templates), rng.random() < 0.5
-    clue = Clue(fact, template, fact.phrase(template, swap), fact.explanation(swap))
+    if rng.random() < TWO_CLUE_SHARE:
+        # Both attributes named by clues, explained one step after the other: the backbone can then write
+        # out a compound reference, as an instruction-tuned MLLM can, which is what a CoT builds on.
+        attribute = "shape" if fact.attribute == "colour" else "colour"
+        other = rng.choice([candidate for candidate in KNOWLEDGE if candidate.attribute == attribute])
+        colour_clue, shape_clue = sorted((_random_clue(rng, fact), _random_clue(rng, other)), key=lambda c: c.fact.attribute)
+        phrase = _noun_phrase(colour_clue, shape_clue)
+        return PretrainingExample(None, f"explain: {with_article(phrase)}", f"{shape_clue.explanation}; {colour_clue.explanation}")
+    clue = _random_clue(rng, fact)
     if fact.attribute == "colour":
         phrase = _noun_phrase(clue, rng.choice(list(SHAPES)))
     else:
         phrase = _noun_phrase(rng.choice(list(COLOURS)), clue)
     return PretrainingExample(None, f"explain: {with_article(phrase)}", clue.explanation)
+
+
+def explanation_examples(count: int, seed: int) -> list[PretrainingExample]:
+    """`count` text-only "explain:" examples, drawn like pre-training's, from their own seeded stream (an evaluation set)."""
+    rng = random.Random(f"toyworld/{seed}/explanations")
+    return [_clue_example(rng, []) for _ in range(count)]
+
+
+def _random_clue(rng: random.Random, fact: Fact) -> Clue:
+    template, swap = rng.choice(fact.templates), rng.random() < 0.5
+    return Clue(fact, template, fact.phrase(template, swap), fact.explanation(swap))
 
 
 def corpus_sentences(seed: int = 0) -> list[str]:
