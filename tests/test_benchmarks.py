@@ -55,6 +55,20 @@ def test_cpu_benchmarks_run_at_tiny_sizes(scripts, toy_backbone_dir, toy_dataset
     assert figures["ranking"]["rows"][0]["pool"] == 50
 
 
+def test_cot_quality_scores_every_task_and_difficulty_with_teacher_cots(scripts, toy_backbone_dir, toy_dataset_dir, tmp_path):
+    from twn_cli.data.prepared import load_prepared
+
+    figures = scripts("cot_quality").main(
+        ["--backbone", str(toy_backbone_dir), "--data", str(toy_dataset_dir), "--split", "test", "--per-group", "1",
+         "--max-think-tokens", "2", "--lora-rank", "2", "-o", str(tmp_path / "cot.json")]
+    )
+    rows = load_prepared(str(toy_dataset_dir)).queries["test"]
+    assert {(g["task"], g["difficulty"]) for g in figures["groups"]} == {(r["task"], r["difficulty"]) for r in rows if r["cot"]}
+    assert all(g["queries"] == 1 and 0 <= g["exact"] <= g["concludes_right"] <= 1 and g["teacher_loss_per_token"] > 0 for g in figures["groups"])
+    assert scripts("cot_quality").conclusion("a lime is green; so a green star") == "a green star"
+    assert json.loads((tmp_path / "cot.json").read_text())["by_difficulty"] == figures["by_difficulty"]
+
+
 def test_gpu_benchmark_tiny_mode_runs_on_the_cpu(scripts, toy_backbone_dir, tmp_path):
     figures = scripts("gpu").main(
         ["--tiny", "--backbones", "qwen3-vl-4b", "--tokenizer", str(toy_backbone_dir), "-o", str(tmp_path / "gpu.json")]

@@ -1,0 +1,99 @@
+"""How good the reasoning adapter's CoTs are: greedy CoTs against the dataset's teacher CoTs, per task and difficulty.
+
+    python benchmarks/cot_quality.py --checkpoint runs/toy/embed --data runs/toy/data --split validation [-o result.json]
+
+For every query of the split that has a teacher CoT (at most --per-group per task and difficulty tag), one
+reasoning-adapter pass scores the teacher CoT (cross-entropy per token, teacher-forced as in train-embed) and
+greedy decoding writes the adapter's own CoT. A CoT *concludes right* when its conclusion, the text after its
+last "so " (the toy world's teacher CoTs end "...; so a green pentagon"), equals the teacher's; *exact* when
+the whole CoT does. Quality, not cost: no timing here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import torch
+
+import _common as common
+from twn_cli.data.prepared import load_prepared, prepared_input
+
+
+def conclusion(cot: str) -> str:
+    return cot.rsplit("so ", 1)[-1].strip()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_arguments(parser, max_think_tokens=48)
+    parser.add_argument("--data", required=True, help="prepared dataset with teacher CoTs")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--per-group", type=int, default=200, help="at most this many queries per task and difficulty tag")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("-o", "--output", help="write the figures as JSON here too")
+    arguments = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    with TemporaryDirectory() as work_dir:
+        model = common.load_model(arguments, Path(work_dir))
+        model.eval()
+        groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for row in load_prepared(arguments.data).queries[arguments.split]:
+            key = (row["task"], row.get("difficulty") or "")
+            if row["cot"] and len(groups[key]) < arguments.per_group:
+                groups[key].append(row)
+
+        results = []
+        for (task, difficulty), rows in sorted(groups.items()):
+            loss_sum, tokens, concluded, exact = 0.0, 0, 0, 0
+            for batch in common.batched(rows, arguments.batch_size):
+                with torch.no_grad():
+                    encoded = model.encode([prepared_input(row) for row in batch])
+                    forced = model.teacher_forced(encoded, model.cot_token_ids([row["cot"] for row in batch]))
+                    loss_sum, tokens = loss_sum + float(forced.sft_loss_sum), tokens + forced.sft_tokens
+                    prefix, _ = model.prefill(encoded)
+                    written = model.think(prefix).texts
+                concluded += sum(conclusion(cot) == conclusion(row["cot"]) for cot, row in zip(written, batch))
+                exact += sum(cot.strip() == row["cot"].strip() for cot, row in zip(written, batch))
+            results.append(
+                {
+                    "task": task,
+                    "difficulty": difficulty,
+                    "queries": len(rows),
+                    "concludes_right": round(concluded / len(rows), 4),
+                    "exact": round(exact / len(rows), 4),
+                    "teacher_loss_per_token": round(loss_sum / max(tokens, 1), 4),
+                }
+            )
+
+    by_difficulty = {}
+    for difficulty in sorted({row["difficulty"] for row in results}):
+        members = [row for row in results if row["difficulty"] == difficulty]
+        count = sum(row["queries"] for row in members)
+        by_difficulty[difficulty] = {
+            "queries": count,
+            "concludes_right": round(sum(row["concludes_right"] * row["queries"] for row in members) / count, 4),
+        }
+    figures = {
+        "split": arguments.split,
+        "groups": results,
+        "by_difficulty": by_difficulty,
+        "model": common.model_facts(model),
+        "command": " ".join(sys.argv),
+        "machine": common.machine_info(arguments.device),
+    }
+    common.print_table(
+        ["task", "difficulty", "queries", "concludes right", "exact", "teacher loss/token"],
+        [[row["task"], row["difficulty"], row["queries"], row["concludes_right"], row["exact"], row["teacher_loss_per_token"]] for row in results],
+    )
+    print("concludes right, by difficulty: " + ", ".join(f"{name or '-'} {100 * value['concludes_right']:.1f} % of {value['queries']}" for name, value in by_difficulty.items()))
+    common.finish(figures, arguments.output)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
