@@ -65,11 +65,12 @@ def test_pretraining_lowers_caption_loss_on_unseen_pictures(tmp_path):
     random_fingerprint = load_backbone(str(backbone_dir), device="cpu").fingerprint
     settings = PretrainSettings(
         vision_warmup_steps=10, vision_warmup_batch_size=8, steps=60, batch_size=8, learning_rate=3e-3, warmup_steps=5,
-        eval_pictures=16, eval_explanations=8,
+        eval_pictures=16, eval_explanations=12,
     )
     report = pretrain_toy_backbone(backbone_dir, settings, world_seed=0)
     assert report.caption_loss_after < 0.5 * report.caption_loss_before
-    assert report.explanation_accuracy_before == 0.0 and 0.0 <= report.explanation_accuracy_after <= 1.0
+    assert set(report.explanation_accuracy_before.values()) == {0.0}
+    assert set(report.explanation_accuracy_after) <= {"one_clue", "two_clues"}
     assert 0.0 <= report.vision_warmup_shape_accuracy <= 1.0
     reloaded = load_backbone(str(backbone_dir), device="cpu")
     assert reloaded.fingerprint != random_fingerprint == config_fingerprint(

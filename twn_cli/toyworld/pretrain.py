@@ -67,8 +67,8 @@ class PretrainReport:
     shape_accuracy_after: float
     colour_accuracy_before: float
     colour_accuracy_after: float
-    explanation_accuracy_before: float
-    explanation_accuracy_after: float
+    explanation_accuracy_before: dict[str, float]
+    explanation_accuracy_after: dict[str, float]
     shape_chance: float
     colour_chance: float
 
@@ -207,19 +207,21 @@ def measure(model, batcher: ExampleBatcher, scenes: list[Scene], batch_size: int
 
 
 @torch.no_grad()
-def explanation_accuracy(model, batcher: ExampleBatcher, examples: list[PretrainingExample], batch_size: int) -> float:
-    """Share of "explain:" prompts whose greedy answer is exactly the explanation: the knowledge a CoT writes out."""
+def explanation_accuracy(model, batcher: ExampleBatcher, examples: list[PretrainingExample], batch_size: int) -> dict[str, float]:
+    """Share of "explain:" prompts whose greedy answer is exactly the explanation (the knowledge a CoT writes
+    out), for references by one clue and by two."""
     model.eval()
-    right = 0
+    right: dict[str, list[bool]] = {"one_clue": [], "two_clues": []}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batcher.tokenizer.padding_side = "left"
         prompts = batcher.tokenizer([batcher.prompt(e) for e in chunk], padding=True, return_tensors="pt")
         generated = model.generate(**prompts, max_new_tokens=48, do_sample=False)
         answers = batcher.tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
-        right += sum(answer.strip() == example.answer for answer, example in zip(answers, chunk))
+        for answer, example in zip(answers, chunk):
+            right["two_clues" if "; " in example.answer else "one_clue"].append(answer.strip() == example.answer)
     model.train()
-    return right / max(len(examples), 1)
+    return {kind: sum(values) / len(values) for kind, values in right.items() if values}
 
 
 def pretrain_toy_backbone(
