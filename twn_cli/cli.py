@@ -176,7 +176,7 @@ def prepare(
     device: str = typer.Option("auto", help="Device of the teacher (cpu, cuda, ...; auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Teacher dtype: float32, bfloat16 or float16 (bfloat16 on GPUs)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub teacher to run its own code."),
-    n: int = typer.Option(2000, min=10, help="synthetic: number of queries over train/validation/test."),
+    n: int = typer.Option(4000, min=10, help="synthetic: number of queries over train/validation/test."),
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
     image_size: int = typer.Option(56, min=28, help="synthetic: side of the rendered pictures in pixels."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),

@@ -6,14 +6,14 @@
 #   bash recipes/toy/pipeline.sh [RUN_DIR [RECIPE_DIR]]
 #
 # RUN_DIR defaults to runs/toy; RECIPE_DIR (default: this folder) holds toy-backbone.yaml, pretrain.yaml,
-# train-embed.yaml, train-gate.yaml and train-rl.yaml; TOY_WORLD_SIZE (default 2000) sets the number of
+# train-embed.yaml, train-gate.yaml and train-rl.yaml; TOY_WORLD_SIZE (default 4000) sets the number of
 # queries of the toy world, TOY_SEED (default 0) the seed of the toy backbone and the world (another draw).
 # The test suite runs the same script with a reduced recipe folder and world.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 run="${1:-runs/toy}"
 recipes="${2:-$here}"
-world_size="${TOY_WORLD_SIZE:-2000}"
+world_size="${TOY_WORLD_SIZE:-4000}"
 seed="${TOY_SEED:-0}"
 mkdir -p "$run"
 export HF_HUB_OFFLINE=1

@@ -19,7 +19,7 @@ from twn_cli.toyworld.world import Record, SceneImage, Split, generate_world
 ANALYSIS_FILE = "analysis.jsonl"
 
 
-def write_synthetic_dataset(output_dir: str | Path, n: int = 2000, seed: int = 0, image_size: int = 56) -> dict:
+def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = 56) -> dict:
     """Generate the toy world of `n` queries for `seed` and write it to `output_dir`; returns the manifest counts."""
     output_dir = Path(output_dir).resolve()
     check_output_dir(output_dir)

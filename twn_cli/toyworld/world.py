@@ -395,7 +395,7 @@ class World:
         return self.splits[split]
 
 
-def generate_world(n: int = 2000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES) -> World:
+def generate_world(n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES) -> World:
     """A world of `n` records over the splits; the same seed gives the same world."""
     held_out = held_out_elements(seed)
     splits = {name: _SplitBuilder(name, seed, held_out).build(count) for name, count in _allocate(n, split_shares).items()}
