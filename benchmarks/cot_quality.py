@@ -5,8 +5,8 @@
 For every query of the split that has a teacher CoT (at most --per-group per task and difficulty tag), one
 reasoning-adapter pass scores the teacher CoT (cross-entropy per token, teacher-forced as in train-embed) and
 greedy decoding writes the adapter's own CoT. A CoT *concludes right* when its conclusion, the text after its
-last "so " (the toy world's teacher CoTs end "...; so a green pentagon"), equals the teacher's; *exact* when
-the whole CoT does. Quality, not cost: no timing here.
+last "; so " (the toy world's teacher CoTs end "...; so a green pentagon"), equals the teacher's; a CoT without
+one concludes nothing. *Exact*: the whole CoT equals the teacher's. Quality, not cost: no timing here.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import _common as common
 from twn_cli.data.prepared import load_prepared, prepared_input
 
 
-def conclusion(cot: str) -> str:
-    return cot.rsplit("so ", 1)[-1].strip()
+def conclusion(cot: str) -> str | None:
+    return cot.rsplit("; so ", 1)[1].strip() if "; so " in cot else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> dict:
     common.add_model_arguments(parser, max_think_tokens=48)
     parser.add_argument("--data", required=True, help="prepared dataset with teacher CoTs")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--per-group", type=int, default=200, help="at most this many queries per task and difficulty tag")
+    parser.add_argument("--per-group", type=int, default=200, help="at most this many queries per task and difficulty tag (at least 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("-o", "--output", help="write the figures as JSON here too")
     arguments = parser.parse_args(argv)
+    if arguments.per_group < 1:
+        parser.error("--per-group must be at least 1")
 
     torch.manual_seed(0)
     with TemporaryDirectory() as work_dir:
@@ -57,13 +59,16 @@ def main(argv: list[str] | None = None) -> dict:
                     loss_sum, tokens = loss_sum + float(forced.sft_loss_sum), tokens + forced.sft_tokens
                     prefix, _ = model.prefill(encoded)
                     written = model.think(prefix).texts
-                concluded += sum(conclusion(cot) == conclusion(row["cot"]) for cot, row in zip(written, batch))
+                concluded += sum(
+                    conclusion(row["cot"]) is not None and conclusion(cot) == conclusion(row["cot"]) for cot, row in zip(written, batch)
+                )
                 exact += sum(cot.strip() == row["cot"].strip() for cot, row in zip(written, batch))
             results.append(
                 {
                     "task": task,
                     "difficulty": difficulty,
                     "queries": len(rows),
+                    "concluded_right": concluded,
                     "concludes_right": round(concluded / len(rows), 4),
                     "exact": round(exact / len(rows), 4),
                     "teacher_loss_per_token": round(loss_sum / max(tokens, 1), 4),
@@ -76,9 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
         count = sum(row["queries"] for row in members)
         by_difficulty[difficulty] = {
             "queries": count,
-            "concludes_right": round(sum(row["concludes_right"] * row["queries"] for row in members) / count, 4),
+            "concludes_right": round(sum(row["concluded_right"] for row in members) / count, 4),
         }
     figures = {
+        "benchmark": "cot_quality",
         "split": arguments.split,
         "groups": results,
         "by_difficulty": by_difficulty,

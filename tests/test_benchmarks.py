@@ -66,6 +66,7 @@ def test_cot_quality_scores_every_task_and_difficulty_with_teacher_cots(scripts,
     assert {(g["task"], g["difficulty"]) for g in figures["groups"]} == {(r["task"], r["difficulty"]) for r in rows if r["cot"]}
     assert all(g["queries"] == 1 and 0 <= g["exact"] <= g["concludes_right"] <= 1 and g["teacher_loss_per_token"] > 0 for g in figures["groups"])
     assert scripts("cot_quality").conclusion("a lime is green; so a green star") == "a green star"
+    assert scripts("cot_quality").conclusion("a green star") is None
     assert json.loads((tmp_path / "cot.json").read_text())["by_difficulty"] == figures["by_difficulty"]
 
 
