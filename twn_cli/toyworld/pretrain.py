@@ -105,6 +105,15 @@ class ExampleBatcher:
         encoded["labels"] = labels
         return dict(encoded)
 
+    def greedy_answers(self, model, examples: list[PretrainingExample], max_new_tokens: int) -> list[str]:
+        """What `model` answers to each example's prompt, decoded greedily (pictures rendered freshly)."""
+        self.tokenizer.padding_side = "left"
+        prompts = self.processor(
+            text=[self.prompt(e) for e in examples], images=self.images(examples) or None, padding=True, return_tensors="pt"
+        )
+        generated = model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
+
 
 def one_shape_scenes(count: int, rng: random.Random) -> list[Scene]:
     """One-shape scenes over every shape, colour, size and position."""
@@ -190,11 +199,7 @@ def measure(model, batcher: ExampleBatcher, scenes: list[Scene], batch_size: int
         examples = [PretrainingExample(scene, CAPTION_PROMPT, describe_scene(scene)) for scene in chunk]
         batch = batcher(examples)
         losses.append(model(**batch).loss.item() * len(chunk))
-        batcher.tokenizer.padding_side = "left"
-        prompts = batcher.processor(text=[batcher.prompt(e) for e in examples], images=batcher.images(examples), padding=True, return_tensors="pt")
-        generated = model.generate(**prompts, max_new_tokens=12, do_sample=False)
-        captions = batcher.tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
-        for scene, caption in zip(chunk, captions):
+        for scene, caption in zip(chunk, batcher.greedy_answers(model, examples, max_new_tokens=12)):
             words = caption.split()
             shapes_right += scene.objects[0].shape in words
             colours_right += scene.objects[0].colour in words
@@ -214,11 +219,7 @@ def explanation_accuracy(model, batcher: ExampleBatcher, examples: list[Pretrain
     right: dict[str, list[bool]] = {"one_clue": [], "two_clues": []}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batcher.tokenizer.padding_side = "left"
-        prompts = batcher.tokenizer([batcher.prompt(e) for e in chunk], padding=True, return_tensors="pt")
-        generated = model.generate(**prompts, max_new_tokens=48, do_sample=False)
-        answers = batcher.tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
-        for answer, example in zip(answers, chunk):
+        for answer, example in zip(batcher.greedy_answers(model, chunk, max_new_tokens=48), chunk):
             right["two_clues" if "; " in example.answer else "one_clue"].append(answer.strip() == example.answer)
     model.train()
     return {kind: sum(values) / len(values) for kind, values in right.items() if values}

@@ -288,6 +288,11 @@ class Clue:
     text: str
     explanation: str
 
+    @classmethod
+    def of(cls, fact: Fact, template: str, swap: bool) -> "Clue":
+        """`fact` phrased with `template` (`swap`: a mix's two colours in the other order)."""
+        return cls(fact, template, fact.phrase(template, swap), fact.explanation(swap))
+
 
 @dataclass(frozen=True)
 class HeldOut:
@@ -553,7 +558,7 @@ class _SplitBuilder:
             else:
                 templates = [template for template in templates if template in self.held_out.templates]
         fact, template, swap = self.rng.choice(facts), self.rng.choice(templates), self.rng.random() < 0.5
-        return Clue(fact, template, fact.phrase(template, swap), fact.explanation(swap))
+        return Clue.of(fact, template, swap)
 
     # -- candidates ---------------------------------------------------------------------------------------
 
@@ -839,7 +844,8 @@ def _clue_example(rng: random.Random, pairs: list[tuple[str, str]]) -> Pretraini
         # out a compound reference, as an instruction-tuned MLLM can, which is what a CoT builds on.
         attribute = "shape" if fact.attribute == "colour" else "colour"
         other = rng.choice([candidate for candidate in KNOWLEDGE if candidate.attribute == attribute])
-        colour_clue, shape_clue = sorted((_random_clue(rng, fact), _random_clue(rng, other)), key=lambda c: c.fact.attribute)
+        first, second = _random_clue(rng, fact), _random_clue(rng, other)
+        colour_clue, shape_clue = (first, second) if fact.attribute == "colour" else (second, first)
         phrase = _noun_phrase(colour_clue, shape_clue)
         return PretrainingExample(None, f"explain: {with_article(phrase)}", f"{shape_clue.explanation}; {colour_clue.explanation}")
     clue = _random_clue(rng, fact)
@@ -858,7 +864,7 @@ def explanation_examples(count: int, seed: int) -> list[PretrainingExample]:
 
 def _random_clue(rng: random.Random, fact: Fact) -> Clue:
     template, swap = rng.choice(fact.templates), rng.random() < 0.5
-    return Clue(fact, template, fact.phrase(template, swap), fact.explanation(swap))
+    return Clue.of(fact, template, swap)
 
 
 def corpus_sentences(seed: int = 0) -> list[str]:
