@@ -21,6 +21,7 @@ import torch
 
 import _common as common
 from twn_cli.data.prepared import load_prepared, prepared_input
+from twn_cli.errors import TWNError
 
 
 def conclusion(cot: str) -> str | None:
@@ -38,16 +39,22 @@ def main(argv: list[str] | None = None) -> dict:
     arguments = parser.parse_args(argv)
     if arguments.per_group < 1:
         parser.error("--per-group must be at least 1")
+    try:
+        queries = load_prepared(arguments.data).queries
+    except TWNError as error:
+        parser.error(str(error))
+    if arguments.split not in queries:
+        parser.error(f"'{arguments.data}' has no split '{arguments.split}' (it has {', '.join(queries)})")
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in queries[arguments.split]:
+        key = (row["task"], row.get("difficulty") or "")
+        if row["cot"] and len(groups[key]) < arguments.per_group:
+            groups[key].append(row)
 
     torch.manual_seed(0)
     with TemporaryDirectory() as work_dir:
         model = common.load_model(arguments, Path(work_dir))
         model.eval()
-        groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for row in load_prepared(arguments.data).queries[arguments.split]:
-            key = (row["task"], row.get("difficulty") or "")
-            if row["cot"] and len(groups[key]) < arguments.per_group:
-                groups[key].append(row)
 
         results = []
         for (task, difficulty), rows in sorted(groups.items()):
