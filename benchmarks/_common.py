@@ -104,7 +104,7 @@ def fixed_length_thoughts(model, enabled: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def toy_inputs(count: int, seed: int = 0, image_size: int = 56) -> list:
+def toy_inputs(count: int, image_size: int, seed: int = 0) -> list:
     """`count` toy-world queries (instruction, text, pictures rendered in memory), in a fixed order."""
     from twn_cli.engine.model import ModelInput
     from twn_cli.toyworld.world import generate_world
@@ -131,8 +131,10 @@ def dataset_inputs(path: str, split: str, count: int) -> list:
 def add_input_arguments(parser) -> None:
     parser.add_argument("--data", help="a prepared dataset whose queries are the inputs (default: toy-world queries made here)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--image-size", type=int, default=56,
-                        help="side of the toy-world pictures in pixels (56: the toy world's; 448 gives a real Qwen2-VL 256 image tokens)")
+    from twn_cli.toyworld.render import PICTURE_SIZE
+
+    parser.add_argument("--image-size", type=int, default=PICTURE_SIZE,
+                        help=f"side of the toy-world pictures in pixels ({PICTURE_SIZE}: the toy world's; 448 gives a real Qwen2-VL 256 image tokens)")
 
 
 def make_inputs(arguments, count: int) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from twn_cli.data.prepared import load_prepared, write_prepared
+from twn_cli.data.prepared import load_prepared, prepared_input, write_prepared
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import METRICS
 from twn_cli.stages.evaluate import REPORT_FILES, run_eval
@@ -124,6 +124,10 @@ def check_report_against_predictions(report_dir: Path, dataset_dir: Path) -> dic
 
 
 def test_adaptive_report_files_and_numbers_match_the_predictions(counted_model, toy_dataset, tmp_path):
+    # τ at the median p_think of the test queries, so that the untrained gate sends some to think and not others.
+    queries = [prepared_input(row) for row in load_prepared(toy_dataset).queries["test"]]
+    threshold = counted_model.think_probability(queries).median().item()
+    counted_model.config.gate_threshold = threshold
     report = run_eval(counted_model, toy_dataset, tmp_path / "report", mode="adaptive", batch_size=4, command="twn eval ...")
     for name in REPORT_FILES:
         assert (tmp_path / "report" / name).is_file()
@@ -133,14 +137,13 @@ def test_adaptive_report_files_and_numbers_match_the_predictions(counted_model, 
     report = check_report_against_predictions(tmp_path / "report", toy_dataset)
     assert {"simple", "one_step", "two_step"} <= set(report["result"]["by_difficulty"])
     predictions = read_predictions(tmp_path / "report")
-    # The untrained gate sits near 0.5: some queries think and some do not, by p_think >= the model's threshold.
     assert {p["think"] for p in predictions} == {True, False}
-    assert all(p["think"] == (p["p_think"] >= 0.5) for p in predictions)
+    assert all(p["think"] == (p["p_think"] >= threshold) for p in predictions)
     assert all(bool(p["cot"]) == p["think"] and (p["reasoning_tokens"] > 0) == p["think"] for p in predictions)
     # Adaptive embeds each query once (the gate's choice) and each candidate once, never thinking.
     candidates = sum(task["candidates"] for task in report["result"]["tasks"].values())
     assert counted_model.embedded == {"never": candidates, "always": 0, "auto": len(predictions)}
-    assert report["mode"] == "adaptive" and report["threshold"] == 0.5 and report["command"] == "twn eval ..."
+    assert report["mode"] == "adaptive" and report["threshold"] == threshold and report["command"] == "twn eval ..."
     assert "## Tasks" in (tmp_path / "report" / "report.md").read_text()
 
 

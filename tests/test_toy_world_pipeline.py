@@ -19,6 +19,7 @@ from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.backbone import config_fingerprint, load_backbone
 from twn_cli.toyworld.backbone import build_toy_backbone
 from twn_cli.toyworld.pretrain import PretrainSettings, pretrain_toy_backbone, warm_up_vision
+from twn_cli.toyworld.render import PICTURE_SIZE
 
 from conftest import TEST_SPEC
 
@@ -47,7 +48,7 @@ def test_prepare_synthetic_writes_a_self_contained_prepared_dataset(tmp_path):
             for path in row["images"]:
                 assert str(path).startswith(str(tmp_path / "toy" / "images"))
     picture = next(row["images"][0] for row in dataset.candidates if row["images"])
-    assert load_image(picture).size == (56, 56)
+    assert load_image(picture).size == (PICTURE_SIZE, PICTURE_SIZE)
     analysis = [json.loads(line) for line in (tmp_path / "toy" / "analysis.jsonl").read_text().splitlines()]
     assert len(analysis) == sum(len(rows) for rows in dataset.queries.values())
 

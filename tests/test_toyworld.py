@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twn_cli.toyworld.render import SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
+from twn_cli.toyworld.backbone import ToyBackboneSpec
+from twn_cli.toyworld.render import GRID_CELLS, PICTURE_SIZE, SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, tokenizer_corpus
 from twn_cli.toyworld.world import (
     KNOWLEDGE,
@@ -257,11 +258,11 @@ def test_renders_are_fresh_but_a_render_seed_fixes_the_pixels():
     image = SceneImage(object_scene("star", "red", "large"), render_seed=7)
     assert np.array_equal(np.asarray(image.render()), np.asarray(image.render()))
     assert not np.array_equal(np.asarray(image.render(fresh=True)), np.asarray(image.render(fresh=True)))
-    assert not np.array_equal(pixels(image.scene, 56, random.Random(1)), pixels(image.scene, 56, random.Random(2)))
-    assert render_scene(image.scene.to_dict()).size == (56, 56)
+    assert not np.array_equal(pixels(image.scene, PICTURE_SIZE, random.Random(1)), pixels(image.scene, PICTURE_SIZE, random.Random(2)))
+    assert render_scene(image.scene.to_dict()).size == (PICTURE_SIZE, PICTURE_SIZE)
 
 
-@pytest.mark.parametrize("image_size", [56, 112])
+@pytest.mark.parametrize("image_size", [56, PICTURE_SIZE, 112])
 def test_the_named_colour_fills_the_centre_of_every_object(world, image_size):
     rng = random.Random(0)
     scenes = [
@@ -297,11 +298,11 @@ def test_shapes_stay_upright():
         assert abs(apex_columns.mean() - columns.mean()) < 0.15 * (columns.max() - columns.min())  # points up
 
 
-def test_sizes_are_distinct_at_56_px():
+def test_sizes_are_distinct():
     rng = random.Random(0)
 
     def area(size: str) -> int:
-        return object_mask(pixels(object_scene("circle", "green", size), 56, rng), "green").sum()
+        return object_mask(pixels(object_scene("circle", "green", size), PICTURE_SIZE, rng), "green").sum()
 
     areas = {size: [area(size) for _ in range(20)] for size in SIZES}
     assert max(areas["small"]) * 1.5 < min(areas["medium"])
@@ -313,19 +314,33 @@ def test_objects_never_overlap_and_stay_in_the_picture():
     for _ in range(300):
         positions = rng.sample(POSITIONS, 3)
         scene = Scene(tuple(SceneObject(rng.choice(list(SHAPES)), "red", "large", position) for position in positions))
-        placements = layout_scene(scene, 56, rng)
+        placements = layout_scene(scene, PICTURE_SIZE, rng)
         for a, b in itertools.combinations(placements, 2):
             assert math.dist(a.centre, b.centre) >= a.radius + b.radius
         for placement in placements:
             left, top, right, bottom = placement.bbox
-            assert 0 <= left and 0 <= top and right <= 56 and bottom <= 56
+            assert 0 <= left and 0 <= top and right <= PICTURE_SIZE and bottom <= PICTURE_SIZE
             assert abs(placement.rotation_degrees) <= 8
     assert SIZE_RADII["large"] * 1.05 <= 1 / 6
+
+
+def test_every_object_lies_inside_one_image_token_of_the_toy_backbone():
+    spec = ToyBackboneSpec()
+    token_side = spec.patch_size * spec.spatial_merge_size
+    assert PICTURE_SIZE == 3 * token_side  # the 3x3 layout grid is the merged-token grid
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = Scene(tuple(SceneObject(rng.choice(list(SHAPES)), "red", rng.choice(SIZES), position) for position in rng.sample(POSITIONS, 3)))
+        for placement in layout_scene(scene, PICTURE_SIZE, rng):
+            column, row = GRID_CELLS[placement.object.position]
+            left, top, right, bottom = placement.bbox
+            assert column * token_side <= left and right <= (column + 1) * token_side
+            assert row * token_side <= top and bottom <= (row + 1) * token_side
 
 
 def test_the_background_contrasts_with_every_object():
     rng = random.Random(0)
     for colours in itertools.combinations(COLOURS, 3):
         scene = Scene(tuple(SceneObject("square", colour, "medium", position) for colour, position in zip(colours, POSITIONS)))
-        background = pixels(scene, 56, rng)[55, 55]
+        background = pixels(scene, PICTURE_SIZE, rng)[-1, -1]
         assert min(math.dist(background, COLOURS[colour]) for colour in colours) > 60

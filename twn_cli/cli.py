@@ -178,7 +178,7 @@ def prepare(
     trust_remote_code: bool = typer.Option(False, help="Allow a hub teacher to run its own code."),
     n: int = typer.Option(4000, min=10, help="synthetic: number of queries over train/validation/test."),
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
-    image_size: int = typer.Option(56, min=28, help="synthetic: side of the rendered pictures in pixels."),
+    image_size: int = typer.Option(84, min=28, help="synthetic: side of the rendered pictures in pixels (84: one image token per grid cell on the toy backbone)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
     """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from twn_cli.toyworld.render import PICTURE_SIZE
 from twn_cli.toyworld.vocabulary import tokenizer_corpus
 
 SPECIAL_TOKENS = [
@@ -53,12 +54,12 @@ class ToyBackboneSpec:
     vision_depth: int = 3
     vision_embed_dim: int = 128
     vision_num_heads: int = 4
-    patch_size: int = 7
+    patch_size: int = 14
     spatial_merge_size: int = 2
     # Pictures are resized to between min_pixels and max_pixels (keeping their aspect), so real photos of
     # different sizes give different numbers of image tokens, as on a real backbone.
     min_pixels: int = 28 * 28
-    max_pixels: int = 56 * 56
+    max_pixels: int = PICTURE_SIZE * PICTURE_SIZE
     max_position_embeddings: int = 4096
 
 

@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 
 from twn_cli.data.prepared import MODALITY_OF_META_TASK, check_output_dir, write_prepared
+from twn_cli.toyworld.render import PICTURE_SIZE
 from twn_cli.toyworld.world import Record, SceneImage, Split, generate_world
 
 ANALYSIS_FILE = "analysis.jsonl"
 
 
-def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = 56) -> dict:
+def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = PICTURE_SIZE) -> dict:
     """Generate the toy world of `n` queries for `seed` and write it to `output_dir`; returns the manifest counts."""
     output_dir = Path(output_dir).resolve()
     check_output_dir(output_dir)

@@ -25,7 +25,7 @@ import torch
 
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.training import warmup_cosine
-from twn_cli.toyworld.render import Scene, SceneObject, render_scene
+from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
 from twn_cli.toyworld.world import PretrainingExample, describe_scene, explanation_examples, pretraining_examples
 
@@ -36,7 +36,7 @@ CAPTION_PROMPT = "describe the picture."
 class PretrainSettings:
     """Knobs of toy-backbone pre-training; the defaults are recipes/toy/pretrain.yaml's."""
 
-    vision_warmup_steps: int = 800
+    vision_warmup_steps: int = 600
     vision_warmup_batch_size: int = 64
     steps: int = 1100
     batch_size: int = 32
@@ -48,7 +48,7 @@ class PretrainSettings:
     warmup_steps: int = 40
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    image_size: int = 56
+    image_size: int = PICTURE_SIZE
     eval_pictures: int = 120
     eval_explanations: int = 60
     seed: int = 0

@@ -15,12 +15,17 @@ from PIL import Image, ImageDraw
 
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
 
+# The side of toy pictures in pixels. With the toy backbone's 14-px patches merged 2x2 (as on Qwen2-VL), an
+# 84-px picture is 3x3 image tokens, one per grid cell, so each object lies inside one token: the tiny
+# vision tower then names shapes from a few hundred warm-up steps, where 56-px pictures with 7-px patches,
+# whose objects straddle token borders, needed thousands (BENCHMARKS.md).
+PICTURE_SIZE = 84
 # Objects sit in the cells of a 3x3 grid; the five positions are the middle row, middle column and centre.
 GRID_CELLS: dict[str, tuple[int, int]] = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "centre": (1, 1)}
 # Circumradius per size as a share of the picture side. A cell is a third of the side wide, so a large
 # shape with its size jitter still fits its cell and neighbouring objects never overlap.
-# Small shapes stay about 10 px across at 56 px (smaller ones were blobs a tiny vision tower could not
-# name), and the size jitter is small enough that the sizes' areas still differ by half.
+# Small shapes stay about 15 px across at 84 px (at 56 px, 10 px across was the least a tiny vision tower
+# could name), and the size jitter is small enough that the sizes' areas still differ by half.
 SIZE_RADII: dict[str, float] = {"small": 0.088, "medium": 0.12, "large": 0.157}
 MAX_ROTATION_DEGREES = 8.0
 SIZE_JITTER = 0.03
@@ -97,7 +102,7 @@ def cell_centre(position: str, image_size: int) -> tuple[float, float]:
     return ((column + 0.5) * cell, (row + 0.5) * cell)
 
 
-def layout_scene(scene: Scene, image_size: int = 56, rng: random.Random | None = None) -> list[Placement]:
+def layout_scene(scene: Scene, image_size: int = PICTURE_SIZE, rng: random.Random | None = None) -> list[Placement]:
     """Jittered placements of a scene's objects; `rng=None` draws a fresh layout."""
     rng = rng or random.Random()
     cell_half = image_size / 6
@@ -114,7 +119,7 @@ def layout_scene(scene: Scene, image_size: int = 56, rng: random.Random | None =
     return placements
 
 
-def render_scene(scene: Scene | dict, image_size: int = 56, rng: random.Random | None = None) -> Image.Image:
+def render_scene(scene: Scene | dict, image_size: int = PICTURE_SIZE, rng: random.Random | None = None) -> Image.Image:
     """An RGB picture of a scene. Same `rng` state, same pixels; `rng=None` gives a fresh render."""
     if isinstance(scene, dict):
         scene = Scene.from_dict(scene)

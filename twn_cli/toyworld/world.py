@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from twn_cli.toyworld.render import Scene, SceneObject, render_scene
+from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import (
     COLOUR_MIXES,
     COLOUR_THINGS,
@@ -329,7 +329,7 @@ class SceneImage:
     scene: Scene
     render_seed: int
 
-    def render(self, image_size: int = 56, fresh: bool = False) -> Image.Image:
+    def render(self, image_size: int = PICTURE_SIZE, fresh: bool = False) -> Image.Image:
         """The fixed render of this picture, or with `fresh` a new one of the same content."""
         return render_scene(self.scene, image_size, None if fresh else random.Random(self.render_seed))
 
