@@ -28,6 +28,7 @@ from twn_cli.stages.train_gate import (
     labelling_rows,
     retrieval_margins,
     run_train_gate,
+    task_weights,
     threshold_for_budget,
     thinking_labels,
 )
@@ -181,17 +182,32 @@ def test_best_threshold_takes_the_best_hit_at_1_and_thinks_less_on_ties():
     # thinking helps the 0.9 input, hurts the 0.5 one; the 0.7 one is a hit either way
     hit_never = torch.tensor([False, True, True, False])
     hit_think = torch.tensor([True, True, False, False])
-    assert best_threshold(p_think, hit_never, hit_think) == pytest.approx(0.9)
-    assert best_threshold(p_think, hit_never, hit_never) > 0.9  # thinking never helps: nobody thinks
+    weights = task_weights(["a"] * 4)
+    assert best_threshold(p_think, hit_never, hit_think, weights) == pytest.approx(0.9)
+    assert best_threshold(p_think, hit_never, hit_never, weights) > 0.9  # thinking never helps: nobody thinks
 
 
 def test_a_tolerance_takes_the_threshold_that_thinks_least_within_it_of_the_best():
     p_think = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
     hit_never = torch.zeros(10, dtype=torch.bool)
     hit_think = torch.tensor([True, False, False, False, False, False, False, False, False, True])
-    assert best_threshold(p_think, hit_never, hit_think) == pytest.approx(0.05)  # 2 hits, everyone thinks
-    assert best_threshold(p_think, hit_never, hit_think, tolerance=0.1) == pytest.approx(0.9)  # 1 hit, one thinks
-    assert best_threshold(p_think, hit_never, hit_think, tolerance=0.09) == pytest.approx(0.05)
+    weights = task_weights(["a"] * 10)
+    assert best_threshold(p_think, hit_never, hit_think, weights) == pytest.approx(0.05)  # 2 hits, everyone thinks
+    assert best_threshold(p_think, hit_never, hit_think, weights, tolerance=0.1) == pytest.approx(0.9)  # 1 hit, one thinks
+    assert best_threshold(p_think, hit_never, hit_think, weights, tolerance=0.09) == pytest.approx(0.05)
+
+
+def test_best_threshold_weighs_every_task_alike_as_the_eval_headline_does():
+    # Task "big" has four queries, task "small" one. Below τ = 0.8 thinking turns the small task's hit into a
+    # miss, and below 0.6 two of big's misses into hits: pooled Hit@1 gains (2 hits against 1), the mean over
+    # tasks loses (big +0.5, small -1), so only the pooled choice thinks.
+    p_think = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    hit_never = torch.tensor([False, True, False, False, False])
+    hit_think = torch.tensor([False, False, True, True, False])
+    weights = task_weights(["big", "small", "big", "big", "big"])
+    assert weights.sum().item() == pytest.approx(1.0) and weights[1].item() == pytest.approx(0.5)
+    assert best_threshold(p_think, hit_never, hit_think, weights) > 0.9
+    assert best_threshold(p_think, hit_never, hit_think, torch.ones(5)) == pytest.approx(0.6)
 
 
 def test_label_cache_resumes_with_only_the_missing_inputs(make_model, toy_dataset_dir, tmp_path, monkeypatch):

@@ -347,7 +347,7 @@ def train_gate(
     backbone: Optional[str] = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto."),
     recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-gate.yaml."),
     think_budget: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pick τ so that this share of validation inputs thinks."),
-    target: Optional[GateTarget] = typer.Option(None, help="best: the τ with the best validation Hit@1; budget: see --think-budget."),
+    target: Optional[GateTarget] = typer.Option(None, help="best: the τ with the best validation Hit@1 (mean over tasks); budget: see --think-budget."),
     delta: Optional[float] = typer.Option(None, help="Override: label 'think' only if thinking raises the retrieval margin by more than this."),
     negatives_cache: Optional[Path] = typer.Option(
         None, help="Also score labels against every entry of this global negatives cache (`twn embed DATA -o cache.pt`) but the input's positives."
@@ -366,7 +366,7 @@ def train_gate(
     negatives, and of a global negatives cache when one is given) by more than δ. Labelling is batched and cached in OUTPUT/train/gate-labels/, so a rerun
     labels only what is missing. The gate (an MLP on the prefill's last prompt state) trains on those
     labels with a class-weighted BCE; only its parameters change. τ is chosen on the validation split, for
-    a think budget (--think-budget F) or the best Hit@1 (--target best), and stored with the label
+    a think budget (--think-budget F) or the best Hit@1 averaged over tasks (--target best), and stored with the label
     statistics, the gate's AUROC on held-out labels and the think rate in twn.json. Under torchrun /
     accelerate launch the processes share the labelling and validation batches. Prints the checkpoint.
     Usage: twn train-gate DATA --checkpoint RUN -o RUN2 [--think-budget F | --target best].
@@ -429,7 +429,7 @@ def train_gate(
     table.add_row("gate epoch kept", f"{summary['gate_epoch']} (lowest loss on the stopping slice)")
     table.add_row(f"{validation['split']} think rate", f"{validation['think_rate']:.1%} of {validation['queries']} queries")
     table.add_row(
-        f"{validation['split']} Hit@1", f"{validation['hit@1_adaptive']:.3f} adaptive, {validation['hit@1_never']:.3f} never, {validation['hit@1_always']:.3f} always"
+        f"{validation['split']} Hit@1 (task mean)", f"{validation['hit@1_adaptive']:.3f} adaptive, {validation['hit@1_never']:.3f} never, {validation['hit@1_always']:.3f} always"
     )
     table.add_row(
         "reasoning tokens / query", f"{validation['reasoning_tokens_per_query']:.1f} adaptive, {validation['reasoning_tokens_per_query_always']:.1f} always"

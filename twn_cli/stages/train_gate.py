@@ -16,8 +16,8 @@
    picks the epoch to keep (early stopping). A held-out share of the labelled inputs, never trained or
    stopped on, measures its AUROC against their labels.
 3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
-   validation Hit@1 (each validation query is embedded in both views once; ties go to the higher τ, which
-   thinks less).
+   validation Hit@1 averaged over tasks, the headline `twn eval` reports (each validation query is embedded
+   in both views once; ties go to the higher τ, which thinks less).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,12 +444,21 @@ def gate_probabilities(gate: RoutingGate, features: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------- the threshold
 @dataclass
 class ValidationViews:
-    """Each validation query's gate input, whether each view ranks a gold first, and its CoT length."""
+    """Each validation query's gate input, whether each view ranks a gold first, its CoT length, and its
+    weight in the validation score."""
 
     features: torch.Tensor
     hit_never: torch.Tensor
     hit_think: torch.Tensor
     reasoning_tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+def task_weights(tasks: list[str]) -> torch.Tensor:
+    """Weights that make a weighted mean of per-query hits the mean over tasks of each task's Hit@1: the
+    MMEB-style score `twn eval` reports, in which a task of 25 queries counts as much as one of 300."""
+    sizes = Counter(tasks)
+    return torch.tensor([1.0 / (len(sizes) * sizes[task]) for task in tasks], dtype=torch.float64)
 
 
 def is_hit(query: torch.Tensor, pool: torch.Tensor, gold: torch.Tensor) -> bool:
@@ -500,7 +510,13 @@ def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGat
         hit_never += never
         hit_think += think
         progress("validation", len(hit_never), len(rows))
-    return ValidationViews(torch.cat(features), torch.tensor(hit_never), torch.tensor(hit_think), torch.tensor(tokens, dtype=torch.int64))
+    return ValidationViews(
+        torch.cat(features),
+        torch.tensor(hit_never),
+        torch.tensor(hit_think),
+        torch.tensor(tokens, dtype=torch.int64),
+        task_weights([row["task"] for row in rows]),
+    )
 
 
 def threshold_for_budget(p_think: torch.Tensor, budget: float) -> float:
@@ -512,31 +528,38 @@ def threshold_for_budget(p_think: torch.Tensor, budget: float) -> float:
     return float(ordered[thinking - 1])
 
 
-def best_threshold(p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor, tolerance: float = 0.0) -> float:
-    """The highest τ whose Hit@1 (inputs with p_think ≥ τ use their think view) is within `tolerance` of the best.
+def best_threshold(
+    p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor, weights: torch.Tensor, tolerance: float = 0.0
+) -> float:
+    """The highest τ whose score (the `weights`-weighted Hit@1, inputs with p_think ≥ τ using their think
+    view) is within `tolerance` of the best.
 
     With no tolerance, ties go to the higher τ, which thinks less; a tolerance (a share of Hit@1, 0.005 for
-    half a point) trades that much validation Hit@1 for fewer reasoning tokens.
+    half a point) trades that much validation score for fewer reasoning tokens.
     """
     p_think = p_think.float()
     above_all = float(torch.nextafter(p_think.max(), torch.tensor(float("inf"))))
-    points = [(above_all, int(hit_never.sum()))]
+    points = [(above_all, weighted_hit_rate(hit_never, weights))]
     for tau in sorted(set(p_think.tolist()), reverse=True):
-        points.append((tau, int(torch.where(p_think >= tau, hit_think, hit_never).sum())))
-    enough = max(hits for _, hits in points) - tolerance * len(p_think)
-    return next(tau for tau, hits in points if hits >= enough - 1e-9)
+        points.append((tau, weighted_hit_rate(torch.where(p_think >= tau, hit_think, hit_never), weights)))
+    enough = max(score for _, score in points) - tolerance
+    return next(tau for tau, score in points if score >= enough - 1e-9)
+
+
+def weighted_hit_rate(hits: torch.Tensor, weights: torch.Tensor) -> float:
+    return float((hits.double() * weights).sum() / weights.sum())
 
 
 def adaptive_outcome(p_think: torch.Tensor, tau: float, validation: ValidationViews) -> dict:
-    """Think rate, Hit@1 and reasoning tokens per query on validation at τ, beside never and always."""
+    """Think rate, Hit@1 (mean over tasks) and reasoning tokens per query on validation at τ, beside never and always."""
     thinking = p_think.float() >= tau
     count = len(thinking)
     return {
         "queries": count,
         "think_rate": float(thinking.double().mean()),
-        "hit@1_never": float(validation.hit_never.double().mean()),
-        "hit@1_always": float(validation.hit_think.double().mean()),
-        "hit@1_adaptive": float(torch.where(thinking, validation.hit_think, validation.hit_never).double().mean()),
+        "hit@1_never": weighted_hit_rate(validation.hit_never, validation.weights),
+        "hit@1_always": weighted_hit_rate(validation.hit_think, validation.weights),
+        "hit@1_adaptive": weighted_hit_rate(torch.where(thinking, validation.hit_think, validation.hit_never), validation.weights),
         "reasoning_tokens_per_query": float((validation.reasoning_tokens * thinking).sum()) / count,
         "reasoning_tokens_per_query_always": float(validation.reasoning_tokens.sum()) / count,
     }
@@ -582,7 +605,7 @@ def run_train_gate(
     if config.target == "budget":
         tau = threshold_for_budget(p_validation, config.think_budget)
     else:
-        tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, config.best_tolerance)
+        tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, validation.weights, config.best_tolerance)
     model.config.gate_threshold = tau
     if Distributed().is_main:
         _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, fit.history)
