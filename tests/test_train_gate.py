@@ -166,6 +166,14 @@ def test_training_changes_every_gate_parameter_and_nothing_else(make_model, toy_
     assert stopping == summary["auroc"]["stopping_inputs"] > 0 and summary["auroc"]["train_inputs"] == 12 - heldout - stopping
 
 
+def test_validation_weighs_each_query_by_its_task(make_model, toy_dataset_dir):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainGateConfig(**{**SMALL, "validation_queries": 30})
+    validation = train_gate.validation_views(make_model(), dataset, config)
+    tasks = [dataset.queries["validation"][i]["task"] for i in range(len(validation.hit_never))]
+    assert len(set(tasks)) > 1 and torch.equal(validation.weights, task_weights(tasks))
+
+
 def test_think_budget_is_the_quantile_of_validation_p_think(make_model, toy_dataset_dir, tmp_path):
     p_think = torch.rand(1000, generator=torch.Generator().manual_seed(0))
     for budget in (0.0, 0.3, 0.5, 1.0):
@@ -198,8 +206,8 @@ def test_a_tolerance_takes_the_threshold_that_thinks_least_within_it_of_the_best
 
 
 def test_best_threshold_weighs_every_task_alike_as_the_eval_headline_does():
-    # Task "big" has four queries, task "small" one. Below τ = 0.8 thinking turns the small task's hit into a
-    # miss, and below 0.6 two of big's misses into hits: pooled Hit@1 gains (2 hits against 1), the mean over
+    # Task "big" has four queries, task "small" one. At τ ≤ 0.8 thinking turns the small task's hit into a
+    # miss, and at τ ≤ 0.6 two of big's misses into hits: pooled Hit@1 gains (2 hits against 1), the mean over
     # tasks loses (big +0.5, small -1), so only the pooled choice thinks.
     p_think = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     hit_never = torch.tensor([False, True, False, False, False])

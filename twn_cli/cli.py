@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.toyworld.render import PICTURE_SIZE
 
 app = typer.Typer(
     name="twn",
@@ -178,7 +179,7 @@ def prepare(
     trust_remote_code: bool = typer.Option(False, help="Allow a hub teacher to run its own code."),
     n: int = typer.Option(4000, min=10, help="synthetic: number of queries over train/validation/test."),
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
-    image_size: int = typer.Option(84, min=28, help="synthetic: side of the rendered pictures in pixels (84: one image token per grid cell on the toy backbone)."),
+    image_size: int = typer.Option(PICTURE_SIZE, min=28, help="synthetic: side of the rendered pictures in pixels (the default puts one image token of the toy backbone on each grid cell)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
     """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).
@@ -417,7 +418,7 @@ def train_gate(
     save_checkpoint(model, output, stages=model.manifest["stages"] + [record], extra={**stage_results(model.manifest), "gate": summary})
 
     labels, scores, validation = summary["labels"], summary["auroc"], summary["validation"]
-    rule = f"{summary['think_budget']:.0%} think budget" if summary["target"] == "budget" else "best validation Hit@1"
+    rule = f"{summary['think_budget']:.0%} think budget" if summary["target"] == "budget" else "best validation Hit@1, task mean"
     table = Table("", "value", title="train-gate")
     table.add_row("threshold τ", f"{summary['threshold']:.6g} ({rule})")
     table.add_row("labels", f"{labels['inputs']} {labels['split']} inputs, thinking helps {labels['think_helps']} ({labels['think_helps_rate']:.1%}) at δ = {summary['delta']:g}")

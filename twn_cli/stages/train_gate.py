@@ -16,8 +16,8 @@
    picks the epoch to keep (early stopping). A held-out share of the labelled inputs, never trained or
    stopped on, measures its AUROC against their labels.
 3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
-   validation Hit@1 averaged over tasks, the headline `twn eval` reports (each validation query is embedded
-   in both views once; ties go to the higher τ, which thinks less).
+   validation Hit@1 averaged over tasks, `twn eval`'s headline for image and video tasks (each validation
+   query is embedded in both views once; ties go to the higher τ, which thinks less).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two phases, as a real MLLM starts from a pre-trained vision encoder. First the vision tower alone learns to
 name the shape, colour and size of one-shape pictures through a throw-away linear head on its max-pooled
 tokens. Captioning alone reaches the tower through a language model whose attention starts out uniform,
-which averages the object's few tokens into the background's, and the tower then learns shapes very slowly
+which averages the object's tokens into the background's, and the tower then learns shapes very slowly
 (BENCHMARKS.md). Then the language model (and the tower too, if `vision_learning_rate` > 0) trains on a
 stream of captioning, scene questions and world knowledge as text (every fact and every clue phrasing,
 held-out ones included: the knowledge the reasoning adapter must later write out). Every step renders fresh
@@ -131,7 +131,7 @@ def evaluation_pictures(count: int, seed: int) -> list[Scene]:
 class VisionWarmup:
     """The vision tower with a linear head naming shape, colour and size from its max-pooled merged tokens.
 
-    Max pooling lets the few tokens that cover the object carry the answer; a mean over all tokens dilutes
+    Max pooling lets the tokens that cover the object carry the answer; a mean over all tokens dilutes
     them into the background, and the tower then learns shapes barely faster than under captioning.
     """
 
