@@ -456,7 +456,8 @@ class ValidationViews:
 
 def task_weights(tasks: list[str]) -> torch.Tensor:
     """Weights that make a weighted mean of per-query hits the mean over tasks of each task's Hit@1: the
-    MMEB-style score `twn eval` reports, in which a task of 25 queries counts as much as one of 300."""
+    MMEB-style score `twn eval` reports for image and video tasks, in which a task of 25 queries counts as
+    much as one of 300."""
     sizes = Counter(tasks)
     return torch.tensor([1.0 / (len(sizes) * sizes[task]) for task in tasks], dtype=torch.float64)
 
