@@ -15,6 +15,7 @@ from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.model import Sampling
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
@@ -113,7 +114,6 @@ def test_both_views_from_one_prefill_equal_what_embed_gives(make_model, toy_data
 
 
 def test_the_gate_reads_raw_states_once_its_training_standardisation_is_folded_in():
-    from twn_cli.engine.gate import RoutingGate
 
     states = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1, 1, 1, 1, 1, 1, 1, 300.0]) + 5
     mean, scale = states.mean(0), states.std(0)
@@ -125,7 +125,6 @@ def test_the_gate_reads_raw_states_once_its_training_standardisation_is_folded_i
 
 def test_the_gate_keeps_the_epoch_with_the_lowest_loss_on_its_stopping_slice():
     """Noise labels: an MLP learns them by heart, so the loss on unseen labels is lowest early on."""
-    from twn_cli.engine.gate import RoutingGate
 
     generator = torch.Generator().manual_seed(0)
     states, labels = torch.randn(200, 16, generator=generator), torch.rand(200, generator=generator) < 0.5
@@ -158,12 +157,28 @@ def test_training_changes_every_gate_parameter_and_nothing_else(make_model, toy_
     assert model.config.gate_threshold == summary["threshold"]
     assert summary["labels"]["inputs"] == 12 and summary["validation"]["queries"] == 8
     lines = (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and {"label", "margin_never", "margin_think", "cot", "heldout", "stopping"} <= set(json.loads(lines[0]))
+    assert len(lines) == 12 and {"label", "margin_never", "margin_think", "cot", "fold", "p_think_heldout", "stopping"} <= set(json.loads(lines[0]))
     records = [json.loads(line) for line in lines]
-    # Every labelled input is trained on, stops the training, or is held out: one of the three.
-    heldout, stopping = sum(r["heldout"] for r in records), sum(r["stopping"] for r in records)
-    assert not any(r["heldout"] and r["stopping"] for r in records) and heldout == summary["auroc"]["heldout_inputs"]
-    assert stopping == summary["auroc"]["stopping_inputs"] > 0 and summary["auroc"]["train_inputs"] == 12 - heldout - stopping
+    # The shipped gate trains on every label but its stopping slice; every label is held out in one fold.
+    stopping = sum(r["stopping"] for r in records)
+    assert stopping == summary["auroc"]["stopping_inputs"] > 0 and summary["auroc"]["train_inputs"] == 12 - stopping
+    folds = summary["auroc"]["heldout_folds"]
+    assert summary["auroc"]["heldout_inputs"] == 12 and sorted({r["fold"] for r in records}) == list(range(folds)) and folds == TrainGateConfig().heldout_folds
+
+
+def test_heldout_probabilities_come_from_gates_that_never_saw_their_fold():
+    # Labels a gate can learn only by heart: each state's label is random. Out of fold it must guess, so its
+    # AUROC is near chance, while the in-sample AUROC of a gate trained on all is near 1.
+    generator = torch.Generator().manual_seed(0)
+    states, labels = torch.randn(120, 16, generator=generator), torch.rand(120, generator=generator) < 0.5
+    labelled = train_gate.LabelledInputs([str(i) for i in range(120)], states, torch.zeros(120), labels.float(), torch.zeros(120), [""] * 120)
+    config = TrainGateConfig(epochs=300, stopping_fraction=0.0, learning_rate=1e-2, weight_decay=0.0, heldout_folds=4)
+    torch.manual_seed(0)
+    fold_of, p_heldout = train_gate.heldout_probabilities(RoutingGate(16, 64), labelled, labels, config)
+    assert sorted(torch.bincount(fold_of).tolist()) == [30, 30, 30, 30]
+    full = RoutingGate(16, 64)
+    train_gate.fit_gate(full, states, labels, torch.ones(120), config)
+    assert auroc(full(states).detach(), labels) > 0.95 and abs(auroc(p_heldout, labels) - 0.5) < 0.15
 
 
 def test_validation_weighs_each_query_by_its_task(make_model, toy_dataset_dir):

@@ -426,7 +426,7 @@ def train_gate(
     for name, rate in labels.get("think_helps_rate_by_difficulty", {}).items():
         table.add_row(f"  thinking helps, {name}", f"{rate:.1%}")
     heldout = "n/a (one class)" if scores["heldout"] is None else f"{scores['heldout']:.3f}"
-    table.add_row("gate AUROC", f"{heldout} on {scores['heldout_inputs']} held-out labels")
+    table.add_row("gate AUROC", f"{heldout} on {scores['heldout_inputs']} held-out labels ({scores['heldout_folds']}-fold)")
     table.add_row("gate epoch kept", f"{summary['gate_epoch']} (lowest loss on the stopping slice)")
     table.add_row(f"{validation['split']} think rate", f"{validation['think_rate']:.1%} of {validation['queries']} queries")
     table.add_row(

@@ -13,8 +13,10 @@
    BCE (optionally weighted by the size of the margin change): no backbone pass, and only the gate's
    parameters change. Labels are noisy (most CoTs move the margin a little either way), and an MLP on a
    few thousand states learns them by heart within tens of epochs, so a slice of its training labels
-   picks the epoch to keep (early stopping). A held-out share of the labelled inputs, never trained or
-   stopped on, measures its AUROC against their labels.
+   picks the epoch to keep (early stopping). Its AUROC against labels it never saw is estimated by k-fold
+   cross-validation: the labels are split in k folds, each scored by a gate trained the same way on the
+   others; the gate that ships is then trained on every label. One held-out share would waste labels and,
+   on a few hundred, swing by ±0.1 with the draw.
 3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
    validation Hit@1 averaged over tasks, `twn eval`'s headline for image and video tasks (each validation
    query is embedded in both views once; ties go to the higher τ, which thinks less).
@@ -22,6 +24,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -74,7 +77,7 @@ class TrainGateConfig:
     weight_decay: float = 0.01
     margin_weighting: bool = False
     stopping_fraction: float = 0.2  # of the gate's training labels: the epoch with the lowest loss on them is kept
-    heldout_fraction: float = 0.2
+    heldout_folds: int = 5  # the held-out AUROC: each fold scored by a gate trained on the others
     # The threshold.
     target: str = "best"
     think_budget: float = 0.5
@@ -90,9 +93,10 @@ class TrainGateConfig:
             raise TWNError(f"target must be 'best' or 'budget', not '{self.target}'")
         if not 0.0 <= self.think_budget <= 1.0:
             raise TWNError(f"think_budget is a share of inputs, between 0 and 1, not {self.think_budget}")
-        for name in ("heldout_fraction", "stopping_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise TWNError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+        if not 0.0 <= self.stopping_fraction < 1.0:
+            raise TWNError(f"stopping_fraction must be in [0, 1), not {self.stopping_fraction}")
+        if self.heldout_folds < 2:
+            raise TWNError(f"heldout_folds must be at least 2 (each fold is scored by a gate trained on the others), not {self.heldout_folds}")
         if self.label_batch_size < 2:
             raise TWNError("label_batch_size must be at least 2: the batch's other targets are the negatives")
         if min(self.label_queries, self.validation_queries, self.epochs, self.batch_size, self.log_every) < 1 or self.hard_negatives < 0:
@@ -436,6 +440,22 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     return GateFit([{**entry, "kept": entry["epoch"] == best_epoch} for entry in logged], stopping.cpu())
 
 
+def heldout_probabilities(gate: RoutingGate, labelled: LabelledInputs, labels: torch.Tensor, config: TrainGateConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains on the other folds)."""
+    count = len(labels)
+    folds = min(config.heldout_folds, count)
+    fold_of = torch.empty(count, dtype=torch.int64)
+    fold_of[torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + 1))] = torch.arange(count) % folds
+    p_think = torch.empty(count)
+    for fold in range(folds):
+        scored, trained = (fold_of == fold).nonzero().flatten(), (fold_of != fold).nonzero().flatten()
+        fold_gate = copy.deepcopy(gate)
+        weights = sample_weights(labels[trained], labelled.margin_change[trained], config.margin_weighting)
+        fit_gate(fold_gate, labelled.features[trained], labels[trained], weights, config)
+        p_think[scored] = gate_probabilities(fold_gate, labelled.features[scored])
+    return fold_of, p_think
+
+
 @torch.no_grad()
 def gate_probabilities(gate: RoutingGate, features: torch.Tensor) -> torch.Tensor:
     return gate(features.to(next(gate.parameters()).device)).cpu()
@@ -593,13 +613,13 @@ def run_train_gate(
     labels = labelled.labels(config.delta)
     if labels.all() or not labels.any():
         log.warning("all %d labels are %s: the gate can only learn one answer", len(labels), "'think'" if labels.all() else "'do not think'")
-    heldout, fitted = seeded_split(len(rows), config.heldout_fraction, torch.Generator().manual_seed(config.seed + 1))
-    progress("gate", 0, 1)
-    weights = sample_weights(labels[fitted], labelled.margin_change[fitted], config.margin_weighting)
-    fit = fit_gate(model.gate, labelled.features[fitted], labels[fitted], weights, config)
-    stopping = fitted[fit.stopping_rows]
-    trained = fitted[~torch.isin(torch.arange(len(fitted)), fit.stopping_rows)]
-    progress("gate", 1, 1)
+    progress("gate", 0, 2)
+    fold_of, p_heldout = heldout_probabilities(model.gate, labelled, labels, config)
+    progress("gate", 1, 2)
+    fit = fit_gate(model.gate, labelled.features, labels, sample_weights(labels, labelled.margin_change, config.margin_weighting), config)
+    stopping = fit.stopping_rows
+    trained = torch.arange(len(labels))[~torch.isin(torch.arange(len(labels)), stopping)]
+    progress("gate", 2, 2)
     p_labelled = gate_probabilities(model.gate, labelled.features)
     p_validation = gate_probabilities(model.gate, validation.features)
 
@@ -609,7 +629,7 @@ def run_train_gate(
         tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, validation.weights, config.best_tolerance)
     model.config.gate_threshold = tau
     if Distributed().is_main:
-        _write_logs(train_dir, rows, labelled, labels, set(heldout.tolist()), set(stopping.tolist()), p_labelled, fit.history)
+        _write_logs(train_dir, rows, labelled, labels, fold_of, p_heldout, set(stopping.tolist()), p_labelled, fit.history)
     return {
         "threshold": tau,
         "target": config.target,
@@ -619,8 +639,9 @@ def run_train_gate(
         "labels": label_statistics(rows, labelled, labels, config),
         "negatives_cache": {"entries": len(negatives.ids), "sha256": negatives.digest()} if negatives is not None else None,
         "auroc": {
-            "heldout": auroc(p_labelled[heldout], labels[heldout]),
-            "heldout_inputs": len(heldout),
+            "heldout": auroc(p_heldout, labels),
+            "heldout_inputs": len(labels),
+            "heldout_folds": int(fold_of.max()) + 1,
             "train": auroc(p_labelled[trained], labels[trained]),
             "train_inputs": len(trained),
             "stopping": auroc(p_labelled[stopping], labels[stopping]),
@@ -651,7 +672,7 @@ def label_statistics(rows: list[dict], labelled: LabelledInputs, labels: torch.T
     return statistics
 
 
-def _write_logs(train_dir, rows, labelled, labels, heldout, stopping, p_think, history) -> None:
+def _write_logs(train_dir, rows, labelled, labels, fold_of, p_heldout, stopping, p_think, history) -> None:
     """RUN/train/gate-labels.jsonl (every labelled input) and gate-metrics.jsonl, each written atomically."""
     records = [
         {
@@ -663,7 +684,8 @@ def _write_logs(train_dir, rows, labelled, labels, heldout, stopping, p_think, h
             "margin_think": float(labelled.margin_think[i]),
             "reasoning_tokens": int(labelled.reasoning_tokens[i]),
             "cot": labelled.cots[i],
-            "heldout": i in heldout,
+            "fold": int(fold_of[i]),
+            "p_think_heldout": float(p_heldout[i]),
             "stopping": i in stopping,
             "p_think": float(p_think[i]),
         }
