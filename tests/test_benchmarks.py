@@ -79,3 +79,26 @@ def test_gpu_benchmark_tiny_mode_runs_on_the_cpu(scripts, toy_backbone_dir, tmp_
     for section in ("card", "build", "prefill", "decode_dynamic", "embed", "train_embed", "decode_static_compiled"):
         assert any(name.endswith(section) for name in figures["sections"]), section
     assert json.loads((tmp_path / "gpu.json").read_text())["sections"].keys() == figures["sections"].keys()
+
+
+def test_gate_labels_scores_a_train_gate_runs_labels_without_a_model(scripts, make_model, toy_dataset_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from twn_cli.cli import app
+    from twn_cli.engine.checkpoint import save_checkpoint
+
+    start = save_checkpoint(make_model(), tmp_path / "embed", stages=[{"stage": "train-embed"}])
+    settings = {"label_queries": 24, "label_batch_size": 6, "max_think_tokens": 4, "epochs": 10, "validation_queries": 6, "delta": 0.0}
+    result = CliRunner().invoke(app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "gate")]
+                                + [f"--set={key}={value}" for key, value in settings.items()])
+    assert result.exit_code == 0, result.stderr
+
+    figures = scripts("gate_labels").main([str(tmp_path / "gate"), "--deltas", "0", "1", "--folds", "3", "-o", str(tmp_path / "labels.json")])
+    logged = [json.loads(line) for line in (tmp_path / "gate" / "train" / "gate-labels.jsonl").read_text().splitlines()]
+    at_zero, at_one = figures["auroc_by_delta"]["0"], figures["auroc_by_delta"]["1"]
+    assert figures["inputs"] == len(logged) == 24
+    assert at_zero["think_rate"] == round(sum(record["label"] for record in logged) / 24, 4)  # the run's own δ, 0
+    assert at_one["think_rate"] == 0 and at_one["gate"] is None  # a cosine margin never rises by 1: one class, no AUROC
+    assert {"gate", "gate_on_0.25_of_labels", "gate_on_0.5_of_labels", "task_rate", "task_difficulty_rate"} <= set(at_zero)
+    assert all(0 <= at_zero[name] <= 1 for name in at_zero)
+    assert json.loads((tmp_path / "labels.json").read_text())["auroc_by_delta"] == figures["auroc_by_delta"]

@@ -368,7 +368,7 @@ def train_gate(
     labels only what is missing. The gate (an MLP on the prefill's last prompt state) trains on those
     labels with a class-weighted BCE; only its parameters change. τ is chosen on the validation split, for
     a think budget (--think-budget F) or the best Hit@1 averaged over tasks (--target best), and stored with the label
-    statistics, the gate's AUROC on held-out labels and the think rate in twn.json. Under torchrun /
+    statistics, the gate's cross-validated AUROC and the think rate in twn.json. Under torchrun /
     accelerate launch the processes share the labelling and validation batches. Prints the checkpoint.
     Usage: twn train-gate DATA --checkpoint RUN -o RUN2 [--think-budget F | --target best].
     """
