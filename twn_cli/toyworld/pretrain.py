@@ -1,15 +1,17 @@
 """Pre-training the toy backbone on the toy world, so that it is a small but genuine MLLM before TWN freezes it.
 
 Two phases, as a real MLLM starts from a pre-trained vision encoder. First the vision tower alone learns to
-name the shape, colour and size of one-shape pictures through a throw-away linear head on its max-pooled
-tokens. Captioning alone reaches the tower through a language model whose attention starts out uniform,
-which averages the object's tokens into the background's, and the tower then learns shapes very slowly
-(BENCHMARKS.md). Then the language model (and the tower too, if `vision_learning_rate` > 0) trains on a
+name the shape, colour, size and position of one-shape pictures through a throw-away linear head on its
+max-pooled tokens. Captioning alone reaches the tower through a language model whose attention starts out
+uniform, which averages the object's tokens into the background's, and the tower then learns shapes very
+slowly (BENCHMARKS.md). Position must be in the tower's features too: the language model cannot tell image
+tokens apart by place, since M-RoPE gives height and width the lowest rotary frequencies of the toy's small
+heads (at most 0.01 and 0.001 radians per row and column), which hardly turn over a 3x3 grid. Then the language model (and the tower too, if `vision_learning_rate` > 0) trains on a
 stream of captioning, scene questions and world knowledge as text (every fact and every clue phrasing,
 held-out ones included: the knowledge the reasoning adapter must later write out). Every step renders fresh
 pictures: a tiny vision tower memorises fixed renders but generalises from fresh ones. The report measures
 what the backbone learned on pictures it never saw: caption loss before and after, and how often its greedy
-caption of a one-shape picture names the right shape and colour; and what it knows as text: how often its
+caption of a one-shape picture names the right shape, colour and position; and what it knows as text: how often its
 greedy explanation of a reference by one or two clues is exactly right.
 """
 
@@ -27,7 +29,7 @@ from twn_cli.engine.backbone import load_backbone
 from twn_cli.training import warmup_cosine
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
-from twn_cli.toyworld.world import PretrainingExample, describe_scene, explanation_examples, pretraining_examples
+from twn_cli.toyworld.world import POSITION_PHRASES, PretrainingExample, describe_scene, explanation_examples, pretraining_examples
 
 CAPTION_PROMPT = "describe the picture."
 
@@ -36,7 +38,7 @@ CAPTION_PROMPT = "describe the picture."
 class PretrainSettings:
     """Knobs of toy-backbone pre-training; the defaults are recipes/toy/pretrain.yaml's."""
 
-    vision_warmup_steps: int = 600
+    vision_warmup_steps: int = 900
     vision_warmup_batch_size: int = 64
     steps: int = 1100
     batch_size: int = 32
@@ -67,10 +69,13 @@ class PretrainReport:
     shape_accuracy_after: float
     colour_accuracy_before: float
     colour_accuracy_after: float
+    position_accuracy_before: float
+    position_accuracy_after: float
     explanation_accuracy_before: dict[str, float]
     explanation_accuracy_after: dict[str, float]
     shape_chance: float
     colour_chance: float
+    position_chance: float
 
 
 class ExampleBatcher:
@@ -129,13 +134,13 @@ def evaluation_pictures(count: int, seed: int) -> list[Scene]:
 
 
 class VisionWarmup:
-    """The vision tower with a linear head naming shape, colour and size from its max-pooled merged tokens.
+    """The vision tower with a linear head naming shape, colour, size and position from its max-pooled merged tokens.
 
     Max pooling lets the tokens that cover the object carry the answer; a mean over all tokens dilutes
     them into the background, and the tower then learns shapes barely faster than under captioning.
     """
 
-    ATTRIBUTES = (list(SHAPES), list(COLOURS), list(SIZES))
+    ATTRIBUTES = (list(SHAPES), list(COLOURS), list(SIZES), list(POSITIONS))
 
     def __init__(self, model, image_processor, image_size: int):
         self.visual = model.model.visual
@@ -153,11 +158,12 @@ class VisionWarmup:
     @staticmethod
     def targets(scenes: list[Scene]) -> list[torch.Tensor]:
         objects = [scene.objects[0] for scene in scenes]
-        shape, colour, size = VisionWarmup.ATTRIBUTES
+        shape, colour, size, position = VisionWarmup.ATTRIBUTES
         return [
             torch.tensor([shape.index(o.shape) for o in objects]),
             torch.tensor([colour.index(o.colour) for o in objects]),
             torch.tensor([size.index(o.size) for o in objects]),
+            torch.tensor([position.index(o.position) for o in objects]),
         ]
 
     def loss(self, scenes: list[Scene], rng: random.Random) -> torch.Tensor:
@@ -191,9 +197,9 @@ def warm_up_vision(model, processor, settings: PretrainSettings, on_step: Callab
 
 @torch.no_grad()
 def measure(model, batcher: ExampleBatcher, scenes: list[Scene], batch_size: int) -> dict[str, float]:
-    """Caption loss and shape/colour naming accuracy of greedy captions, on `scenes` rendered freshly."""
+    """Caption loss and how often greedy captions name the shape, colour and position, on `scenes` rendered freshly."""
     model.eval()
-    losses, shapes_right, colours_right = [], 0, 0
+    losses, shapes_right, colours_right, positions_right = [], 0, 0, 0
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         examples = [PretrainingExample(scene, CAPTION_PROMPT, describe_scene(scene)) for scene in chunk]
@@ -203,11 +209,13 @@ def measure(model, batcher: ExampleBatcher, scenes: list[Scene], batch_size: int
             words = caption.split()
             shapes_right += scene.objects[0].shape in words
             colours_right += scene.objects[0].colour in words
+            positions_right += POSITION_PHRASES[scene.objects[0].position] in caption
     model.train()
     return {
         "caption_loss": sum(losses) / len(scenes),
         "shape_accuracy": shapes_right / len(scenes),
         "colour_accuracy": colours_right / len(scenes),
+        "position_accuracy": positions_right / len(scenes),
     }
 
 
@@ -285,10 +293,13 @@ def pretrain_toy_backbone(
         shape_accuracy_after=after["shape_accuracy"],
         colour_accuracy_before=before["colour_accuracy"],
         colour_accuracy_after=after["colour_accuracy"],
+        position_accuracy_before=before["position_accuracy"],
+        position_accuracy_after=after["position_accuracy"],
         explanation_accuracy_before=explained_before,
         explanation_accuracy_after=explained_after,
         shape_chance=1 / len(SHAPES),
         colour_chance=1 / len(COLOURS),
+        position_chance=1 / len(POSITIONS),
     )
     # Recorded in the config, so the pre-trained backbone's fingerprint differs from the random one's.
     model.config.twn_toy_backbone = {
