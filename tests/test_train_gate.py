@@ -181,6 +181,12 @@ def test_heldout_probabilities_come_from_gates_that_never_saw_their_fold():
     assert auroc(full(states).detach(), labels) > 0.95 and abs(auroc(p_heldout, labels) - 0.5) < 0.15
 
 
+def test_tau_is_chosen_on_held_out_p_think_where_the_gate_trained_on_validation():
+    p_validation = torch.tensor([0.9, 0.8, 0.1])
+    chosen_on = train_gate.choosing_probabilities(p_validation, ["a", "b", "c"], ["b", "x"], torch.tensor([0.2, 0.7]))
+    assert chosen_on.tolist() == pytest.approx([0.9, 0.2, 0.1])  # only b was labelled (and so trained on)
+
+
 def test_validation_weighs_each_query_by_its_task(make_model, toy_dataset_dir):
     dataset = load_prepared(toy_dataset_dir)
     config = TrainGateConfig(**{**SMALL, "validation_queries": 30})

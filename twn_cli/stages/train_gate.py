@@ -19,7 +19,8 @@
    on a few hundred, swing by ±0.1 with the draw.
 3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
    validation Hit@1 averaged over tasks, `twn eval`'s headline for image and video tasks (each validation
-   query is embedded in both views once; ties go to the higher τ, which thinks less).
+   query is embedded in both views once; ties go to the higher τ, which thinks less). A validation input
+   that was also labelled counts with its held-out p_think, from the fold's gate that never saw it.
 """
 
 from __future__ import annotations
@@ -462,11 +463,22 @@ def gate_probabilities(gate: RoutingGate, features: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------- the threshold
+def choosing_probabilities(p_validation: torch.Tensor, validation_ids: list[str], labelled_ids: list[str], p_heldout: torch.Tensor) -> torch.Tensor:
+    """The p_think that τ is chosen on: a validation input the gate trained on carries its held-out p_think instead.
+
+    On inputs it learnt from, the gate ranks where thinking helped better than it will on new inputs, so a
+    τ chosen on them thinks where it happened to pay there (the toy recipe labels the validation split).
+    """
+    heldout = dict(zip(labelled_ids, p_heldout.tolist()))
+    return torch.tensor([heldout.get(input_id, float(p)) for input_id, p in zip(validation_ids, p_validation)])
+
+
 @dataclass
 class ValidationViews:
     """Each validation query's gate input, whether each view ranks a gold first, its CoT length, and its
     weight in the validation score."""
 
+    ids: list[str]
     features: torch.Tensor
     hit_never: torch.Tensor
     hit_think: torch.Tensor
@@ -532,6 +544,7 @@ def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGat
         hit_think += think
         progress("validation", len(hit_never), len(rows))
     return ValidationViews(
+        [row["id"] for row in rows],
         torch.cat(features),
         torch.tensor(hit_never),
         torch.tensor(hit_think),
@@ -621,7 +634,7 @@ def run_train_gate(
     trained = torch.arange(len(labels))[~torch.isin(torch.arange(len(labels)), stopping)]
     progress("gate", 2, 2)
     p_labelled = gate_probabilities(model.gate, labelled.features)
-    p_validation = gate_probabilities(model.gate, validation.features)
+    p_validation = choosing_probabilities(gate_probabilities(model.gate, validation.features), validation.ids, labelled.ids, p_heldout)
 
     if config.target == "budget":
         tau = threshold_for_budget(p_validation, config.think_budget)
