@@ -93,11 +93,13 @@ def test_gate_labels_scores_a_train_gate_runs_labels_without_a_model(scripts, ma
                                 + [f"--set={key}={value}" for key, value in settings.items()])
     assert result.exit_code == 0, result.stderr
 
-    figures = scripts("gate_labels").main([str(tmp_path / "gate"), "--deltas", "0", "1", "--folds", "3", "-o", str(tmp_path / "labels.json")])
+    figures = scripts("gate_labels").main([str(tmp_path / "gate"), "--deltas", "0", "1", "-o", str(tmp_path / "labels.json")])
     logged = [json.loads(line) for line in (tmp_path / "gate" / "train" / "gate-labels.jsonl").read_text().splitlines()]
     at_zero, at_one = figures["auroc_by_delta"]["0"], figures["auroc_by_delta"]["1"]
     assert figures["inputs"] == len(logged) == 24
     assert at_zero["think_rate"] == round(sum(record["label"] for record in logged) / 24, 4)  # the run's own δ, 0
+    manifest = json.loads((tmp_path / "gate" / "twn.json").read_text())
+    assert at_zero["gate"] == manifest["gate"]["auroc"]["heldout"]  # train-gate's own estimate, recomputed
     assert at_one["think_rate"] == 0 and at_one["gate"] is None  # a cosine margin never rises by 1: one class, no AUROC
     assert {"gate", "gate_on_0.25_of_labels", "gate_on_0.5_of_labels", "task_rate", "task_difficulty_rate"} <= set(at_zero)
     assert all(0 <= at_zero[name] <= 1 for name in at_zero)

@@ -114,7 +114,6 @@ def test_both_views_from_one_prefill_equal_what_embed_gives(make_model, toy_data
 
 
 def test_the_gate_reads_raw_states_once_its_training_standardisation_is_folded_in():
-
     states = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1, 1, 1, 1, 1, 1, 1, 300.0]) + 5
     mean, scale = states.mean(0), states.std(0)
     gate = RoutingGate(8, 4)
@@ -171,14 +170,26 @@ def test_heldout_probabilities_come_from_gates_that_never_saw_their_fold():
     # AUROC is near chance, while the in-sample AUROC of a gate trained on all is near 1.
     generator = torch.Generator().manual_seed(0)
     states, labels = torch.randn(120, 16, generator=generator), torch.rand(120, generator=generator) < 0.5
-    labelled = train_gate.LabelledInputs([str(i) for i in range(120)], states, torch.zeros(120), labels.float(), torch.zeros(120), [""] * 120)
     config = TrainGateConfig(epochs=300, stopping_fraction=0.0, learning_rate=1e-2, weight_decay=0.0, heldout_folds=4)
     torch.manual_seed(0)
-    fold_of, p_heldout = train_gate.heldout_probabilities(RoutingGate(16, 64), labelled, labels, config)
-    assert sorted(torch.bincount(fold_of).tolist()) == [30, 30, 30, 30]
+    fold_of, p_heldout = train_gate.heldout_probabilities(RoutingGate(16, 64), states, labels, labels.float(), config)
+    assert torch.bincount(fold_of).tolist() == [30, 30, 30, 30]
+    thinking = torch.bincount(fold_of[labels]).tolist()  # every fold holds its share of each class
+    assert max(thinking) - min(thinking) <= 1
     full = RoutingGate(16, 64)
     train_gate.fit_gate(full, states, labels, torch.ones(120), config)
     assert auroc(full(states).detach(), labels) > 0.95 and abs(auroc(p_heldout, labels) - 0.5) < 0.15
+
+
+def test_a_reset_gate_is_the_fresh_gate_of_its_seed():
+    trained = RoutingGate(16, 8)
+    torch.nn.init.constant_(trained.mlp[0].weight, 3.0)
+    trained.reset(7)
+    torch.manual_seed(123)  # the reset does not depend on (or move) the global generator
+    again = RoutingGate(16, 8)
+    again.reset(7)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(trained.mlp[0].weight, torch.full_like(trained.mlp[0].weight, 3.0))
 
 
 def test_tau_is_chosen_on_held_out_p_think_where_the_gate_trained_on_validation():

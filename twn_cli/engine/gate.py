@@ -20,6 +20,14 @@ class RoutingGate(nn.Module):
         return torch.sigmoid(self.logits(last_prompt_state))
 
     @torch.no_grad()
+    def reset(self, seed: int) -> None:
+        """Start afresh from `seed`, as a new gate would, whatever this one learnt before (on any device)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = RoutingGate(self.mlp[0].in_features, self.mlp[0].out_features)
+        self.load_state_dict(fresh.state_dict())
+
+    @torch.no_grad()
     def absorb_input_scaling(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
         """Make a gate trained on (h - mean) / scale read h itself: fold the standardisation into layer one."""
         first = self.mlp[0]

@@ -15,8 +15,9 @@
    few thousand states learns them by heart within tens of epochs, so a slice of its training labels
    picks the epoch to keep (early stopping). Its AUROC against labels it never saw is estimated by k-fold
    cross-validation: the labels are split in k folds, each scored by a gate trained the same way on the
-   others; the gate that ships is then trained on every label. One held-out share would waste labels and,
-   on a few hundred, swing by ±0.1 with the draw.
+   others; the gate that ships then trains on every label (a slice of them picking its epoch). One
+   held-out share would waste labels and, on a few hundred, swing by ±0.1 with the draw. Every gate
+   starts from a fresh, seeded initialisation, so one trained before cannot leak the folds.
 3. τ, on the validation split: the (1 - F) quantile of p_think for a think budget F, or the τ with the best
    validation Hit@1 averaged over tasks, `twn eval`'s headline for image and video tasks (each validation
    query is embedded in both views once; ties go to the higher τ, which thinks less). A validation input
@@ -441,19 +442,27 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     return GateFit([{**entry, "kept": entry["epoch"] == best_epoch} for entry in logged], stopping.cpu())
 
 
-def heldout_probabilities(gate: RoutingGate, labelled: LabelledInputs, labels: torch.Tensor, config: TrainGateConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains on the other folds)."""
-    count = len(labels)
-    folds = min(config.heldout_folds, count)
-    fold_of = torch.empty(count, dtype=torch.int64)
-    fold_of[torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + 1))] = torch.arange(count) % folds
-    p_think = torch.empty(count)
-    for fold in range(folds):
+def assign_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Each input's fold, 0 to folds - 1: a seeded shuffle dealt out in turn, 'think' labels first, so that
+    every fold holds its share of each class."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = torch.cat([order[labels[order]], order[~labels[order]]])
+    fold_of = torch.empty(len(labels), dtype=torch.int64)
+    fold_of[order] = torch.arange(len(labels)) % folds
+    return fold_of
+
+
+def heldout_probabilities(
+    gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor, config: TrainGateConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains, on the other folds)."""
+    fold_of = assign_folds(labels, min(config.heldout_folds, len(labels)), config.seed + 1)
+    p_think = torch.empty(len(labels))
+    for fold in fold_of.unique().tolist():
         scored, trained = (fold_of == fold).nonzero().flatten(), (fold_of != fold).nonzero().flatten()
         fold_gate = copy.deepcopy(gate)
-        weights = sample_weights(labels[trained], labelled.margin_change[trained], config.margin_weighting)
-        fit_gate(fold_gate, labelled.features[trained], labels[trained], weights, config)
-        p_think[scored] = gate_probabilities(fold_gate, labelled.features[scored])
+        fit_gate(fold_gate, features[trained], labels[trained], sample_weights(labels[trained], margin_change[trained], config.margin_weighting), config)
+        p_think[scored] = gate_probabilities(fold_gate, features[scored])
     return fold_of, p_think
 
 
@@ -627,11 +636,12 @@ def run_train_gate(
     if labels.all() or not labels.any():
         log.warning("all %d labels are %s: the gate can only learn one answer", len(labels), "'think'" if labels.all() else "'do not think'")
     progress("gate", 0, 2)
-    fold_of, p_heldout = heldout_probabilities(model.gate, labelled, labels, config)
+    model.gate.reset(config.seed)  # a gate trained before (a train-rl checkpoint's) has seen every fold
+    fold_of, p_heldout = heldout_probabilities(model.gate, labelled.features, labels, labelled.margin_change, config)
     progress("gate", 1, 2)
     fit = fit_gate(model.gate, labelled.features, labels, sample_weights(labels, labelled.margin_change, config.margin_weighting), config)
     stopping = fit.stopping_rows
-    trained = torch.arange(len(labels))[~torch.isin(torch.arange(len(labels)), stopping)]
+    trained = (~torch.isin(torch.arange(len(labels)), stopping)).nonzero().flatten()
     progress("gate", 2, 2)
     p_labelled = gate_probabilities(model.gate, labelled.features)
     p_validation = choosing_probabilities(gate_probabilities(model.gate, validation.features), validation.ids, labelled.ids, p_heldout)
@@ -654,7 +664,7 @@ def run_train_gate(
         "auroc": {
             "heldout": auroc(p_heldout, labels),
             "heldout_inputs": len(labels),
-            "heldout_folds": int(fold_of.max()) + 1,
+            "heldout_folds": len(fold_of.unique()),
             "train": auroc(p_labelled[trained], labels[trained]),
             "train_inputs": len(trained),
             "stopping": auroc(p_labelled[stopping], labels[stopping]),
