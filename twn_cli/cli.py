@@ -124,7 +124,7 @@ def toy_backbone(
 
     It has a real backbone's architecture and file layout, so every command loads it like
     Qwen/Qwen2-VL-2B-Instruct (`--backbone DIR`), with no download. With --pretrain it is first pre-trained
-    on the toy world (a few minutes on 2 CPU cores), and the caption loss and shape/colour naming accuracy
+    on the toy world (a few minutes on 2 CPU cores), and the caption loss and shape, colour and position naming accuracy
     on unseen pictures, before and after, are printed. Written atomically. Prints the directory written.
     """
     _setup_logging(verbose)

@@ -6,12 +6,13 @@ max-pooled tokens. Captioning alone reaches the tower through a language model w
 uniform, which averages the object's tokens into the background's, and the tower then learns shapes very
 slowly (BENCHMARKS.md). Position must be in the tower's features too: the language model cannot tell image
 tokens apart by place, since M-RoPE gives height and width the lowest rotary frequencies of the toy's small
-heads (at most 0.01 and 0.001 radians per row and column), which hardly turn over a 3x3 grid. Then the language model (and the tower too, if `vision_learning_rate` > 0) trains on a
-stream of captioning, scene questions and world knowledge as text (every fact and every clue phrasing,
-held-out ones included: the knowledge the reasoning adapter must later write out). Every step renders fresh
-pictures: a tiny vision tower memorises fixed renders but generalises from fresh ones. The report measures
-what the backbone learned on pictures it never saw: caption loss before and after, and how often its greedy
-caption of a one-shape picture names the right shape, colour and position; and what it knows as text: how often its
+heads (at most 0.01 and 0.001 radians per row and column), which hardly turn over a 3x3 grid. Then the
+language model (and the tower too, if `vision_learning_rate` > 0) trains on a stream of captioning, scene
+questions and world knowledge as text (every fact and every clue phrasing, held-out ones included: the
+knowledge the reasoning adapter must later write out). Every step renders fresh pictures: a tiny vision
+tower memorises fixed renders but generalises from fresh ones. The report measures what the backbone
+learned on pictures it never saw: caption loss before and after, and how often its greedy caption of a
+one-shape picture names the right shape, colour and position; and what it knows as text: how often its
 greedy explanation of a reference by one or two clues is exactly right.
 """
 
