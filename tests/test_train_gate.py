@@ -198,6 +198,16 @@ def test_tau_is_chosen_on_held_out_p_think_where_the_gate_trained_on_validation(
     assert chosen_on.tolist() == pytest.approx([0.9, 0.2, 0.1])  # only b was labelled (and so trained on)
 
 
+def test_tau_comes_from_the_held_out_p_think_of_labelled_validation_inputs(make_model, toy_dataset_dir, tmp_path):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainGateConfig(**{**SMALL, "split": "validation", "label_queries": 1000, "target": "budget", "think_budget": 0.5})
+    summary = run_train_gate(make_model(), dataset, tmp_path / "run", config)
+    logged = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines())}
+    chosen_on = torch.tensor([logged[dataset.queries["validation"][i]["id"]]["p_think_heldout"] for i in range(config.validation_queries)])
+    assert summary["threshold"] == threshold_for_budget(chosen_on, 0.5)
+    assert any(r["p_think_heldout"] != r["p_think"] for r in logged.values())  # the shipped gate's p would differ
+
+
 def test_validation_weighs_each_query_by_its_task(make_model, toy_dataset_dir):
     dataset = load_prepared(toy_dataset_dir)
     config = TrainGateConfig(**{**SMALL, "validation_queries": 30})
