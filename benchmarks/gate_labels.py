@@ -35,10 +35,10 @@ from twn_cli.stages.train_gate import (
     LABELS_DIR,
     LABELS_LOG,
     TrainGateConfig,
-    assign_folds,
     fit_gate,
     gate_probabilities,
     heldout_probabilities,
+    out_of_fold_scores,
     sample_weights,
 )
 from twn_cli.training import TRAIN_DIR
@@ -82,11 +82,7 @@ def fresh_gate(input_size: int, hidden_size: int, config: TrainGateConfig) -> Ro
 
 def heldout_auroc(predict: Predictor, labels: torch.Tensor, folds: int, seed: int) -> float | None:
     """AUROC of `predict`'s scores, each fold's from a fit on the other folds (train-gate's folds)."""
-    fold_of = assign_folds(labels, folds, seed)
-    scores = torch.empty(len(labels))
-    for fold in range(folds):
-        scored, trained = (fold_of == fold).nonzero().flatten(), (fold_of != fold).nonzero().flatten()
-        scores[scored] = predict(trained, scored, labels)
+    _, scores = out_of_fold_scores(labels, folds, seed, lambda trained, scored: predict(trained, scored, labels))
     return auroc(scores, labels)
 
 

@@ -452,18 +452,29 @@ def assign_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
     return fold_of
 
 
+def out_of_fold_scores(
+    labels: torch.Tensor, folds: int, seed: int, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each input's fold, its score from `score(trained rows, scored rows)` fitted on the other folds)."""
+    fold_of = assign_folds(labels, folds, seed)
+    scores = torch.empty(len(labels))
+    for fold in range(folds):
+        scored, trained = (fold_of == fold).nonzero().flatten(), (fold_of != fold).nonzero().flatten()
+        scores[scored] = score(trained, scored)
+    return fold_of, scores
+
+
 def heldout_probabilities(
     gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor, config: TrainGateConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains, on the other folds)."""
-    fold_of = assign_folds(labels, min(config.heldout_folds, len(labels)), config.seed + 1)
-    p_think = torch.empty(len(labels))
-    for fold in fold_of.unique().tolist():
-        scored, trained = (fold_of == fold).nonzero().flatten(), (fold_of != fold).nonzero().flatten()
+
+    def score(trained: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         fold_gate = copy.deepcopy(gate)
         fit_gate(fold_gate, features[trained], labels[trained], sample_weights(labels[trained], margin_change[trained], config.margin_weighting), config)
-        p_think[scored] = gate_probabilities(fold_gate, features[scored])
-    return fold_of, p_think
+        return gate_probabilities(fold_gate, features[scored])
+
+    return out_of_fold_scores(labels, min(config.heldout_folds, len(labels)), config.seed + 1, score)
 
 
 @torch.no_grad()
