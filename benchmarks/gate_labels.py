@@ -52,9 +52,11 @@ Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def read_run(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict], TrainGateConfig, int]:
     """(the cached features and margins of the logged inputs, in the log's order; the log's records; the run's
     train-gate settings; the gate's hidden size)."""
+    labels_log = run_dir / TRAIN_DIR / LABELS_LOG
+    if not (run_dir / "twn.json").is_file():
+        raise SystemExit(f"{run_dir}: not a TWN checkpoint (no twn.json)")
     manifest = json.loads((run_dir / "twn.json").read_text())
     stage = next((stage for stage in reversed(manifest["stages"]) if stage["stage"] == "train-gate"), None)
-    labels_log = run_dir / TRAIN_DIR / LABELS_LOG
     if stage is None or not labels_log.is_file():
         raise SystemExit(f"{run_dir}: not a checkpoint written by twn train-gate (no train-gate stage, or no {TRAIN_DIR}/{LABELS_LOG})")
     known = {field.name for field in fields(TrainGateConfig)}
