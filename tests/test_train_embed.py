@@ -48,6 +48,20 @@ def assert_same_gradients(expected_trainer: EmbedTrainer, actual_trainer: EmbedT
         assert torch.allclose(expected[name], actual[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_copies_of_a_positive_under_other_ids_are_no_negatives(toy_dataset_dir):
+    dataset = load_prepared(toy_dataset_dir)
+    data = TrainingData(dataset, "train", hard_negatives=2, seed=0)
+    index = next(i for i, row in enumerate(data.rows) if row["task"].startswith("classification"))
+    row = data.rows[index]
+    (example,) = data.examples([index], step=0)
+    copies = example.positive_ids - set(row["positive_ids"])
+    content = lambda candidate_id: {k: dataset.candidates[data.candidate_index[candidate_id]][k] for k in ("instruction", "text", "images")}
+    assert copies and all(content(copy) == content(row["positive_ids"][0]) for copy in copies)
+    assert not copies & set(example.negative_ids)
+    picture_query = next(row for row in data.rows if row["task"] == "t2i")  # every picture is rendered afresh
+    assert dataset.with_copies(picture_query["positive_ids"]) == set(picture_query["positive_ids"])
+
+
 def test_gradient_cache_gives_the_whole_batch_gradient(make_model, toy_dataset_dir):
     whole = trainer_for(make_model, toy_dataset_dir, chunk_size=6)
     chunked = trainer_for(make_model, toy_dataset_dir, chunk_size=2)

@@ -52,9 +52,12 @@ def test_labels_say_whether_thinking_moved_the_query_towards_its_positive():
         {"id": "q1", "positive_ids": ["b"], "negative_ids": []},
         {"id": "q2", "positive_ids": ["a", "b"], "negative_ids": ["n"]},  # shares both targets: they are no negatives
     ]
-    ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives=4)
+    ids, positive_column, negative_mask = candidate_columns(rows, [set(row["positive_ids"]) for row in rows], hard_negatives=4)
     assert ids == ["a", "b", "n"] and positive_column.tolist() == [0, 1, 0]
     assert negative_mask.tolist() == [[False, True, True], [True, False, False], [False, False, True]]
+    # b is a copy of q0's positive under another id (PreparedDataset.with_copies): no negative of q0 either.
+    copies = [{"a", "b"}, {"b"}, {"a", "b"}]
+    assert candidate_columns(rows, copies, hard_negatives=4)[2].tolist() == [[False, False, True], [True, False, False], [False, False, True]]
 
     candidates = torch.eye(3)  # a, b, n
     unit = lambda *values: F.normalize(torch.tensor([values], dtype=torch.float32), dim=-1)
@@ -69,12 +72,12 @@ def test_labels_say_whether_thinking_moved_the_query_towards_its_positive():
 
     lonely = [{"id": "q", "positive_ids": ["a"], "negative_ids": []}, {"id": "r", "positive_ids": ["a"], "negative_ids": []}]
     with pytest.raises(TWNError, match="no negative"):
-        candidate_columns(lonely, hard_negatives=4)
+        candidate_columns(lonely, [{"a"}, {"a"}], hard_negatives=4)
 
 
 def test_a_negatives_cache_adds_its_hardest_entry_that_is_not_the_querys_positive():
     rows = [{"id": "q0", "positive_ids": ["a"], "negative_ids": []}, {"id": "q1", "positive_ids": ["b", "c"], "negative_ids": []}]
-    ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives=0)
+    ids, positive_column, negative_mask = candidate_columns(rows, [set(row["positive_ids"]) for row in rows], hard_negatives=0)
     candidates = torch.eye(4)[:2]  # a, b
     # The cache: a (q0's own positive: excluded for q0), c (q1's second positive: excluded for q1), d.
     cache = NegativesCache(["a", "c", "d"], torch.eye(4)[[0, 2, 3]])

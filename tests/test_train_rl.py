@@ -146,6 +146,20 @@ def test_steps_train_only_the_reasoning_adapter(setup):
     assert trained == {name for name in before if "lora_" in name and ".reasoning." in name}
 
 
+def test_a_copy_of_the_positive_in_the_cache_is_not_a_negative(setup):
+    model, dataset, cache = setup
+    data = TrainingData(dataset, "train", 0, 0)
+    row = next(row for row in data.rows if row["task"].startswith("classification"))
+    copies = dataset.with_copies(row["positive_ids"]) - set(row["positive_ids"])
+    assert copies & set(cache.ids)  # the same class name in the other splits
+    trainer = RLTrainer(model, data, cache, TrainRLConfig(**SMALL))
+    groups = trainer.sample_groups([row])
+    kept = [index for index, item in enumerate(cache.ids) if item not in copies]
+    without_copies = NegativesCache([cache.ids[index] for index in kept], cache.embeddings[kept])
+    expected = RLTrainer(model, data, without_copies, TrainRLConfig(**SMALL)).rewards([row], groups)
+    assert torch.allclose(trainer.rewards([row], groups), expected)
+
+
 def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints(setup, tmp_path):
     model, dataset, cache = setup
     trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL))
@@ -307,9 +321,13 @@ def test_two_processes_take_the_step_of_their_samples_together(setup, toy_datase
     metrics = single.update(rows, together, torch.cat([parts[0]["rewards"], parts[1]["rewards"]]))
     assert any(float(parameter.grad.abs().sum()) > 0 for parameter in single.parameters.values())
     for name, parameter in single.parameters.items():
+        # Adam's first step is lr·g/(|g| + 1e-8): where |g| is near 1e-8, the rounding of a gradient summed in
+        # another order moves it by up to lr. Elsewhere it is lr·sign(g) to well within rounding.
+        settled = parameter.grad.abs() > 1e-6
         for part in parts:
             assert torch.allclose(part["grads"][name], parameter.grad, rtol=1e-4, atol=1e-7), name
-            assert torch.allclose(part["parameters"][name], parameter.detach(), rtol=1e-4, atol=1e-7), name
+            assert torch.allclose(part["parameters"][name][settled], parameter.detach()[settled], rtol=1e-4, atol=1e-7), name
+            assert (part["parameters"][name] - parameter.detach()).abs().max() <= 2 * settings["learning_rate"], name
     assert parts[0]["metrics"] == parts[1]["metrics"]
     for key, value in metrics.items():
         assert parts[0]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key

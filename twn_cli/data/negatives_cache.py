@@ -31,8 +31,9 @@ class NegativesCache:
         digest.update(self.embeddings.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def hardest_scores(self, queries: torch.Tensor, positive_ids: list[list[str]]) -> torch.Tensor:
-        """Each query's highest similarity to an entry that is not one of its own positives."""
+    def hardest_scores(self, queries: torch.Tensor, positive_ids: list[set[str]]) -> torch.Tensor:
+        """Each query's highest similarity to an entry that is not one of its own positives (nor their copies,
+        given `PreparedDataset.with_copies`)."""
         scores = queries.float() @ self.embeddings.T
         for row, positives in enumerate(positive_ids):
             own = [self.row_of[item] for item in positives if item in self.row_of]

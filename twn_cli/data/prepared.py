@@ -7,13 +7,17 @@
 A query's gold targets and hard negatives are candidates referenced by id. `candidate_ids` is the query's own
 pool; an empty list means the task's global pool (every candidate of that task). Images are absolute paths;
 a video is the ordered list of its sampled frames.
+
+Candidates of identical content (instruction, text and image paths) under different ids are copies: a class
+name or an answer recurs across tasks and splits. Training never uses a copy of a query's positive as one of
+its negatives (`PreparedDataset.with_copies`); evaluation follows the gold ids as given.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +82,7 @@ class PreparedDataset:
     queries: datasets.DatasetDict
     candidates: datasets.Dataset
     _global_pools: dict[str, list[str]] | None = field(default=None, init=False, repr=False)
+    _copies: dict[str, list[str]] | None = field(default=None, init=False, repr=False)
 
     def candidate_pool(self, query: Mapping) -> list[str]:
         """The ids of the candidates that `query` (a query row) is ranked against."""
@@ -88,6 +93,17 @@ class PreparedDataset:
             for candidate_id, task in zip(self.candidates["id"], self.candidates["task"]):
                 self._global_pools.setdefault(task, []).append(candidate_id)
         return self._global_pools.get(query["task"], [])
+
+    def with_copies(self, ids: Iterable[str]) -> set[str]:
+        """`ids` and every candidate of the same content under another id: what must not be a negative of a
+        query whose positives are `ids` (it would be the right answer, scored as a wrong one)."""
+        if self._copies is None:
+            by_content: dict[tuple, list[str]] = {}
+            columns = (self.candidates[name] for name in ("id", "instruction", "text", "images"))
+            for candidate_id, instruction, text, images in zip(*columns):
+                by_content.setdefault((instruction, text, tuple(images)), []).append(candidate_id)
+            self._copies = {member: group for group in by_content.values() if len(group) > 1 for member in group}
+        return {copy for item in ids for copy in self._copies.get(item, (item,))}
 
 
 def write_prepared(

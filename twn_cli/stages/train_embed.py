@@ -115,7 +115,7 @@ class Example:
     target: ModelInput
     negative_ids: list[str]
     negatives: list[ModelInput]
-    positive_ids: set[str]
+    positive_ids: set[str]  # its positives and their copies (PreparedDataset.with_copies): never its negatives
 
 
 class TrainingData:
@@ -124,6 +124,7 @@ class TrainingData:
     def __init__(self, dataset: PreparedDataset, split: str, hard_negatives: int, seed: int):
         if split not in dataset.queries:
             raise TWNError(f"prepared dataset '{dataset.path}' has no '{split}' split (it has {', '.join(dataset.queries)})")
+        self.dataset = dataset
         self.rows = dataset.queries[split]
         self.candidates = dataset.candidates
         self.candidate_index = {candidate_id: index for index, candidate_id in enumerate(dataset.candidates["id"])}
@@ -148,7 +149,7 @@ class TrainingData:
         return [self._example(self.rows[index], rng) for index in indices]
 
     def _example(self, row: dict, rng: random.Random) -> Example:
-        positives = set(row["positive_ids"])
+        positives = self.dataset.with_copies(row["positive_ids"])
         negative_ids = list(row["negative_ids"])[: self.hard_negatives]
         while len(negative_ids) < self.hard_negatives:
             # Topped up with random candidates so every query brings as many negatives (equal shapes across processes).

@@ -3,8 +3,9 @@
 1. Labels. Each training input is embedded twice from one reasoning-adapter prefill: without thinking, and
    with the CoT that the reasoning adapter writes (greedy). A view's retrieval margin is
    s(query, positive) - max s(query, negative), the negatives being the other targets of its labelling batch
-   (minus the query's own other positives) and its hard negatives, all embedded without thinking, and,
-   given one, every entry of a global negatives cache (`twn embed DATA -o cache.pt`) but its positives. The label
+   and its hard negatives, all embedded without thinking, and, given one, every entry of a global negatives
+   cache (`twn embed DATA -o cache.pt`); never one of the query's positives or a copy of one under another
+   id (PreparedDataset.with_copies: an answer that recurs across tasks and splits). The label
    says whether thinking raised the margin by more than δ. The prefill's last prompt state, which the gate
    reads, is kept beside the margins. On a real backbone this is the expensive part, so it is batched and
    every batch is cached in RUN/train/gate-labels/: a rerun labels only what is missing. Margins rather than
@@ -158,11 +159,13 @@ def thinking_labels(margin_never: torch.Tensor, margin_think: torch.Tensor, delt
     return margin_think - margin_never > delta
 
 
-def candidate_columns(rows: list[Mapping], hard_negatives: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def candidate_columns(
+    rows: list[Mapping], positives: list[set[str]], hard_negatives: int
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """The candidates a labelling batch is scored against: (ids, each query's positive column, negative mask).
 
     A query's negatives are the batch's targets and its own first `hard_negatives` hard negatives, except
-    any of its own positives (a shared class, several gold ids).
+    any of its `positives` (a shared class, several gold ids, copies of a positive under other ids).
     """
     targets = [row["positive_ids"][0] for row in rows]
     own_negatives = [list(row["negative_ids"])[:hard_negatives] for row in rows]
@@ -171,7 +174,7 @@ def candidate_columns(rows: list[Mapping], hard_negatives: int) -> tuple[list[st
     negative_mask = torch.zeros(len(rows), len(ids), dtype=torch.bool)
     for i, (row, negatives) in enumerate(zip(rows, own_negatives)):
         for candidate_id in dict.fromkeys(targets + negatives):
-            if candidate_id not in row["positive_ids"]:
+            if candidate_id not in positives[i]:
                 negative_mask[i, column[candidate_id]] = True
         if not negative_mask[i].any():
             raise TWNError(f"query '{row['id']}' has no negative to be scored against (its batch's targets are all its positives)")
@@ -211,6 +214,7 @@ class LabelledInputs:
 def label_batch(
     model: TWNModel,
     rows: list[Mapping],
+    positives: list[set[str]],
     inputs: list[ModelInput],
     embed_candidates: CandidateEmbedder,
     hard_negatives: int,
@@ -218,15 +222,13 @@ def label_batch(
     negatives: NegativesCache | None = None,
 ) -> LabelledInputs:
     """Both views of a batch of training queries (`inputs`: their opened rows) and their margins against the
-    batch's candidates (and the cache)."""
-    ids, positive_column, negative_mask = candidate_columns(rows, hard_negatives)
+    batch's candidates (and the cache); no candidate in a query's `positives` counts as its negative."""
+    ids, positive_column, negative_mask = candidate_columns(rows, positives, hard_negatives)
     candidates = embed_candidates(ids)
     views = embed_views(model, inputs, sampling)
 
-    positive_ids = [list(row["positive_ids"]) for row in rows]
-
     def margins(queries: torch.Tensor) -> torch.Tensor:
-        from_cache = negatives.hardest_scores(queries, positive_ids) if negatives is not None else None
+        from_cache = negatives.hardest_scores(queries, positives) if negatives is not None else None
         return retrieval_margins(queries, candidates, positive_column, negative_mask, from_cache)
 
     return LabelledInputs(
@@ -296,6 +298,8 @@ def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateCo
         "hard_negatives": config.hard_negatives,
         "max_think_tokens": config.max_think_tokens or model.config.max_think_tokens,
         "negatives_cache": negatives.digest() if negatives is not None else None,
+        # Margins cached before copies of a positive were excluded from its negatives are not reused.
+        "negatives_exclude": "copies of the positives",
     }
 
 
@@ -341,7 +345,8 @@ def label_inputs(
         number, batch, cached, inputs = read_batch
         if cached is not None:
             return cached, True
-        labelled = label_batch(model, batch, inputs, embed_candidates, config.hard_negatives, sampling, negatives)
+        positives = [dataset.with_copies(row["positive_ids"]) for row in batch]
+        labelled = label_batch(model, batch, positives, inputs, embed_candidates, config.hard_negatives, sampling, negatives)
         cache.save(number, labelled)
         return labelled, False
 

@@ -5,7 +5,8 @@ One step, for a batch of queries:
 2. each CoT's embedding is the frozen embedding side's query pass over the prompt + CoT cache, exactly
    what `twn embed --think always` produces; the reward compares it to the query's positive against
    negatives from the global cache (the hardest by similarity to the no-think query embedding, plus
-   random ones);
+   random ones), never one of its positives or a copy of one under another id (an answer or class name
+   that recurs across tasks and splits would be the right answer scored as a wrong one);
 3. advantages are the rewards normalised within each query's group: (r - mean) / (std + 1e-4);
 4. the loss is the per-token clipped surrogate (asymmetric ε, as DAPO) plus β times the k3 estimate of
    the KL divergence to the frozen pre-RL reasoning adapter, averaged over the batch's CoT tokens.
@@ -99,7 +100,8 @@ class TrainRLConfig:
 def pick_negatives(
     cache: NegativesCache, query: torch.Tensor, positive_ids: set[str], hardest: int, random_count: int, rng: random.Random
 ) -> torch.Tensor:
-    """Rows of the cache used as one query's negatives: the `hardest` most similar to `query` plus random ones."""
+    """Rows of the cache used as one query's negatives: the `hardest` most similar to `query` plus random
+    ones, none of them in `positive_ids` (its positives and their copies)."""
     allowed = torch.tensor([item not in positive_ids for item in cache.ids])
     candidates = allowed.nonzero().flatten()
     if hardest == 0 or hardest >= len(candidates):
@@ -284,7 +286,7 @@ class RLTrainer:
         rng = random.Random(f"{config.seed}/{key}" + (f"/{stream}" if stream else ""))
         rewards = torch.empty(len(rows), config.group_size)
         for query, row in enumerate(rows):
-            positive_ids = set(row["positive_ids"])
+            positive_ids = self.data.dataset.with_copies(row["positive_ids"])
             positives = self.candidates(row["positive_ids"]).float()
             negatives = self.cache.embeddings[
                 pick_negatives(self.cache, groups["no_think"][query], positive_ids, config.hardest_negatives, config.random_negatives, rng)
