@@ -18,7 +18,6 @@ from typing import Optional
 import typer
 
 from twn_cli.errors import BadRecordError, TWNError
-from twn_cli.toyworld.render import PICTURE_SIZE
 
 app = typer.Typer(
     name="twn",
@@ -179,7 +178,7 @@ def prepare(
     trust_remote_code: bool = typer.Option(False, help="Allow a hub teacher to run its own code."),
     n: int = typer.Option(4000, min=10, help="synthetic: number of queries over train/validation/test."),
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
-    image_size: int = typer.Option(PICTURE_SIZE, min=28, help="synthetic: side of the rendered pictures in pixels (the default puts one image token of the toy backbone on each grid cell)."),
+    image_size: Optional[int] = typer.Option(None, min=28, help="synthetic: side of the rendered pictures in pixels (default: the toy backbone's, which puts one of its image tokens on each grid cell)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
     """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).
@@ -203,8 +202,8 @@ def prepare(
     datasets.disable_progress_bars()
     if source == "synthetic":
         from twn_cli.toyworld.dataset import write_synthetic_dataset
-
-        write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size)
+        
+        write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size or PICTURE_SIZE)
         _print_prepared_summary(output)
         return
     with Progress(
