@@ -202,7 +202,8 @@ def prepare(
     datasets.disable_progress_bars()
     if source == "synthetic":
         from twn_cli.toyworld.dataset import write_synthetic_dataset
-        
+        from twn_cli.toyworld.render import PICTURE_SIZE
+
         write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size or PICTURE_SIZE)
         _print_prepared_summary(output)
         return
