@@ -103,6 +103,23 @@ def test_labelling_against_a_negatives_cache_is_keyed_by_it(make_model, toy_data
     assert (against_cache.margin_never < plain.margin_never - 1e-6).any()
 
 
+def test_labelling_never_scores_a_copy_of_the_positive_as_a_negative(make_model, toy_dataset_dir, tmp_path):
+    model, dataset = make_model(), load_prepared(toy_dataset_dir)
+    config = TrainGateConfig(**SMALL)
+    rows = labelling_rows(dataset, config)
+    plain = label_inputs(model, dataset, rows, tmp_path / "plain", config)
+    copies_of = [sorted(dataset.with_copies(row["positive_ids"]) - set(row["positive_ids"])) for row in rows]
+    index = next(i for i, copies in enumerate(copies_of) if copies)  # a query whose answer recurs under other ids
+    copies = copies_of[index]
+    # Cache entries for the copies that sit exactly on the query's no-think embedding: as negatives they would
+    # be its hardest, and its margin would drop to s(query, positive) - 1.
+    query = model.embed([prepared_input(rows[index])]).embeddings.cpu()
+    cache = NegativesCache(copies, query.expand(len(copies), -1).clone())
+    against_copies = label_inputs(model, dataset, rows, tmp_path / "copies", config, negatives=cache)
+    assert float(against_copies.margin_never[index]) == pytest.approx(float(plain.margin_never[index]), abs=1e-5)
+    assert float(against_copies.margin_think[index]) == pytest.approx(float(plain.margin_think[index]), abs=1e-5)
+
+
 @pytest.mark.parametrize("interface", ["shared", "reencode"])
 def test_both_views_from_one_prefill_equal_what_embed_gives(make_model, toy_dataset_dir, interface):
     model = make_model(interface=interface)

@@ -15,6 +15,7 @@ its negatives (`PreparedDataset.with_copies`); evaluation follows the gold ids a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -81,8 +82,8 @@ class PreparedDataset:
     manifest: dict
     queries: datasets.DatasetDict
     candidates: datasets.Dataset
-    _global_pools: dict[str, list[str]] | None = field(default=None, init=False, repr=False)
-    _copies: dict[str, list[str]] | None = field(default=None, init=False, repr=False)
+    _global_pools: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
+    _copies: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def candidate_pool(self, query: Mapping) -> list[str]:
         """The ids of the candidates that `query` (a query row) is ranked against."""
@@ -98,10 +99,13 @@ class PreparedDataset:
         """`ids` and every candidate of the same content under another id: what must not be a negative of a
         query whose positives are `ids` (it would be the right answer, scored as a wrong one)."""
         if self._copies is None:
-            by_content: dict[tuple, list[str]] = {}
-            columns = (self.candidates[name] for name in ("id", "instruction", "text", "images"))
-            for candidate_id, instruction, text, images in zip(*columns):
-                by_content.setdefault((instruction, text, tuple(images)), []).append(candidate_id)
+            # Keyed by a digest, not the content: millions of document texts would not fit in memory twice.
+            by_content: dict[bytes, list[str]] = {}
+            columns = self.candidates.select_columns(["id", "instruction", "text", "images"])
+            for batch in columns.iter(batch_size=10_000):
+                for candidate_id, instruction, text, images in zip(batch["id"], batch["instruction"], batch["text"], batch["images"]):
+                    content = json.dumps([instruction, text, images]).encode()
+                    by_content.setdefault(hashlib.blake2b(content, digest_size=16).digest(), []).append(candidate_id)
             self._copies = {member: group for group in by_content.values() if len(group) > 1 for member in group}
         return {copy for item in ids for copy in self._copies.get(item, (item,))}
 
