@@ -18,7 +18,7 @@ from twn_cli.data.images import load_image
 from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.backbone import config_fingerprint, load_backbone
 from twn_cli.toyworld.backbone import build_toy_backbone
-from twn_cli.toyworld.pretrain import PretrainSettings, pretrain_toy_backbone, warm_up_vision
+from twn_cli.toyworld.pretrain import PretrainSettings, cot_token_ids, pretrain_toy_backbone, unwritable_tokens, warm_up_vision
 from twn_cli.toyworld.render import PICTURE_SIZE
 
 from conftest import TEST_SPEC
@@ -78,6 +78,20 @@ def test_pretraining_lowers_caption_loss_on_unseen_pictures(tmp_path):
         load_backbone(str(build_toy_backbone(tmp_path / "again", seed=0, spec=TEST_SPEC)), device="cpu").model.config
     )
     assert reloaded.model.config.twn_toy_backbone["pretraining"]["report"]["steps"] == 60
+    assert report.cot_tokens == len(cot_token_ids(reloaded.processor.tokenizer, 0)) > 100
+    assert reloaded.model.config.twn_toy_backbone["pretraining"]["report"]["cot_tokens_unwritable"] == report.cot_tokens_unwritable
+
+
+def test_a_token_whose_output_embedding_lies_among_the_others_cannot_be_written(toy_backbone_dir):
+    backbone = load_backbone(str(toy_backbone_dir), device="cpu")
+    model, tokenizer = backbone.model, backbone.processor.tokenizer
+    embeddings = model.get_output_embeddings().weight  # tied to the input embeddings, as on Qwen2-VL-2B
+    hidden, apart = tokenizer.encode(" so", add_special_tokens=False)[0], tokenizer.encode(" red", add_special_tokens=False)[0]
+    with torch.no_grad():
+        # The mean of all rows: its logit is the mean logit, so its probability stays near 1/vocabulary.
+        embeddings[hidden] = embeddings.mean(0)
+        embeddings[apart] = 10 * embeddings[apart] / embeddings[apart].norm()
+    assert unwritable_tokens(model, tokenizer, [hidden, apart]) == [" so"]
 
 
 def test_vision_warmup_trains_every_vision_weight_and_nothing_else(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from twn_cli.toyworld.backbone import ToyBackboneSpec
 from twn_cli.toyworld.render import GRID_CELLS, PICTURE_SIZE, SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
-from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, tokenizer_corpus
+from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START, tokenizer_corpus
 from twn_cli.toyworld.world import (
     KNOWLEDGE,
     META_TASKS,
@@ -236,6 +236,17 @@ def test_pretraining_knows_every_fact_and_phrasing_and_never_pairs_a_clue_with_a
     assert not any(pattern.search(example.prompt) for example in scene_examples for pattern in clue_patterns)
     without_held_out = itertools.islice(pretraining_examples(seed=0, include_held_out_combinations=False), 500)
     assert not any((o.colour, o.shape) in held.combinations for e in without_held_out if e.scene for o in e.scene.objects)
+
+
+def test_pretraining_answers_write_every_word_of_every_cot_and_the_think_markers(world):
+    # A word the backbone never writes keeps an output embedding that no hidden state can make likely (tied
+    # embeddings), so a reasoning adapter could never write it with confidence (BENCHMARKS.md).
+    answers = [example.answer for example in itertools.islice(pretraining_examples(seed=0), 4000)]
+    written = set().union(*(words(answer) for answer in answers))
+    cot_words = set().union(*(words(record.cot) for split in world.splits.values() for record in split.records))
+    assert cot_words <= written
+    thinking = [answer for answer in answers if answer.startswith(THINK_START)]
+    assert thinking and all(answer.endswith(THINK_END) and "; so " in answer for answer in thinking)
 
 
 def test_tokenizer_corpus_covers_every_word_of_the_world(world):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from twn_cli.toyworld.render import PICTURE_SIZE
-from twn_cli.toyworld.vocabulary import tokenizer_corpus
+from twn_cli.toyworld.vocabulary import THINK_END, THINK_START, tokenizer_corpus
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -23,7 +23,7 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 # Think markers are ordinary added tokens (not special) so that decoding a CoT keeps them visible.
-THINK_TOKENS = ["<think>", "</think>"]
+THINK_TOKENS = [THINK_START, THINK_END]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

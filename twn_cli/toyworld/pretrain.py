@@ -25,12 +25,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.training import warmup_cosine
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
-from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES
-from twn_cli.toyworld.world import POSITION_PHRASES, PretrainingExample, describe_scene, explanation_examples, pretraining_examples
+from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START
+from twn_cli.toyworld.world import (
+    POSITION_PHRASES,
+    PretrainingExample,
+    describe_scene,
+    explanation_examples,
+    generate_world,
+    pretraining_examples,
+)
 
 CAPTION_PROMPT = "describe the picture."
 
@@ -74,6 +82,10 @@ class PretrainReport:
     position_accuracy_after: float
     explanation_accuracy_before: dict[str, float]
     explanation_accuracy_after: dict[str, float]
+    # Tokens of the world's teacher CoTs (and the think markers) that no hidden state makes likelier than
+    # one half: a reasoning adapter on the frozen backbone can never write them with confidence.
+    cot_tokens: int
+    cot_tokens_unwritable: list[str]
     shape_chance: float
     colour_chance: float
     position_chance: float
@@ -234,6 +246,35 @@ def explanation_accuracy(model, batcher: ExampleBatcher, examples: list[Pretrain
     return {kind: sum(values) / len(values) for kind, values in right.items() if values}
 
 
+def unwritable_tokens(model, tokenizer, token_ids: list[int], threshold: float = 0.5, steps: int = 300) -> list[str]:
+    """The tokens of `token_ids` whose highest next-token probability over every possible final hidden state
+    stays below `threshold`. The last norm bounds the hidden state, so a token whose output embedding lies
+    among the others' (one never trained as a target, with tied embeddings) caps near 1/vocabulary however
+    the layers below are adapted; found by gradient ascent on one free direction per token."""
+    weights = model.get_output_embeddings().weight.detach().float()
+    scale = model.model.language_model.norm.weight.detach().float() * weights.shape[1] ** 0.5
+    targets = torch.tensor(token_ids)
+    with torch.enable_grad():
+        directions = weights[targets].clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([directions], lr=0.05)
+        for _ in range(steps):
+            hidden = scale * F.normalize(directions, dim=-1)
+            loss = F.cross_entropy(hidden @ weights.T, targets, reduction="sum")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        hidden = scale * F.normalize(directions.detach(), dim=-1)
+    best = (hidden @ weights.T).softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return [tokenizer.decode([token]) for token, probability in zip(token_ids, best.tolist()) if probability < threshold]
+
+
+def cot_token_ids(tokenizer, world_seed: int) -> list[int]:
+    """Every token of a small world's teacher CoTs, and the think markers around them."""
+    world = generate_world(n=400, seed=world_seed)
+    texts = [record.cot for split in world.splits.values() for record in split.records] + [THINK_START, THINK_END]
+    return sorted({token for text in texts for token in tokenizer.encode(text, add_special_tokens=False)})
+
+
 def pretrain_toy_backbone(
     backbone_dir: str | Path,
     settings: PretrainSettings = PretrainSettings(),
@@ -282,6 +323,7 @@ def pretrain_toy_backbone(
 
     after = measure(model, batcher, held_out_scenes, settings.batch_size)
     explained_after = explanation_accuracy(model, batcher, explanations, settings.batch_size)
+    cot_tokens = cot_token_ids(processor.tokenizer, world_seed)
     report = PretrainReport(
         vision_warmup_steps=settings.vision_warmup_steps,
         vision_warmup_shape_accuracy=vision_warmup_shape_accuracy,
@@ -298,6 +340,8 @@ def pretrain_toy_backbone(
         position_accuracy_after=after["position_accuracy"],
         explanation_accuracy_before=explained_before,
         explanation_accuracy_after=explained_after,
+        cot_tokens=len(cot_tokens),
+        cot_tokens_unwritable=unwritable_tokens(model, processor.tokenizer, cot_tokens),
         shape_chance=1 / len(SHAPES),
         colour_chance=1 / len(COLOURS),
         position_chance=1 / len(POSITIONS),

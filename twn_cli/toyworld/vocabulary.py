@@ -6,6 +6,9 @@ import itertools
 import random
 from collections.abc import Callable
 
+# The markers around a CoT: added tokens of the toy tokenizer, and the engine's default think_start/think_end.
+THINK_START, THINK_END = "<think>", "</think>"
+
 # Named colours with the RGB they are rendered in.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

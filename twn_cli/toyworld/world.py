@@ -41,6 +41,8 @@ from twn_cli.toyworld.vocabulary import (
     SIDES,
     SIDE_RELATIONS,
     SIZES,
+    THINK_END,
+    THINK_START,
 )
 
 SPLIT_SHARES = {"train": 0.7, "validation": 0.1, "test": 0.2}
@@ -780,9 +782,9 @@ class PretrainingExample(NamedTuple):
     answer: str
 
 
-# Shares of caption, scene question, fact, side count and clue examples. Pictures dominate: a tiny vision
-# tower needs tens of thousands of fresh renders to ground colours and shapes, text facts are learned fast.
-PRETRAINING_MIX = (0.35, 0.35, 0.1, 0.05, 0.15)
+# Shares of caption, scene question, fact, side count, clue and thinking examples. Pictures dominate: a tiny
+# vision tower needs tens of thousands of fresh renders to ground colours and shapes, text facts are learned fast.
+PRETRAINING_MIX = (0.3, 0.3, 0.1, 0.05, 0.15, 0.1)
 # Share of clue examples that name both colour and shape by clues (the others name one).
 TWO_CLUE_SHARE = 0.5
 
@@ -801,7 +803,7 @@ def pretraining_examples(seed: int = 0, include_held_out_combinations: bool = Tr
     rng = random.Random(f"toyworld/{seed}/pretraining")
     held_out = held_out_elements(seed)
     pairs = [(c, s) for c in COLOURS for s in SHAPES if include_held_out_combinations or (c, s) not in held_out.combinations]
-    makers = (_caption_example, _scene_question_example, _fact_example, _side_count_example, _clue_example)
+    makers = (_caption_example, _scene_question_example, _fact_example, _side_count_example, _clue_example, _thinking_example)
     while True:
         yield rng.choices(makers, weights=PRETRAINING_MIX)[0](rng, pairs)
 
@@ -824,6 +826,29 @@ def _scene_question_example(rng: random.Random, pairs: list[tuple[str, str]]) ->
         ]
     )
     return PretrainingExample(scene, prompt, answer)
+
+
+def _thinking_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
+    """A question answered in the thinking format of instruction-tuned MLLMs, between think markers: what the
+    picture shows (or a hedge between two values, or that the query names its answer directly), then "so"
+    and the answer. Without it the backbone never writes the markers, "so" or the hedges, and with its tied
+    embeddings no hidden state then makes them likelier than about 2 %: sampled CoTs ran on to the token
+    limit and RL learnt from noise (BENCHMARKS.md). Clues never appear here either."""
+    scene = _random_scene(rng, pairs, rng.choice(pairs))
+    obj = rng.choice(scene.objects)
+    if rng.random() < 0.2:
+        description = describe_object(obj.colour, obj.shape)
+        return PretrainingExample(None, f"find {description}.", f"{THINK_START}the query names {description} directly; so {description}{THINK_END}")
+    other = rng.choice([o for o in scene.objects if o is not obj] or [replace(obj, colour=_confusable_colours(obj.colour)[0])])
+    question, answer, lure, hedges = rng.choice(
+        [
+            (f"what colour is the {obj.shape}?", obj.colour, other.colour, COLOUR_HEDGES),
+            (f"which shape is {obj.colour}?", with_article(obj.shape), with_article(other.shape), SHAPE_HEDGES),
+            (f"where is the {obj.colour} {obj.shape}?", POSITION_PHRASES[obj.position], POSITION_PHRASES[other.position], VALUE_HEDGES),
+        ]
+    )
+    look = _hedge(rng, hedges, answer, lure) if rng.random() < 0.3 and lure != answer else _what_the_picture_shows(scene)
+    return PretrainingExample(scene, question, f"{THINK_START}{look}; so {answer}{THINK_END}")
 
 
 def _fact_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
