@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -82,16 +84,24 @@ def test_pretraining_lowers_caption_loss_on_unseen_pictures(tmp_path):
     assert reloaded.model.config.twn_toy_backbone["pretraining"]["report"]["cot_tokens_unwritable"] == report.cot_tokens_unwritable
 
 
-def test_a_token_whose_output_embedding_lies_among_the_others_cannot_be_written(toy_backbone_dir):
+@pytest.mark.parametrize("margin, writable", [(0.5, True), (-0.5, False)])
+def test_a_token_is_writable_where_the_largest_normed_state_can_make_it_likelier_than_half(toy_backbone_dir, margin, writable):
+    """One output row, every other zero: the best state puts logit a = √d·‖norm weight ⊙ row‖ on the token and 0
+    on the V - 1 others, so its probability passes one half exactly where a > ln(V - 1)."""
     backbone = load_backbone(str(toy_backbone_dir), device="cpu")
     model, tokenizer = backbone.model, backbone.processor.tokenizer
-    embeddings = model.get_output_embeddings().weight  # tied to the input embeddings, as on Qwen2-VL-2B
-    hidden, apart = tokenizer.encode(" so", add_special_tokens=False)[0], tokenizer.encode(" red", add_special_tokens=False)[0]
+    (token,) = tokenizer.encode(" so", add_special_tokens=False)
+    weights = model.get_output_embeddings().weight  # tied to the input embeddings, as on Qwen2-VL-2B
+    vocabulary, width = weights.shape
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(width, generator=generator)
     with torch.no_grad():
-        # The mean of all rows: its logit is the mean logit, so its probability stays near 1/vocabulary.
-        embeddings[hidden] = embeddings.mean(0)
-        embeddings[apart] = 10 * embeddings[apart] / embeddings[apart].norm()
-    assert unwritable_tokens(model, tokenizer, [hidden, apart]) == [" so"]
+        # An uneven norm weight: the best state then points along weight ⊙ row, not along the row (where the search starts).
+        model.get_decoder().norm.weight.copy_(0.2 + 3 * torch.rand(width, generator=generator))
+        scale = model.get_decoder().norm.weight * width**0.5
+        weights.zero_()
+        weights[token] = direction * (math.log(vocabulary - 1) + margin) / (scale * direction).norm()
+    assert unwritable_tokens(model, tokenizer, [token]) == ([] if writable else [" so"])
 
 
 def test_vision_warmup_trains_every_vision_weight_and_nothing_else(tmp_path):

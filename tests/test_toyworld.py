@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from twn_cli.engine.model import TWNConfig
 from twn_cli.toyworld.backbone import ToyBackboneSpec
 from twn_cli.toyworld.render import GRID_CELLS, PICTURE_SIZE, SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START, tokenizer_corpus
@@ -247,6 +248,7 @@ def test_pretraining_answers_write_every_word_of_every_cot_and_the_think_markers
     assert cot_words <= written
     thinking = [answer for answer in answers if answer.startswith(THINK_START)]
     assert thinking and all(answer.endswith(THINK_END) and "; so " in answer for answer in thinking)
+    assert (TWNConfig.think_start, TWNConfig.think_end) == (THINK_START, THINK_END)  # what the engine feeds and stops at
 
 
 def test_tokenizer_corpus_covers_every_word_of_the_world(world):

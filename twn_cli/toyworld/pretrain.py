@@ -8,8 +8,9 @@ slowly (BENCHMARKS.md). Position must be in the tower's features too: the langua
 tokens apart by place, since M-RoPE gives height and width the lowest rotary frequencies of the toy's small
 heads (at most 0.01 and 0.001 radians per row and column), which hardly turn over a 3x3 grid. Then the
 language model (and the tower too, if `vision_learning_rate` > 0) trains on a stream of captioning, scene
-questions and world knowledge as text (every fact and every clue phrasing, held-out ones included: the
-knowledge the reasoning adapter must later write out). Every step renders fresh pictures: a tiny vision
+questions, world knowledge as text (every fact and every clue phrasing, held-out ones included: the
+knowledge the reasoning adapter must later write out) and thinking answers between think markers (so that
+it can write every word of a CoT: `cot_tokens_unwritable` in the report lists those it cannot). Every step renders fresh pictures: a tiny vision
 tower memorises fixed renders but generalises from fresh ones. The report measures what the backbone
 learned on pictures it never saw: caption loss before and after, and how often its greedy caption of a
 one-shape picture names the right shape, colour and position; and what it knows as text: how often its
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.training import warmup_cosine
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
-from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START
+from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END
 from twn_cli.toyworld.world import (
     POSITION_PHRASES,
     PretrainingExample,
@@ -247,13 +248,16 @@ def explanation_accuracy(model, batcher: ExampleBatcher, examples: list[Pretrain
 
 
 def unwritable_tokens(model, tokenizer, token_ids: list[int], threshold: float = 0.5, steps: int = 300) -> list[str]:
-    """The tokens of `token_ids` whose highest next-token probability over every possible final hidden state
-    stays below `threshold`. The last norm bounds the hidden state, so a token whose output embedding lies
-    among the others' (one never trained as a target, with tied embeddings) caps near 1/vocabulary however
-    the layers below are adapted; found by gradient ascent on one free direction per token."""
+    """The tokens of `token_ids` for which gradient ascent finds no final hidden state that makes them likelier
+    than `threshold`. The last RMSNorm bounds that state (its weight times a vector of norm at most √d), so
+    a token whose output embedding lies among the others' (one never trained as a target, with tied
+    embeddings) stays improbable however the layers below are adapted. The search runs over directions only:
+    above one half a token's probability grows with the state's norm, so `threshold` must be at least that."""
+    if threshold < 0.5:
+        raise ValueError("threshold must be at least 0.5: below it the best hidden state need not have the largest norm")
     weights = model.get_output_embeddings().weight.detach().float()
-    scale = model.model.language_model.norm.weight.detach().float() * weights.shape[1] ** 0.5
-    targets = torch.tensor(token_ids)
+    scale = model.get_decoder().norm.weight.detach().float() * weights.shape[1] ** 0.5
+    targets = torch.tensor(token_ids, device=weights.device)
     with torch.enable_grad():
         directions = weights[targets].clone().requires_grad_(True)
         optimizer = torch.optim.Adam([directions], lr=0.05)
@@ -269,9 +273,9 @@ def unwritable_tokens(model, tokenizer, token_ids: list[int], threshold: float =
 
 
 def cot_token_ids(tokenizer, world_seed: int) -> list[int]:
-    """Every token of a small world's teacher CoTs, and the think markers around them."""
+    """Every token of a small world's teacher CoTs, and the end marker (the start marker is fed, never written)."""
     world = generate_world(n=400, seed=world_seed)
-    texts = [record.cot for split in world.splits.values() for record in split.records] + [THINK_START, THINK_END]
+    texts = [record.cot for split in world.splits.values() for record in split.records] + [THINK_END]
     return sorted({token for text in texts for token in tokenizer.encode(text, add_special_tokens=False)})
 
 

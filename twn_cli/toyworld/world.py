@@ -790,7 +790,8 @@ TWO_CLUE_SHARE = 0.5
 
 
 def pretraining_examples(seed: int = 0, include_held_out_combinations: bool = True) -> Iterator[PretrainingExample]:
-    """An endless, seeded stream of captioning and scene QA on random scenes, and of world knowledge as text.
+    """An endless, seeded stream of captioning, scene QA and thinking answers on random scenes, and of world
+    knowledge as text.
 
     The knowledge covers every fact and every clue phrasing, the held-out ones included ("explain: a
     square coloured like a lime" -> "a lime is green"), alone or with a second clue ("explain: a shape with
