@@ -10,11 +10,11 @@ heads (at most 0.01 and 0.001 radians per row and column), which hardly turn ove
 language model (and the tower too, if `vision_learning_rate` > 0) trains on a stream of captioning, scene
 questions, world knowledge as text (every fact and every clue phrasing, held-out ones included: the
 knowledge the reasoning adapter must later write out) and thinking answers between think markers (so that
-it can write every word of a CoT: `cot_tokens_unwritable` in the report lists those it cannot). Every step renders fresh pictures: a tiny vision
-tower memorises fixed renders but generalises from fresh ones. The report measures what the backbone
-learned on pictures it never saw: caption loss before and after, and how often its greedy caption of a
-one-shape picture names the right shape, colour and position; and what it knows as text: how often its
-greedy explanation of a reference by one or two clues is exactly right.
+it can write every word of a CoT: `cot_tokens_unwritable` in the report lists those it cannot). Every step
+renders fresh pictures: a tiny vision tower memorises fixed renders but generalises from fresh ones. The
+report measures what the backbone learned on pictures it never saw: caption loss before and after, and how
+often its greedy caption of a one-shape picture names the right shape, colour and position; and what it
+knows as text: how often its greedy explanation of a reference by one or two clues is exactly right.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ class PretrainReport:
     position_accuracy_after: float
     explanation_accuracy_before: dict[str, float]
     explanation_accuracy_after: dict[str, float]
-    # Tokens of the world's teacher CoTs (and the think markers) that no hidden state makes likelier than
-    # one half: a reasoning adapter on the frozen backbone can never write them with confidence.
+    # Tokens of the world's teacher CoTs (and the end marker) for which no final hidden state was found that
+    # makes them likelier than one half: a reasoning adapter on the frozen backbone cannot write them surely.
     cot_tokens: int
     cot_tokens_unwritable: list[str]
     shape_chance: float
