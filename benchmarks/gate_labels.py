@@ -35,11 +35,9 @@ from twn_cli.stages.train_gate import (
     LABELS_DIR,
     LABELS_LOG,
     TrainGateConfig,
-    fit_gate,
-    gate_probabilities,
     heldout_probabilities,
     out_of_fold_scores,
-    sample_weights,
+    probabilities_of_a_copy_trained_on,
 )
 from twn_cli.training import TRAIN_DIR
 
@@ -92,8 +90,7 @@ def gate_on_share(cached: dict[str, torch.Tensor], margin_change: torch.Tensor, 
     def predict(trained: torch.Tensor, scored: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         kept = trained[torch.randperm(len(trained), generator=torch.Generator().manual_seed(config.seed))[: max(2, round(share * len(trained)))]]
         gate = fresh_gate(cached["features"].shape[1], hidden_size, config)
-        fit_gate(gate, cached["features"][kept], labels[kept], sample_weights(labels[kept], margin_change[kept], config.margin_weighting), config)
-        return gate_probabilities(gate, cached["features"][scored])
+        return probabilities_of_a_copy_trained_on(gate, cached["features"], labels, margin_change, kept, scored, config)
 
     return predict
 

@@ -469,15 +469,23 @@ def out_of_fold_scores(
     return fold_of, scores
 
 
+def probabilities_of_a_copy_trained_on(
+    gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor,
+    trained: torch.Tensor, scored: torch.Tensor, config: TrainGateConfig,
+) -> torch.Tensor:
+    """p_think of the `scored` rows from a copy of `gate` trained as `fit_gate` trains, on the `trained` rows."""
+    fold_gate = copy.deepcopy(gate)
+    fit_gate(fold_gate, features[trained], labels[trained], sample_weights(labels[trained], margin_change[trained], config.margin_weighting), config)
+    return gate_probabilities(fold_gate, features[scored])
+
+
 def heldout_probabilities(
     gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor, config: TrainGateConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains, on the other folds)."""
 
     def score(trained: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        fold_gate = copy.deepcopy(gate)
-        fit_gate(fold_gate, features[trained], labels[trained], sample_weights(labels[trained], margin_change[trained], config.margin_weighting), config)
-        return gate_probabilities(fold_gate, features[scored])
+        return probabilities_of_a_copy_trained_on(gate, features, labels, margin_change, trained, scored, config)
 
     return out_of_fold_scores(labels, min(config.heldout_folds, len(labels)), config.seed + 1, score)
 
