@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from twn_cli.engine.config import INTERFACES, TWNConfig
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -33,6 +35,7 @@ def add_model_arguments(parser, max_think_tokens: int = 16) -> None:
     group.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2 (default: transformers')")
     group.add_argument("--lora-rank", type=int, default=16, help="fresh model only")
     group.add_argument("--num-queries", type=int, default=4, help="fresh model only")
+    group.add_argument("--interface", default=TWNConfig.interface, choices=INTERFACES, help="fresh model only: which adapter encodes what")
     group.add_argument("--max-think-tokens", type=int, default=max_think_tokens, help="CoT budget (overrides a checkpoint's)")
 
 
@@ -48,22 +51,20 @@ def toy_backbone_dir(work_dir: Path, spec=None) -> Path:
 
 def load_model(arguments, work_dir: Path):
     """The TWN model the arguments name: a checkpoint, or fresh adapters on --backbone (or on the toy backbone)."""
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.checkpoint import load_checkpoint
-    from twn_cli.engine.model import TWNConfig, TWNModel
+    from twn_cli.engine.config import TWNConfig
+    from twn_cli.engine.factory import LoadOptions, load_model
 
-    options = dict(dtype=arguments.dtype, device=arguments.device, attn_implementation=arguments.attn_implementation)
+    options = LoadOptions(device=arguments.device, dtype=arguments.dtype, attn_implementation=arguments.attn_implementation)
     if arguments.checkpoint:
-        model = load_checkpoint(arguments.checkpoint, **options)
+        model = load_model(arguments.checkpoint, options=options)
         model.config.max_think_tokens = arguments.max_think_tokens
         return model
-    source = arguments.backbone or str(toy_backbone_dir(work_dir))
     config = TWNConfig(lora_rank=arguments.lora_rank, lora_alpha=2 * arguments.lora_rank, num_queries=arguments.num_queries,
-                       max_think_tokens=arguments.max_think_tokens)
-    backbone = load_backbone(source, **options)
+                       max_think_tokens=arguments.max_think_tokens, interface=arguments.interface)
+    model = load_model(backbone=arguments.backbone or str(toy_backbone_dir(work_dir)), config=config, options=options)
     if not arguments.backbone:
-        backbone.source = "toy backbone (toy recipe size, random weights, built in the run)"
-    return TWNModel(backbone, config)
+        model.backbone.source = "toy backbone (toy recipe size, random weights, built in the run)"
+    return model
 
 
 def model_facts(model) -> dict:
@@ -94,20 +95,20 @@ def fixed_length_thoughts(model, enabled: bool = True):
     if not enabled:
         yield
         return
-    saved = list(model._never_generated)
-    banned = set(saved) | set(model._eos_ids) | {model.think_end_ids[-1]}
-    model._never_generated = sorted(banned)
+    saved = list(model.never_generated)
+    banned = set(saved) | set(model.prompts.eos_ids) | {model.prompts.think_end_ids[-1]}
+    model.never_generated = sorted(banned)
     try:
         yield
     finally:
-        model._never_generated = saved
+        model.never_generated = saved
 
 
 # ----------------------------------------------------------------------------------------------- inputs
 def toy_inputs(count: int, image_size: int, seed: int = 0) -> list:
     """`count` toy-world queries (instruction, text, pictures rendered in memory), in a fixed order."""
-    from twn_cli.engine.model import ModelInput
     from twn_cli.toyworld.world import generate_world
+    from twn_cli.types import ModelInput
 
     world = generate_world(n=max(count, 20), seed=seed)
     records = [record for split in world.splits.values() for record in split.records]

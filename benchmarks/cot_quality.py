@@ -21,6 +21,7 @@ import torch
 
 import _common as common
 from twn_cli.data.prepared import load_prepared, prepared_input
+from twn_cli.engine.training_passes import training_views
 from twn_cli.errors import TWNError
 
 
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum, tokens, concluded, exact = 0.0, 0, 0, 0
             for batch in common.batched(rows, arguments.batch_size):
                 with torch.no_grad():
-                    encoded = model.encode([prepared_input(row) for row in batch])
-                    forced = model.teacher_forced(encoded, model.cot_token_ids([row["cot"] for row in batch]))
+                    inputs = [prepared_input(row) for row in batch]
+                    encoded = model.prompts.encode(inputs)
+                    forced = training_views(model, encoded, model.prompts.cot_token_ids([row["cot"] for row in batch]))
                     loss_sum, tokens = loss_sum + float(forced.sft_loss_sum), tokens + forced.sft_tokens
                     prefix, _ = model.prefill(encoded)
-                    written = model.think(prefix).texts
+                    written = model.thought_embeddings(prefix, inputs)[1].texts
                 concluded += sum(
                     conclusion(row["cot"]) is not None and conclusion(cot) == conclusion(row["cot"]) for cot, row in zip(written, batch)
                 )

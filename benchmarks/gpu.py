@@ -418,7 +418,8 @@ def decode_bound(counts: dict, card: dict | None, batch: int, context: int, step
 
 
 def twn_model(backbone, name: str, sizes: Sizes):
-    from twn_cli.engine.model import TWNConfig, TWNModel
+    from twn_cli.engine.config import TWNConfig
+    from twn_cli.engine.model import TWNModel
 
     _, _, rank, queries = BACKBONES[name]
     if sizes.tiny:
@@ -452,7 +453,7 @@ def embed(model, sizes: Sizes, device, hf_decode: dict | None) -> dict:
         "engine_decode_step_ms": round(1000 * engine_step, 3),
         "lora_rank": model.config.lora_rank, "num_queries": model.config.num_queries,
     }
-    encoded = model.encode(batches[0])
+    encoded = model.prompts.encode(batches[0])
     result["prompt_tokens_per_input_first_batch"] = round(float(encoded["attention_mask"].sum()) / len(batches[0]), 1)
     if "image_grid_thw" in encoded:
         merge_size = model.backbone.processor.image_processor.merge_size

@@ -23,9 +23,9 @@ import torch
 import _common as common
 from twn_cli.data.negatives_cache import NegativesCache, load_negatives_cache
 from twn_cli.data.prepared import load_prepared
-from twn_cli.engine.checkpoint import load_checkpoint
+from twn_cli.data.training_data import TrainingData
+from twn_cli.engine.factory import LoadOptions, load_model
 from twn_cli.recipes import load_recipe
-from twn_cli.stages.train_embed import TrainingData
 from twn_cli.stages.train_rl import RLTrainer, TrainRLConfig, group_advantages
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("-o", "--output")
     arguments = parser.parse_args()
 
-    model = load_checkpoint(arguments.checkpoint, device="cpu")
+    model = load_model(arguments.checkpoint, options=LoadOptions(device="cpu"))
     dataset = load_prepared(arguments.data)
     cache = load_negatives_cache(arguments.cache, model.embedding_dim)
     recipe = replace(load_recipe(arguments.recipe, TrainRLConfig), batch_size=arguments.batch_size)

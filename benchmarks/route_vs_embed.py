@@ -17,7 +17,7 @@ import _common as common
 from twn_cli.data.embedding_files import EmbeddingWriter
 from twn_cli.data.inputs import InputRecord
 from twn_cli.data.prepared import load_prepared
-from twn_cli.engine.checkpoint import load_checkpoint
+from twn_cli.engine.factory import LoadOptions, load_model
 from twn_cli.stages.embed import EmbedSettings, run_embed
 from twn_cli.stages.route import run_route
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", help="write the figures as JSON here too")
     arguments = parser.parse_args()
 
-    model = load_checkpoint(arguments.checkpoint, device=arguments.device)
+    model = load_model(arguments.checkpoint, options=LoadOptions(device=arguments.device))
     rows = load_prepared(arguments.data).queries[arguments.split]
     records = [
         InputRecord(id=row["id"], where=row["id"], text=row["text"], image_paths=list(row["images"]), instruction=row["instruction"] or None)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import _common as common
+from twn_cli.engine.batching import block_size, embed_block
 
 ADAPTIVE_TARGET = 1.05  # adaptive time / (r * always + (1 - r) * never), at most
 REENCODE_TARGET = 1.3  # reencode time / shared time, at least
@@ -44,7 +45,7 @@ PLAIN_TARGET = 1.05  # never time / plain embedder time, at most
 def plain_embed(model, inputs) -> torch.Tensor:
     """A VLM2Vec-style embedder on the same backbone: one pass over the prompt with the embedding adapter,
     no KV cache kept, the last token's final hidden state L2-normalised (prompts are left-padded)."""
-    encoded = model.encode(inputs)
+    encoded = model.prompts.encode(inputs)
     model.use_adapter("embedding")
     output = model.backbone.model.base_model(**encoded, use_cache=False)
     return F.normalize(output.last_hidden_state[:, -1].float(), dim=-1)
@@ -83,10 +84,10 @@ def run(arguments) -> dict:
                 model.config.interface = interface
                 tokens = thought = 0
                 flat = [item for batch in selected for item in batch]
-                size = arguments.batch_size if per_batch else model.block_size(arguments.batch_size)
+                size = arguments.batch_size if per_batch else block_size(arguments.batch_size)
                 try:
                     for start in range(0, len(flat), size):
-                        result = model.embed_block(flat[start : start + size], think, arguments.batch_size, threshold)
+                        result = embed_block(model, flat[start : start + size], think, arguments.batch_size, threshold)
                         tokens += sum(result.reasoning_tokens)
                         thought += int(result.think.sum())
                 finally:
@@ -98,9 +99,9 @@ def run(arguments) -> dict:
         def plain(selected):
             """Batched as `embed_block` batches: blocks of inputs sorted by prompt length."""
             flat = [item for batch in selected for item in batch]
-            size = model.block_size(arguments.batch_size)
+            size = block_size(arguments.batch_size)
             for start in range(0, len(flat), size):
-                for batch in common.batched(sorted(flat[start : start + size], key=model.prompt_length), arguments.batch_size):
+                for batch in common.batched(sorted(flat[start : start + size], key=model.prompts.prompt_length), arguments.batch_size):
                     plain_embed(model, batch)
 
         measured = {

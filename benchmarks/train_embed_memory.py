@@ -44,9 +44,9 @@ def plain_step(trainer) -> dict:
     examples = trainer.data.examples(trainer.data.batch_indices(trainer.step_done, config.batch_size), trainer.step_done)
     model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    cot_ids = model.cot_token_ids([example.cot or "" for example in examples])
+    cot_ids = model.prompts.cot_token_ids([example.cot or "" for example in examples])
     cot_ids = [ids if example.cot else None for ids, example in zip(cot_ids, examples)]
-    sft_tokens = sum(len(ids) + len(model.think_end_ids) for ids in cot_ids if ids is not None)
+    sft_tokens = sum(len(ids) + len(model.prompts.think_end_ids) for ids in cot_ids if ids is not None)
 
     def sft_backward(forced) -> None:
         if config.sft_weight and forced.sft_tokens:
@@ -69,7 +69,8 @@ def measure(settings: dict) -> dict:
     """Build a fresh model on the backbone and measure one configuration (see `train_and_measure`)."""
     from twn_cli.data.prepared import load_prepared
     from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.model import TWNConfig, TWNModel
+    from twn_cli.engine.config import TWNConfig
+    from twn_cli.engine.model import TWNModel
 
     torch.manual_seed(0)
     backbone = load_backbone(settings["backbone"], dtype=settings["dtype"], device=settings["device"],
@@ -91,7 +92,8 @@ def train_and_measure(model, dataset, *, batch_size: int, chunk, steps: int, spl
 
     `chunk`: "none" (no gradient cache, `plain_step`), "full" (the cache with one chunk) or a chunk size.
     """
-    from twn_cli.stages.train_embed import EmbedTrainer, TrainEmbedConfig, TrainingData
+    from twn_cli.data.training_data import TrainingData
+    from twn_cli.stages.train_embed import EmbedTrainer, TrainEmbedConfig
 
     config = TrainEmbedConfig(
         batch_size=batch_size, chunk_size=batch_size if chunk in ("none", "full") else int(chunk), steps=steps + 1,

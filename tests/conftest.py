@@ -60,12 +60,12 @@ def real_image_paths() -> list[Path]:
 @pytest.fixture
 def make_model(toy_backbone_dir):
     """Build a fresh TWN model on the session's toy backbone (settings overridable)."""
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.model import TWNConfig, TWNModel
+    from twn_cli.engine.config import TWNConfig
+    from twn_cli.engine.factory import LoadOptions, load_model
 
     def build(**settings):
         config = TWNConfig(**{"lora_rank": 4, "max_think_tokens": 12, **settings})
-        return TWNModel(load_backbone(str(toy_backbone_dir), device="cpu"), config)
+        return load_model(backbone=str(toy_backbone_dir), config=config, options=LoadOptions(device="cpu"))
 
     return build
 

@@ -10,8 +10,8 @@ from peft import PeftModel
 
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-from twn_cli.engine.model import ModelInput
 from twn_cli.errors import TWNError
+from twn_cli.types import ModelInput
 
 INPUTS = [ModelInput(text="a red triangle"), ModelInput(text="the colour of grass")]
 
@@ -115,7 +115,8 @@ def test_overwriting_replaces_the_checkpoint_atomically(saved):
 
 
 def test_a_checkpoint_made_from_a_relative_backbone_path_loads_from_any_directory(toy_backbone_dir, tmp_path, monkeypatch):
-    from twn_cli.engine.model import TWNConfig, TWNModel
+    from twn_cli.engine.config import TWNConfig
+    from twn_cli.engine.model import TWNModel
 
     monkeypatch.chdir(toy_backbone_dir.parent)
     backbone = load_backbone(toy_backbone_dir.name, device="cpu")

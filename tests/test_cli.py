@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TEST_SPEC
 from typer.testing import CliRunner
 
 from twn_cli.cli import app
 from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.engine.checkpoint import save_checkpoint
 from twn_cli.errors import TWNError
-
-from conftest import TEST_SPEC
 
 
 def run(*arguments, input: str | None = None):
@@ -167,7 +166,7 @@ def test_embed_resumes_an_interrupted_parquet_output(checkpoint, real_image_path
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("".join(json.dumps(line) + "\n" for line in lines))
     monkeypatch.setattr(embedding_files, "PARQUET_ROW_GROUP", 2)
-    monkeypatch.setattr("twn_cli.engine.model.BLOCK_BATCHES", 1)
+    monkeypatch.setattr("twn_cli.engine.batching.BLOCK_BATCHES", 1)
     options = ["--checkpoint", checkpoint, "--batch-size", 1, "--think", "always", "--skip-bad"]
     straight = run("embed", inputs, *options, "-o", tmp_path / "straight.parquet")
     assert straight.exit_code == 0, straight.stderr

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from twn_cli.data.images import load_image
-from twn_cli.engine.model import EmbedResult, ModelInput, TWNModel
+from twn_cli.engine.batching import embed_block
+from twn_cli.engine.config import INTERFACES
+from twn_cli.engine.model import EmbedResult, TWNModel
+from twn_cli.engine.training_passes import training_views
+from twn_cli.types import ModelInput
 
 ATOL = 1e-5
 
@@ -26,12 +30,12 @@ def inputs(request) -> list[ModelInput]:
 def teach_short_thoughts(model: TWNModel, inputs: list[ModelInput], steps: int = 100) -> None:
     """SFT the reasoning adapter on CoTs of different lengths, so greedy CoTs end early and unevenly."""
     cots = ["cat", "one more side than a square is a pentagon; grass is green; so a green pentagon", "rocket", "cup"]
-    cot_ids = [model.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]
-    encoded = model.encode(inputs)
+    cot_ids = [model.prompts.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]
+    encoded = model.prompts.encode(inputs)
     optimizer = torch.optim.Adam(model.adapter_parameters("reasoning").values(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        loss = model.teacher_forced(encoded, cot_ids).sft_loss
+        loss = training_views(model, encoded, cot_ids).sft_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -72,8 +76,8 @@ def test_decoded_thoughts_equal_teacher_forced_prefix(make_model, inputs):
     assert min(lengths) < model.config.max_think_tokens and len(set(lengths)) > 1, lengths
     with torch.no_grad():
         for row, item in enumerate(inputs):
-            cot_ids = model.tokenizer.encode(result.cot[row], add_special_tokens=False)
-            views = model.teacher_forced(model.encode([item]), [cot_ids])
+            cot_ids = model.prompts.tokenizer.encode(result.cot[row], add_special_tokens=False)
+            views = training_views(model, model.prompts.encode([item]), [cot_ids])
             assert torch.allclose(model.query_pass(views.think_view)[0], result.embeddings[row], atol=ATOL)
             assert torch.allclose(
                 model.query_pass(views.no_think_view)[0], model.embed([item]).embeddings[0], atol=ATOL
@@ -96,7 +100,7 @@ def test_mixed_think_batch_equals_forced_modes(make_model, inputs):
     assert all(tokens == 0 for tokens, thinks in zip(mixed.reasoning_tokens, mixed.think) if not thinks)
 
 
-@pytest.mark.parametrize("interface", ["shared", "reencode"])
+@pytest.mark.parametrize("interface", INTERFACES)
 def test_adaptive_blocks_decode_the_thinking_inputs_of_several_batches_together(make_model, inputs, monkeypatch, interface):
     model = make_model(interface=interface)
     teach_short_thoughts(model, inputs)
@@ -106,7 +110,7 @@ def test_adaptive_blocks_decode_the_thinking_inputs_of_several_batches_together(
     decoded_rows = []
     think = model.think
     monkeypatch.setattr(model, "think", lambda prefix, sampling: decoded_rows.append(prefix.attention_mask.shape[0]) or think(prefix, sampling))
-    block = model.embed_block(many, "auto", batch_size=2, threshold=threshold)
+    block = embed_block(model, many, "auto", batch_size=2, threshold=threshold)
     assert block.think.tolist() == per_batch.think.tolist() and 0 < int(block.think.sum()) < 12
     assert torch.allclose(block.embeddings, per_batch.embeddings, atol=ATOL)
     assert block.cot == per_batch.cot and block.reasoning_tokens == per_batch.reasoning_tokens
@@ -115,29 +119,29 @@ def test_adaptive_blocks_decode_the_thinking_inputs_of_several_batches_together(
 
 def test_blocks_batch_inputs_of_like_length_and_keep_input_order(make_model, inputs, monkeypatch):
     model = make_model()
-    prompt_lengths = [model.encode([item])["input_ids"].shape[1] for item in inputs]
+    prompt_lengths = [model.prompts.encode([item])["input_ids"].shape[1] for item in inputs]
     # The estimate leaves out only the chat template's tokens (a few per prompt and per image).
-    template = [real - model.prompt_length(item) for real, item in zip(prompt_lengths, inputs)]
+    template = [real - model.prompts.prompt_length(item) for real, item in zip(prompt_lengths, inputs)]
     assert all(0 < extra <= template[1] + 2 * len(item.images) for extra, item in zip(template, inputs)), template
     many = inputs * 2  # 8 inputs of interleaved lengths: four batches of 2
     batches = []
-    encode = model.encode
-    monkeypatch.setattr(model, "encode", lambda batch: batches.append([model.prompt_length(item) for item in batch]) or encode(batch))
-    block = model.embed_block(many, "never", batch_size=2)
-    assert [length for batch in batches for length in batch] == sorted(model.prompt_length(item) for item in many)
+    encode = model.prompts.encode
+    monkeypatch.setattr(model.prompts, "encode", lambda batch: batches.append([model.prompts.prompt_length(item) for item in batch]) or encode(batch))
+    block = embed_block(model, many, "never", batch_size=2)
+    assert [length for batch in batches for length in batch] == sorted(model.prompts.prompt_length(item) for item in many)
     assert torch.allclose(block.embeddings, one_at_a_time(model, many, "never"), atol=ATOL)
 
 
 def test_decoding_the_whole_budget_gives_what_stopping_early_gives(make_model, inputs, monkeypatch):
     """Processes sharing a sharded backbone decode every step of the budget (stop_early=False): the CoTs and
     embeddings are those of stopping once every row has ended, only the number of steps differs."""
-    from twn_cli.engine.model import Sampling
+    from twn_cli.engine.decoding import Sampling
 
     model = make_model(max_think_tokens=48)  # room for every taught CoT to end before the budget
     teach_short_thoughts(model, inputs)
     steps = []
-    feed = model._feed
-    monkeypatch.setattr(model, "_feed", lambda *arguments: steps.append(1) or feed(*arguments))
+    feed = model.feed
+    monkeypatch.setattr(model, "feed", lambda *arguments: steps.append(1) or feed(*arguments))
     early = model.embed(inputs, think="always")
     early_steps, steps[:] = len(steps), []
     whole = model.embed(inputs, think="always", sampling=Sampling(stop_early=False))
@@ -147,7 +151,7 @@ def test_decoding_the_whole_budget_gives_what_stopping_early_gives(make_model, i
 
 
 def test_sampled_thoughts_are_reproducible_for_a_seed(make_model, inputs):
-    from twn_cli.engine.model import Sampling
+    from twn_cli.engine.decoding import Sampling
 
     model = make_model()
 
@@ -171,7 +175,7 @@ def test_adapters_cover_language_model_only(make_model):
 
 
 def test_decoding_never_writes_image_or_video_placeholders(make_model):
-    from twn_cli.engine.model import Sampling
+    from twn_cli.engine.decoding import Sampling, pick_tokens
 
     model = make_model()
     config = model.backbone.model.config
@@ -180,5 +184,5 @@ def test_decoding_never_writes_image_or_video_placeholders(make_model):
     for row, token in enumerate(banned):
         logits[row, token] = 100.0  # the placeholder is by far the most likely token
     for sampling in (Sampling(), Sampling(temperature=1.0, generator=torch.Generator().manual_seed(0))):
-        picked = model._pick(logits, sampling).tolist()
+        picked = pick_tokens(logits, sampling, model.never_generated).tolist()
         assert not set(picked) & set(banned)

@@ -1,14 +1,23 @@
-"""Which parameters each loss trains: SFT only the reasoning adapter, InfoNCE only the embedding side, the
-backbone never (bit-identical), the gate neither."""
+"""Which parameters each loss trains, under each interface: SFT only the reasoning adapter, InfoNCE only the
+embedding side, the backbone never (bit-identical), the gate neither. Every parameter of the model is handed
+to the optimiser, so that "nothing else moved" can fail."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from twn_cli.data.images import load_image
-from twn_cli.engine.losses import info_nce
-from twn_cli.engine.model import ModelInput, TWNModel
+from twn_cli.engine.config import INTERFACES
+from twn_cli.engine.model import TWNModel
+from twn_cli.engine.training_passes import training_views
+from twn_cli.types import ModelInput
+
+
+def info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of L2-normalised `queries` against their `targets` (row i is query i's positive; the others are negatives)."""
+    return F.cross_entropy(queries @ targets.T / temperature, torch.arange(len(queries)))
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +40,21 @@ def snapshot(model: TWNModel) -> dict[str, torch.Tensor]:
 
 
 def train_steps(model: TWNModel, batch, sft: bool, contrastive: bool, steps: int = 2) -> None:
-    """Optimizer over every trainable parameter (by name); the losses decide what moves.
+    """Optimizer over every parameter of the model, backbone included; the losses decide what moves.
 
     Two steps, because LoRA's B starts at zero: the first step moves B, only then does A get a gradient.
     """
     queries, targets, cots = batch
-    parameters = [p for part in model.trainable_parameters().values() for p in part.values()]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.0)
-    cot_ids = [model.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    cot_ids = [model.prompts.tokenizer.encode(cot, add_special_tokens=False) for cot in cots]
     model.train()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        forced = model.teacher_forced(model.encode(queries), cot_ids)
+        forced = training_views(model, model.prompts.encode(queries), cot_ids)
         if sft:
             forced.sft_loss.backward()  # while the reasoning adapter is active
         if contrastive:
-            target_prefix, _ = model.prefill(model.encode(targets))
+            target_prefix, _ = model.prefill(model.prompts.encode(targets))
             target_embeddings = model.query_pass(target_prefix)
             think = model.query_pass(forced.think_view)
             no_think = model.query_pass(forced.no_think_view)
@@ -81,8 +89,9 @@ def parts(model: TWNModel) -> dict[str, list[str]]:
     ],
     ids=["sft-only", "infonce-only", "both"],
 )
-def test_each_loss_trains_exactly_its_parameters(make_model, batch, sft, contrastive, trained):
-    model = make_model()
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_each_loss_trains_exactly_its_parameters(make_model, batch, sft, contrastive, trained, interface):
+    model = make_model(interface=interface)
     before = snapshot(model)
     train_steps(model, batch, sft=sft, contrastive=contrastive)
     groups = parts(model)

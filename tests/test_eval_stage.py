@@ -30,18 +30,29 @@ def toy_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def counted_model(make_model):
-    """A fresh model that counts the inputs it embeds, per think mode."""
-    model = make_model()
-    model.embedded = {"never": 0, "always": 0, "auto": 0}
-    embed_block = model.embed_block
+def counting(monkeypatch):
+    """Makes a model count, in `model.embedded`, the inputs that evaluation embeds with it, per think mode."""
+    from twn_cli.stages import evaluate
 
-    def counting_embed_block(inputs, think, batch_size, *options, **named_options):
+    embed_block = evaluate.embed_block
+
+    def counting_embed_block(model, inputs, think, *options, **named_options):
         model.embedded[think] += len(inputs)
-        return embed_block(inputs, think, batch_size, *options, **named_options)
+        return embed_block(model, inputs, think, *options, **named_options)
 
-    model.embed_block = counting_embed_block
-    return model
+    monkeypatch.setattr(evaluate, "embed_block", counting_embed_block)
+
+    def count(model):
+        model.embedded = {"never": 0, "always": 0, "auto": 0}
+        return model
+
+    return count
+
+
+@pytest.fixture
+def counted_model(make_model, counting):
+    """A fresh model that counts the inputs it embeds, per think mode."""
+    return counting(make_model())
 
 
 def read_predictions(report_dir: Path) -> list[dict]:
@@ -170,18 +181,7 @@ def test_sweep_endpoints_equal_the_never_and_always_modes(counted_model, toy_dat
     assert without_timings(adaptive["result"]) == without_timings(sweep["result"])
 
 
-def test_an_interrupted_evaluation_resumes_without_recomputing_finished_tasks(make_model, toy_dataset, tmp_path):
-    def counting(model):
-        model.embedded = 0
-        embed_block = model.embed_block
-
-        def counting_embed_block(inputs, *options, **named_options):
-            model.embedded += len(inputs)
-            return embed_block(inputs, *options, **named_options)
-
-        model.embed_block = counting_embed_block
-        return model
-
+def test_an_interrupted_evaluation_resumes_without_recomputing_finished_tasks(make_model, counting, toy_dataset, tmp_path):
     uninterrupted_model = counting(make_model())
     uninterrupted = run_eval(uninterrupted_model, toy_dataset, tmp_path / "whole", mode="sweep", batch_size=4)
     first_task = next(iter(uninterrupted["result"]["tasks"].values()))
@@ -194,12 +194,12 @@ def test_an_interrupted_evaluation_resumes_without_recomputing_finished_tasks(ma
     interrupted_model = counting(make_model())
     with pytest.raises(KeyboardInterrupt):
         run_eval(interrupted_model, toy_dataset, tmp_path / "resumed", mode="sweep", batch_size=4, progress=stop_after_the_first_task)
-    assert interrupted_model.embedded == first_task_inputs
+    assert sum(interrupted_model.embedded.values()) == first_task_inputs
     assert not (tmp_path / "resumed" / "report.json").exists()
 
     resumed_model = counting(make_model())
     resumed = run_eval(resumed_model, toy_dataset, tmp_path / "resumed", mode="sweep", batch_size=4)
-    assert resumed_model.embedded == uninterrupted_model.embedded - first_task_inputs
+    assert sum(resumed_model.embedded.values()) == sum(uninterrupted_model.embedded.values()) - first_task_inputs
     assert resumed["run"]["tasks_from_cache"] == [next(iter(resumed["result"]["tasks"]))]
     assert without_timings(resumed) == without_timings(uninterrupted)
     assert read_predictions(tmp_path / "resumed") == read_predictions(tmp_path / "whole")
@@ -210,7 +210,7 @@ def test_an_interrupted_task_keeps_its_finished_blocks(counted_model, toy_datase
         assert event.task_number == 1 and event.step == "candidates" and event.done < event.total
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("twn_cli.engine.model.BLOCK_BATCHES", 1)  # blocks of one batch: the first task has several
+    monkeypatch.setattr("twn_cli.engine.batching.BLOCK_BATCHES", 1)  # blocks of one batch: the first task has several
     with pytest.raises(KeyboardInterrupt):
         run_eval(counted_model, toy_dataset, tmp_path, mode="never", batch_size=2, progress=stop_after_the_first_block)
     assert counted_model.embedded["never"] == 2

@@ -5,25 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
 from twn_cli.cli import app
-from twn_cli.recipes import load_recipe, parse_overrides
+from twn_cli.recipes import load_recipe, parse_overrides, stage_settings
 from twn_cli.stages.train_embed import TrainEmbedConfig
 from twn_cli.stages.train_gate import TrainGateConfig
-from twn_cli.stages.train_rl import TrainRLConfig
-from twn_cli.toyworld.backbone import ToyBackboneSpec
-from twn_cli.toyworld.pretrain import PretrainSettings
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-SETTINGS = {
-    "toy-backbone.yaml": ToyBackboneSpec,
-    "pretrain.yaml": PretrainSettings,
-    "train-embed.yaml": TrainEmbedConfig,
-    "train-gate.yaml": TrainGateConfig,
-    "train-rl.yaml": TrainRLConfig,
-}
+SETTINGS = stage_settings()
 
 
 STAGE_RECIPES = sorted(path for path in RECIPES.glob("*/*.yaml") if path.parent.name != "accelerate")

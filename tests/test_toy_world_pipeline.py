@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TEST_SPEC
 from typer.testing import CliRunner
 
 from twn_cli.cli import app
@@ -22,8 +23,6 @@ from twn_cli.engine.backbone import config_fingerprint, load_backbone
 from twn_cli.toyworld.backbone import build_toy_backbone
 from twn_cli.toyworld.pretrain import PretrainSettings, cot_token_ids, pretrain_toy_backbone, unwritable_tokens, warm_up_vision
 from twn_cli.toyworld.render import PICTURE_SIZE
-
-from conftest import TEST_SPEC
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twn_cli.engine.model import TWNConfig
-from twn_cli.toyworld.backbone import ToyBackboneSpec
+from twn_cli.engine.config import TWNConfig
+from twn_cli.toyworld.backbone import ToyBackboneSpec, tokenizer_corpus
 from twn_cli.toyworld.render import GRID_CELLS, PICTURE_SIZE, SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
-from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START, tokenizer_corpus
+from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START
 from twn_cli.toyworld.world import (
     KNOWLEDGE,
     META_TASKS,

@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 
 from twn_cli.cli import app
 from twn_cli.data.prepared import load_prepared
+from twn_cli.data.training_data import TrainingData
 from twn_cli.engine.checkpoint import load_checkpoint
+from twn_cli.engine.config import INTERFACES
 from twn_cli.errors import TWNError
 from twn_cli.stages import train_embed
-from twn_cli.stages.train_embed import EmbedTrainer, TrainEmbedConfig, TrainingData, run_train_embed
+from twn_cli.stages.train_embed import EmbedTrainer, TrainEmbedConfig, run_train_embed
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 SMALL = dict(batch_size=6, chunk_size=6, hard_negatives=1, learning_rate=5e-3, warmup_steps=1, temperature=0.1, validation_queries=0, lora_rank=4)
@@ -55,7 +57,9 @@ def test_copies_of_a_positive_under_other_ids_are_no_negatives(toy_dataset_dir):
     row = data.rows[index]
     (example,) = data.examples([index], step=0)
     copies = example.positive_ids - set(row["positive_ids"])
-    content = lambda candidate_id: {k: dataset.candidates[data.candidate_index[candidate_id]][k] for k in ("instruction", "text", "images")}
+    def content(candidate_id: str) -> dict:
+        return {k: dataset.candidates[data.candidate_index[candidate_id]][k] for k in ("instruction", "text", "images")}
+
     assert copies and all(content(copy) == content(row["positive_ids"][0]) for copy in copies)
     picture_query = next(row for row in data.rows if row["task"] == "t2i")  # every picture is rendered afresh
     assert dataset.with_copies(picture_query["positive_ids"]) == set(picture_query["positive_ids"])
@@ -79,8 +83,12 @@ def test_gradient_checkpointing_gives_the_same_gradient(make_model, toy_dataset_
     assert_same_gradients(plain, checkpointed)
 
 
-def test_a_step_trains_both_adapters_and_queries_and_nothing_else(make_model, toy_dataset_dir):
-    trainer = trainer_for(make_model, toy_dataset_dir)
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_a_step_trains_both_adapters_and_queries_and_nothing_else(make_model, toy_dataset_dir, interface):
+    """The stage's own steps with every parameter of the model in its optimiser: what moves is what its losses reach."""
+    trainer = trainer_for(make_model, toy_dataset_dir, interface=interface)
+    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=SMALL["learning_rate"])
+    trainer.schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     for _ in range(2):  # LoRA A only gets a gradient once B has left zero
         trainer.step()
@@ -98,16 +106,16 @@ def test_resumed_run_equals_uninterrupted_run(make_model, toy_dataset_dir, tmp_p
         return make_model(**{name: getattr(config, name) for name in train_embed.MODEL_SETTINGS})
 
     straight = fresh()
-    run_train_embed(straight, dataset, tmp_path / "straight", config, resume=False, stages=[])
+    run_train_embed(straight, dataset, tmp_path / "straight", config, resume=False)
 
     def interrupt_after_step_two(metrics: dict) -> None:
         if metrics["step"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train_embed(fresh(), dataset, tmp_path / "resumed", config, resume=False, stages=[], on_step=interrupt_after_step_two)
+        run_train_embed(fresh(), dataset, tmp_path / "resumed", config, resume=False, on_step=interrupt_after_step_two)
     resumed = fresh()  # a new process starts from scratch and loads the state
-    run_train_embed(resumed, dataset, tmp_path / "resumed", config, resume=True, stages=[])
+    run_train_embed(resumed, dataset, tmp_path / "resumed", config, resume=True)
 
     def losses(run: str) -> list[float]:
         lines = (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines()
@@ -130,9 +138,9 @@ def test_tensorboard_gets_the_logged_metrics_and_a_resumed_run_replaces_the_step
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[], on_step=interrupt_after_step_two)
+        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, on_step=interrupt_after_step_two)
     (tmp_path / "run" / "train" / "states" / "step-00000002").rename(tmp_path / "run" / "train" / "states" / "dropped")
-    run_train_embed(model, dataset, tmp_path / "run", config, resume=True, stages=[])  # redoes step 2
+    run_train_embed(model, dataset, tmp_path / "run", config, resume=True)  # redoes step 2
     events = EventAccumulator(str(tmp_path / "run" / "train" / "tensorboard")).Reload()
     logged = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "contrastive_loss", "sft_loss", "learning_rate"} <= set(events.Tags()["scalars"])
@@ -155,7 +163,7 @@ def test_nan_loss_stops_training_and_names_the_last_good_state(make_model, toy_d
 
     monkeypatch.setattr(train_embed, "contrastive_loss", poisoned)
     with pytest.raises(TWNError, match=r"loss became nan at step 2.*last good state is .*step-00000001"):
-        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[])
+        run_train_embed(model, dataset, tmp_path / "run", config, resume=False)
     assert load_checkpoint(tmp_path / "run" / "train" / "states" / "step-00000001", device="cpu")
 
 
@@ -163,9 +171,9 @@ def test_a_second_run_into_the_same_directory_needs_resume(make_model, toy_datas
     dataset = load_prepared(toy_dataset_dir)
     config = TrainEmbedConfig(**{**SMALL, "steps": 1})
     model = make_model(lora_rank=4)
-    run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[])
+    run_train_embed(model, dataset, tmp_path / "run", config, resume=False)
     with pytest.raises(TWNError, match="--resume"):
-        run_train_embed(model, dataset, tmp_path / "run", config, resume=False, stages=[])
+        run_train_embed(model, dataset, tmp_path / "run", config, resume=False)
 
 
 def test_train_embed_command_end_to_end(toy_backbone_dir, toy_dataset_dir, tmp_path):
@@ -191,15 +199,15 @@ import json, os, sys, torch
 from twn_cli.distributed import end_process_group, shard_language_model, start_process_group
 start_process_group()
 from twn_cli.data.prepared import load_prepared, prepared_input
-from twn_cli.engine.backbone import load_backbone
-from twn_cli.engine.model import TWNModel
+from twn_cli.data.training_data import TrainingData
+from twn_cli.engine.factory import LoadOptions, load_model
 from twn_cli.stages import train_embed
 backbone_dir, dataset_dir, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 config = train_embed.TrainEmbedConfig(**settings)
-model = TWNModel(load_backbone(backbone_dir, device="cpu"), config.model_config())
+model = load_model(backbone=backbone_dir, config=config.model_config(), options=LoadOptions(device="cpu"))
 if config.shard_backbone:
     shard_language_model(model, torch.device("cpu"))
-trainer = train_embed.EmbedTrainer(model, train_embed.TrainingData(load_prepared(dataset_dir), "train", config.hard_negatives, config.seed), config)
+trainer = train_embed.EmbedTrainer(model, TrainingData(load_prepared(dataset_dir), "train", config.hard_negatives, config.seed), config)
 metrics = trainer.compute_gradients()
 model.embed([prepared_input(load_prepared(dataset_dir).queries["train"][0])])  # a forward without gradients
 # What each process holds between passes (sharded layers gather their weights only while they run).
@@ -227,11 +235,10 @@ def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_di
     )
     two = torch.load(output, weights_only=True)
 
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.model import TWNModel
+    from twn_cli.engine.factory import LoadOptions, load_model
 
     config = TrainEmbedConfig(**settings)
-    model = TWNModel(load_backbone(str(toy_backbone_dir), device="cpu"), config.model_config())
+    model = load_model(backbone=str(toy_backbone_dir), config=config.model_config(), options=LoadOptions(device="cpu"))
     single = EmbedTrainer(model, TrainingData(load_prepared(toy_dataset_dir), "train", config.hard_negatives, config.seed), config)
     metrics = single.compute_gradients()
     assert two["held"] < 0.55 * two["whole"] if shard_backbone else two["held"] == two["whole"]

@@ -15,8 +15,9 @@ from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from twn_cli.engine.config import INTERFACES
+from twn_cli.engine.decoding import Sampling
 from twn_cli.engine.gate import RoutingGate
-from twn_cli.engine.model import Sampling
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
 from twn_cli.stages import train_gate
@@ -30,8 +31,8 @@ from twn_cli.stages.train_gate import (
     retrieval_margins,
     run_train_gate,
     task_weights,
-    threshold_for_budget,
     thinking_labels,
+    threshold_for_budget,
 )
 
 SMALL = dict(label_queries=12, label_batch_size=6, hard_negatives=2, max_think_tokens=6, epochs=20, batch_size=8, validation_queries=8)
@@ -60,7 +61,9 @@ def test_labels_say_whether_thinking_moved_the_query_towards_its_positive():
     assert candidate_columns(rows, copies, hard_negatives=4)[2].tolist() == [[False, False, True], [True, False, False], [False, False, True]]
 
     candidates = torch.eye(3)  # a, b, n
-    unit = lambda *values: F.normalize(torch.tensor([values], dtype=torch.float32), dim=-1)
+    def unit(*values: float) -> torch.Tensor:
+        return F.normalize(torch.tensor([values], dtype=torch.float32), dim=-1)
+
     never = torch.cat([unit(1, 1, 0), unit(0.2, 1, 0), unit(1, 0, 0.5)])
     think = torch.cat([unit(1, 0.2, 0), unit(1, 0.3, 0), unit(1, 0, 0.1)])  # q0 and q2 closer to a; q1 led away from b
     margin_never = retrieval_margins(never, candidates, positive_column, negative_mask)
@@ -120,7 +123,7 @@ def test_labelling_never_scores_a_copy_of_the_positive_as_a_negative(make_model,
     assert float(against_copies.margin_think[index]) == pytest.approx(float(plain.margin_think[index]), abs=1e-5)
 
 
-@pytest.mark.parametrize("interface", ["shared", "reencode"])
+@pytest.mark.parametrize("interface", INTERFACES)
 def test_both_views_from_one_prefill_equal_what_embed_gives(make_model, toy_dataset_dir, interface):
     model = make_model(interface=interface)
     rows = load_prepared(toy_dataset_dir).queries["train"].select(range(3))

@@ -14,20 +14,22 @@ from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter, read_e
 from twn_cli.data.inputs import read_inputs
 from twn_cli.data.negatives_cache import NegativesCache, load_negatives_cache
 from twn_cli.data.prepared import load_prepared, prepared_input
-from twn_cli.engine.checkpoint import read_manifest, save_checkpoint
+from twn_cli.data.training_data import TrainingData
+from twn_cli.engine.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from twn_cli.engine.config import INTERFACES
+from twn_cli.engine.training_passes import cot_log_probs, training_views
 from twn_cli.errors import TWNError
 from twn_cli.stages import train_rl
-from twn_cli.stages.train_embed import TrainingData
-from twn_cli.stages.train_rl import (
-    RLTrainer,
-    TrainRLConfig,
+from twn_cli.stages.grpo import (
     clipped_surrogate,
+    embed_rl_reward,
     group_advantages,
     k3_kl,
-    run_train_rl,
+    loss_normaliser,
     softmax_reward,
     ume_r1_reward,
 )
+from twn_cli.stages.train_rl import RLTrainer, TrainRLConfig, run_train_rl
 
 SMALL = dict(batch_size=2, group_size=3, max_think_tokens=5, learning_rate=1e-2, hardest_negatives=8, random_negatives=4, validation_queries=3)
 
@@ -44,6 +46,23 @@ def test_group_advantages_normalise_each_group_and_count_zero_spread():
     assert torch.allclose(advantages[0], expected)
     assert torch.equal(advantages[1], torch.zeros(4))
     assert zero_spread.tolist() == [False, True]
+
+
+def test_mean_advantages_keep_the_size_of_a_groups_differences():
+    """Dr. GRPO: r - mean, with no division by the spread: a group of near-equal rewards keeps small advantages."""
+    rewards = torch.tensor([[0.30, 0.31, 0.29, 0.30], [1.0, 0.0, 0.0, 0.0]])
+    advantages, zero_spread = group_advantages(rewards, "mean")
+    assert torch.allclose(advantages, torch.tensor([[0.0, 0.01, -0.01, 0.0], [0.75, -0.25, -0.25, -0.25]]), atol=1e-6)
+    standardised, _ = group_advantages(rewards, "grpo")
+    assert float(standardised[0].abs().max()) > 1.2  # GRPO blows the first group's 0.01 up past 1
+    assert zero_spread.tolist() == [False, False]
+
+
+def test_the_loss_is_divided_by_the_tokens_or_by_a_constant_budget():
+    tokens = torch.tensor(37.0)
+    assert float(loss_normaliser(tokens, sequences=6, kind="tokens", max_think_tokens=32)) == 37.0
+    assert float(loss_normaliser(tokens, sequences=6, kind="budget", max_think_tokens=32)) == 6 * 32
+    assert float(loss_normaliser(torch.tensor(0.0), sequences=6, kind="tokens", max_think_tokens=32)) == 1.0
 
 
 def test_clipped_surrogate_takes_the_pessimistic_term_with_asymmetric_epsilon():
@@ -63,7 +82,7 @@ def test_k3_kl_matches_the_hand_computed_value_and_is_zero_at_the_reference():
 
 def test_softmax_reward_is_the_positive_probability():
     cots = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    reward = softmax_reward(cots, torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]]), temperature=1.0)
+    reward = softmax_reward(cots, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), temperature=1.0, top_n=1)
     e = math.e
     assert torch.allclose(reward, torch.tensor([e / (e + 1), 1 / (e + 1)]))
 
@@ -72,9 +91,22 @@ def test_ume_r1_reward_is_top_k_share_times_similarity_gap():
     cots = torch.tensor([[1.0, 0.0], [-0.6, 0.8]])
     positives = torch.tensor([[1.0, 0.0]])
     negatives = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
-    reward = ume_r1_reward(cots, positives, negatives, top_k=2)
+    reward = ume_r1_reward(cots, positives, negatives, temperature=1.0, top_n=2)
     # First CoT: the positive ranks first (share 1), gap 1 - (0 + -1)/2 = 1.5. Second: both negatives outrank it.
     assert torch.allclose(reward, torch.tensor([1.5, 0.0]))
+
+
+def test_embed_rl_reward_is_half_top_n_share_and_half_the_gap_to_softmax_weighted_negatives():
+    cots = torch.tensor([[1.0, 0.0], [-0.6, 0.8]])
+    positives = torch.tensor([[1.0, 0.0]])
+    negatives = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    reward = embed_rl_reward(cots, positives, negatives, temperature=0.5, top_n=1)
+    # First CoT: similarities to the negatives 0 and -1, weights softmax(0/0.5, -1/0.5) = (1, e^-2)/(1 + e^-2).
+    first_weighted = (0.0 * 1 + -1.0 * math.exp(-2)) / (1 + math.exp(-2))
+    # Second: 0.8 and 0.6 to the negatives (the first is nearest: no positive in the top 1), -0.6 to the positive.
+    second_weighted = (0.8 * math.exp(1.6) + 0.6 * math.exp(1.2)) / (math.exp(1.6) + math.exp(1.2))
+    expected = torch.tensor([0.5 * 1 + 0.5 * (1.0 - first_weighted), 0.5 * 0 + 0.5 * (-0.6 - second_weighted)])
+    assert torch.allclose(reward, expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- the cache
@@ -135,15 +167,99 @@ def setup(make_model, toy_dataset_dir):
     return model, dataset, cache_for(model, dataset)
 
 
-def test_steps_train_only_the_reasoning_adapter(setup):
-    model, dataset, cache = setup
-    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL))
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_steps_train_only_the_reasoning_adapter(make_model, toy_dataset_dir, interface):
+    """The stage's own steps with every parameter of the model in its optimiser: only the reasoning adapter moves."""
+    model, dataset = make_model(interface=interface), load_prepared(toy_dataset_dir)
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache_for(model, dataset), TrainRLConfig(**SMALL))
+    trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=SMALL["learning_rate"])
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for _ in range(2):  # LoRA A only gets a gradient once B has left zero
         metrics = trainer.step()
     assert metrics["kl"] > 0 and metrics["clip_fraction"] == 0.0  # one update per batch: ratio 1
     trained = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
     assert trained == {name for name in before if "lora_" in name and ".reasoning." in name}
+
+
+def split_samples(rows: list[dict], sampled: dict, rewards: torch.Tensor, group_size: int, parts: int) -> list:
+    """One micro-batch's (rows, sampled groups, rewards) as `parts` micro-batches of the same samples."""
+    size = len(rows) // parts
+    pieces = []
+    for part in range(parts):
+        queries, cots = slice(part * size, (part + 1) * size), slice(part * size * group_size, (part + 1) * size * group_size)
+        piece = {key: value[queries] if key == "no_think" else value[cots] for key, value in sampled.items()}
+        pieces.append((rows[queries], piece, rewards[queries]))
+    return pieces
+
+
+def gradient(trainer: RLTrainer, samples: list) -> dict[str, torch.Tensor]:
+    trainer.policy_gradient(samples)
+    return {name: p.grad.clone() for name, p in trainer.parameters.items()}
+
+
+@pytest.mark.parametrize("advantage, normalisation", [("grpo", "tokens"), ("mean", "budget")])
+def test_micro_batches_accumulate_the_whole_batchs_gradient(setup, advantage, normalisation):
+    model, dataset, cache = setup
+    with torch.no_grad():  # a reasoning adapter that is not the reference, so that the KL term has a gradient
+        for parameter in model.adapter_parameters("reasoning").values():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    config = TrainRLConfig(**{**SMALL, "batch_size": 4, "advantage": advantage, "loss_normalisation": normalisation})
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, config)
+    trainer.reference = {name: p + 0.01 for name, p in trainer.reference.items()}
+    rows = trainer.local_rows()
+    sampled = trainer.sample_groups(rows)
+    rewards = trainer.rewards(rows, sampled)
+    whole = gradient(trainer, [(rows, sampled, rewards)])
+    accumulated = gradient(trainer, split_samples(rows, sampled, rewards, config.group_size, parts=2))
+    assert any(float(g.abs().sum()) > 0 for g in whole.values())
+    for name, value in whole.items():
+        assert torch.allclose(accumulated[name], value, rtol=1e-3, atol=1e-6), name  # prompts padded to other lengths
+
+
+def test_groups_without_spread_can_be_left_out_of_the_loss(setup):
+    """A group whose CoTs all earned the same reward, left out, adds nothing (its KL term included) and its
+    tokens do not count: the batch's gradient is that of the other groups alone."""
+    model, dataset, cache = setup
+    with torch.no_grad():  # a reasoning adapter that is not the reference, so that every group's KL term has a gradient
+        for parameter in model.adapter_parameters("reasoning").values():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    data = TrainingData(dataset, "train", 0, 0)
+    kept, dropped = (RLTrainer(model, data, cache, TrainRLConfig(**SMALL, drop_zero_spread=drop)) for drop in (False, True))
+    for trainer in (kept, dropped):
+        trainer.reference = {name: p + 0.01 for name, p in trainer.reference.items()}
+    rows = kept.local_rows()
+    sampled = kept.sample_groups(rows)
+    rewards = kept.rewards(rows, sampled)
+    rewards[1] = 0.5  # the second query's group has no spread
+    first_group_alone = gradient(kept, split_samples(rows, sampled, rewards, SMALL["group_size"], parts=2)[:1])
+    assert dropped.policy_gradient([(rows, sampled, rewards)])["dropped_groups"] == 1
+    for name, parameter in dropped.parameters.items():
+        assert torch.allclose(parameter.grad, first_group_alone[name], rtol=1e-3, atol=1e-6), name  # prompts padded to other lengths
+    assert not all(torch.allclose(gradient(kept, [(rows, sampled, rewards)])[name], first_group_alone[name], rtol=1e-3, atol=1e-6)
+                   for name in first_group_alone)
+
+
+def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, tmp_path, monkeypatch):
+    model, dataset, cache = setup
+    rewards = iter([0.30, 0.32, 0.35, 0.33, 0.31, 0.40])  # before RL, then steps 1-5: best at step 2, falls at 3 and 4
+    monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows, reference=False: next(rewards))
+    weights_at = {}
+    record = RLTrainer.record_heldout
+
+    def remember(self, reward):
+        weights_at[self.step_done] = {name: p.detach().clone() for name, p in self.parameters.items()}
+        return record(self, reward)
+
+    monkeypatch.setattr(RLTrainer, "record_heldout", remember)
+    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=5, checkpoint_every=1))
+    assert summary["steps"] == 4 and summary["kept_best"] == {
+        "stopped_at_step": 4, "step": 2, "heldout_reward": 0.35, "why": "the held-out reward fell at 2 checkpoints in a row"
+    }
+    assert summary["heldout_reward"]["before"] == 0.30 and summary["heldout_reward"]["after"] == 0.35
+    saved = load_checkpoint(tmp_path / "rl", device="cpu")
+    for name, parameter in saved.adapter_parameters("reasoning").items():
+        assert torch.equal(parameter.detach(), weights_at[2][name]), name
+    assert not all(torch.equal(weights_at[4][name], weights_at[2][name]) for name in weights_at[2])
 
 
 def test_a_copy_of_the_positive_in_the_cache_is_not_a_negative(setup):
@@ -166,7 +282,7 @@ def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints
     rows = [dataset.queries["validation"][i] for i in range(3)]
     untrained = trainer.heldout_reward(rows)
     assert trainer.heldout_reward(rows) == untrained == trainer.heldout_reward(rows, reference=True)  # one fixed seed
-    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1), resume=False, stages=[])
+    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1), resume=False)
     heldout = summary["heldout_reward"]
     assert heldout["before"] == untrained and heldout["queries"] == 3 and [step for step, _ in heldout["by_step"]] == [1, 2]
     assert heldout["after"] == heldout["by_step"][-1][1] == trainer.heldout_reward(rows) != untrained
@@ -187,7 +303,7 @@ def test_cache_refresh_re_embeds_every_entry_with_the_trained_model(setup, tmp_p
         TrainRLConfig(**SMALL, refresh_cache_every=3, checkpoint_every=4)
     foreign = NegativesCache(["elsewhere/0", *cache.ids[1:]], cache.embeddings)
     with pytest.raises(TWNError, match="'elsewhere/0' is not a candidate"):
-        run_train_rl(model, dataset, foreign, tmp_path / "x", TrainRLConfig(**SMALL, refresh_cache_every=1), resume=False, stages=[])
+        run_train_rl(model, dataset, foreign, tmp_path / "x", TrainRLConfig(**SMALL, refresh_cache_every=1), resume=False)
 
 
 @pytest.mark.parametrize("refresh_cache_every", [0, 1])
@@ -195,15 +311,15 @@ def test_resumed_run_equals_uninterrupted_run_and_nan_stops(setup, make_model, t
     _, dataset, cache = setup
     config = TrainRLConfig(**SMALL, steps=2, checkpoint_every=1, refresh_cache_every=refresh_cache_every)
     straight = make_model()
-    run_train_rl(straight, dataset, cache, tmp_path / "straight", config, resume=False, stages=[])
+    run_train_rl(straight, dataset, cache, tmp_path / "straight", config, resume=False)
 
     def interrupt(metrics):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train_rl(make_model(), dataset, cache, tmp_path / "resumed", config, resume=False, stages=[], on_step=interrupt)
+        run_train_rl(make_model(), dataset, cache, tmp_path / "resumed", config, resume=False, on_step=interrupt)
     resumed = make_model()
-    run_train_rl(resumed, dataset, cache, tmp_path / "resumed", config, resume=True, stages=[])
+    run_train_rl(resumed, dataset, cache, tmp_path / "resumed", config, resume=True)
     lines = {run: (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines() for run in ("straight", "resumed")}
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
     assert [strip(line) for line in lines["straight"]] == [strip(line) for line in lines["resumed"]]
@@ -212,7 +328,7 @@ def test_resumed_run_equals_uninterrupted_run_and_nan_stops(setup, make_model, t
 
     monkeypatch.setattr(train_rl, "k3_kl", lambda log_probs, reference: log_probs * float("nan"))
     with pytest.raises(TWNError, match=r"loss became nan at step 1.*none \(no checkpoint yet\)"):
-        run_train_rl(make_model(), dataset, cache, tmp_path / "nan", config, resume=False, stages=[])
+        run_train_rl(make_model(), dataset, cache, tmp_path / "nan", config, resume=False)
 
 
 def test_cli_embeds_a_cache_then_trains_rl_keeping_earlier_results(make_model, toy_dataset_dir, tmp_path):
@@ -243,12 +359,12 @@ def test_cli_embeds_a_cache_then_trains_rl_keeping_earlier_results(make_model, t
 def test_cot_log_probs_agree_with_the_sft_cross_entropy(make_model):
     model = make_model()
     inputs = [prepared_input({"id": "q", "text": text, "images": [], "instruction": ""}) for text in ("a red circle", "two")]
-    cot_ids = model.cot_token_ids(["it is red", "a longer thought about the shape"])
-    encoded = model.encode(inputs)
+    cot_ids = model.prompts.cot_token_ids(["it is red", "a longer thought about the shape"])
+    encoded = model.prompts.encode(inputs)
     with torch.no_grad():
-        log_probs, mask = model.cot_log_probs(encoded, cot_ids)
-        forced = model.teacher_forced(encoded, cot_ids)
-    assert mask.sum(1).tolist() == [len(ids) + len(model.think_end_ids) for ids in cot_ids]
+        log_probs, mask = cot_log_probs(model, encoded, cot_ids)
+        forced = training_views(model, encoded, cot_ids)
+    assert mask.sum(1).tolist() == [len(ids) + len(model.prompts.think_end_ids) for ids in cot_ids]
     assert torch.allclose(-log_probs.sum(), forced.sft_loss_sum, rtol=1e-5)
 
 
@@ -259,7 +375,7 @@ start_process_group()
 from twn_cli.data.negatives_cache import load_negatives_cache
 from twn_cli.data.prepared import load_prepared
 from twn_cli.engine.checkpoint import load_checkpoint
-from twn_cli.stages.train_embed import TrainingData
+from twn_cli.data.training_data import TrainingData
 from twn_cli.stages.train_rl import RLTrainer, TrainRLConfig
 checkpoint, dataset_dir, cache_path, output = sys.argv[1:5]
 model = load_checkpoint(checkpoint, device="cpu")
@@ -271,7 +387,7 @@ rank = Distributed().rank
 rows = trainer.local_rows()
 sampled = trainer.sample_groups(rows, stream=rank)
 rewards = trainer.rewards(rows, sampled, stream=rank)
-metrics = trainer.update(rows, sampled, rewards)
+metrics = trainer.update([(rows, sampled, rewards)])
 heldout = trainer.heldout_reward([dataset.queries["validation"][i] for i in range(HELDOUT)])
 trainer.refresh_cache()
 torch.save({
@@ -318,7 +434,7 @@ def test_two_processes_take_the_step_of_their_samples_together(setup, toy_datase
         else torch.cat([parts[0]["sampled"][key], parts[1]["sampled"][key]])
         for key in parts[0]["sampled"]
     }
-    metrics = single.update(rows, together, torch.cat([parts[0]["rewards"], parts[1]["rewards"]]))
+    metrics = single.update([(rows, together, torch.cat([parts[0]["rewards"], parts[1]["rewards"]]))])
     assert any(float(parameter.grad.abs().sum()) > 0 for parameter in single.parameters.values())
     for name, parameter in single.parameters.items():
         # Adam's first step is lr·g/(|g| + 1e-8): where |g| is near 1e-8, the rounding of a gradient summed in

@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -52,10 +51,74 @@ class GateTarget(str, enum.Enum):
     budget = "budget"
 
 
+# Options of every command that loads a model (one declaration each).
+DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU).")
+DTYPE = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (adapters, queries and gate train in float32).")
+ATTENTION = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")
+REMOTE_CODE = typer.Option(False, help="Allow a hub backbone to run its own code.")
+VERBOSE = typer.Option(False, "-v", "--verbose", help="Log details on stderr.")
+LOCAL_BACKBONE = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto.")
+ANY_BACKBONE = typer.Option(None, help="Backbone directory or hub id: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters.")
+
+
+def _load_options(device: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool):
+    from twn_cli.distributed import process_device
+    from twn_cli.engine.factory import LoadOptions
+
+    return LoadOptions(process_device(device), dtype, attn_implementation, trust_remote_code)
+
+
+def _load_model(checkpoint: Path | None, backbone: str | None, options, *, uses_gate: bool = False, seed: int = 0):
+    """A trained model from --checkpoint (optionally onto a local --backbone copy), or fresh adapters on --backbone."""
+    from twn_cli.distributed import Distributed
+    from twn_cli.engine.config import TWNConfig
+    from twn_cli.engine.factory import load_model
+
+    if checkpoint is None and backbone is None:
+        raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
+    # Every process of torchrun / accelerate launch loads the same model: the first one says what is wrong with it.
+    warn = logging.warning if Distributed().is_main else logging.debug
+    if checkpoint is None:
+        warn("no --checkpoint: fresh, untrained adapters on '%s'", backbone)
+        return load_model(backbone=backbone, config=TWNConfig(seed=seed), options=options)
+    model = load_model(checkpoint, backbone, options=options)
+    if uses_gate and "gate" not in model.manifest:
+        warn("checkpoint '%s' has no trained gate (run train-gate): the gate is untrained", checkpoint)
+    return model
+
+
 def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+# Where stderr is not a terminal (a log file), progress is a plain line this often instead of a bar.
+PROGRESS_LINE_SECONDS = 30.0
+
+
+def _progress(*columns, **options):
+    """A rich progress bar on stderr; where stderr is not a terminal, a line every PROGRESS_LINE_SECONDS."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    stream = sys.stderr  # as it is now: a running bar redirects sys.stderr through itself
+
+    class ProgressWithLines(Progress):
+        last_line = float("-inf")
+
+        def update(self, task_id, **fields) -> None:
+            super().update(task_id, **fields)
+            if not self.disable and not self.console.is_terminal and time.monotonic() - self.last_line >= PROGRESS_LINE_SECONDS:
+                self.last_line = time.monotonic()
+                line = Console(file=io.StringIO(), width=self.console.width, color_system=None)
+                line.print(self.make_tasks_table(self.tasks))
+                stream.write(line.file.getvalue())
+                stream.flush()
+
+    return ProgressWithLines(*columns, console=_stderr_console(), **options)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -110,11 +173,11 @@ def _version() -> str:
 def toy_backbone(
     output: Path = typer.Option(..., "-o", "--output", help="Directory to write the backbone to."),
     seed: int = typer.Option(0, help="Seed of the tokenizer, the weights and the pre-training stream: the same seed gives the same files."),
-    recipe: Optional[Path] = typer.Option(
+    recipe: Path | None = typer.Option(
         None, help="YAML of backbone sizes (default: the values of recipes/toy/toy-backbone.yaml, built in)."
     ),
     pretrain: bool = typer.Option(False, "--pretrain", help="Pre-train on the toy world before saving: a vision warm-up, then captioning, scene QA and knowledge."),
-    pretrain_recipe: Optional[Path] = typer.Option(
+    pretrain_recipe: Path | None = typer.Option(
         None, help="YAML of pre-training settings (default: the values of recipes/toy/pretrain.yaml, built in)."
     ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress on stderr."),
@@ -129,7 +192,7 @@ def toy_backbone(
     _setup_logging(verbose)
     import json
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.atomic import atomic_directory
     from twn_cli.recipes import load_recipe
@@ -144,9 +207,9 @@ def toy_backbone(
     with atomic_directory(output) as staging:
         build_toy_backbone(staging, seed=seed, spec=spec)
         if settings is not None:
-            with Progress(
+            with _progress(
                 TextColumn("pre-training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("loss {task.fields[loss]}"), console=_stderr_console(),
+                TextColumn("loss {task.fields[loss]}"),
             ) as progress:
                 task = progress.add_task("pretrain", total=settings.vision_warmup_steps + settings.steps, loss="")
                 report = pretrain_toy_backbone(
@@ -165,12 +228,12 @@ def prepare(
     output: Path = typer.Option(..., "-o", "--output", help="Directory of the prepared dataset to write."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (each listed in manifest.json) instead of failing."),
     frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video frame folder."),
-    cot_column: Optional[str] = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
-    instruction: Optional[str] = typer.Option(None, help="Task instruction for records that carry none."),
-    split: Optional[str] = typer.Option(None, help="Split for records that name none (default: train; test for MMEB-V2 eval files)."),
-    task: Optional[str] = typer.Option(None, help="Task name for records that name none (default: from the file or folder name)."),
-    image_root: Optional[Path] = typer.Option(None, help="Where relative image paths resolve (default: beside each file)."),
-    cot_teacher: Optional[str] = typer.Option(None, help="Teacher MLLM (directory or hub id) that writes a CoT for every query without one; resumable."),
+    cot_column: str | None = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
+    instruction: str | None = typer.Option(None, help="Task instruction for records that carry none."),
+    split: str | None = typer.Option(None, help="Split for records that name none (default: train; test for MMEB-V2 eval files)."),
+    task: str | None = typer.Option(None, help="Task name for records that name none (default: from the file or folder name)."),
+    image_root: Path | None = typer.Option(None, help="Where relative image paths resolve (default: beside each file)."),
+    cot_teacher: str | None = typer.Option(None, help="Teacher MLLM (directory or hub id) that writes a CoT for every query without one; resumable."),
     teacher_batch_size: int = typer.Option(8, min=1, help="Queries per teacher generation batch."),
     teacher_max_new_tokens: int = typer.Option(128, min=1, help="Longest teacher CoT, in tokens."),
     device: str = typer.Option("auto", help="Device of the teacher (cpu, cuda, ...; auto: cuda if available)."),
@@ -178,7 +241,7 @@ def prepare(
     trust_remote_code: bool = typer.Option(False, help="Allow a hub teacher to run its own code."),
     n: int = typer.Option(4000, min=10, help="synthetic: number of queries over train/validation/test."),
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
-    image_size: Optional[int] = typer.Option(None, min=28, help="synthetic: side of the rendered pictures in pixels (default: the toy backbone's, which puts one of its image tokens on each grid cell)."),
+    image_size: int | None = typer.Option(None, min=28, help="synthetic: side of the rendered pictures in pixels (default: the toy backbone's, which puts one of its image tokens on each grid cell)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
     """Validate and normalise raw data into a prepared dataset directory (Arrow + manifest.json).
@@ -194,8 +257,7 @@ def prepare(
     """
     _setup_logging(verbose)
     import datasets
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.stages.prepare import run_prepare
 
@@ -207,8 +269,8 @@ def prepare(
         write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size or PICTURE_SIZE)
         _print_prepared_summary(output)
         return
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console(),
+    with _progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
     ) as progress:
         records = progress.add_task("reading", total=None)
         teacher = progress.add_task("teacher CoT", total=None, visible=False)
@@ -244,22 +306,22 @@ def _print_prepared_summary(dataset_dir: Path) -> None:
 def train_embed(
     data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run directory: the checkpoint, plus train/ (metrics.jsonl, resumable states)."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone directory or hub id to start from (fresh adapters)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint to continue training."),
-    recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-embed.yaml."),
+    backbone: str | None = typer.Option(None, help="Backbone directory or hub id to start from (fresh adapters)."),
+    checkpoint: Path | None = typer.Option(None, help="TWN checkpoint to continue training."),
+    recipe: Path | None = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-embed.yaml."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output from its last state."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Override: optimiser steps."),
-    batch_size: Optional[int] = typer.Option(None, min=2, help="Override: global contrastive batch (queries per step)."),
-    chunk_size: Optional[int] = typer.Option(None, min=1, help="Override: gradient-cache chunk per process (memory, not maths)."),
-    learning_rate: Optional[float] = typer.Option(None, help="Override: peak learning rate."),
-    temperature: Optional[float] = typer.Option(None, help="Override: InfoNCE temperature."),
-    seed: Optional[int] = typer.Option(None, help="Override: seed of the data order and fresh adapters."),
+    steps: int | None = typer.Option(None, min=1, help="Override: optimiser steps."),
+    batch_size: int | None = typer.Option(None, min=2, help="Override: global contrastive batch (queries per step)."),
+    chunk_size: int | None = typer.Option(None, min=1, help="Override: gradient-cache chunk per process (memory, not maths)."),
+    learning_rate: float | None = typer.Option(None, help="Override: peak learning rate."),
+    temperature: float | None = typer.Option(None, help="Override: InfoNCE temperature."),
+    seed: int | None = typer.Option(None, help="Override: seed of the data order and fresh adapters."),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
-    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
-    dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
-    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    attn_implementation: str | None = ATTENTION,
+    trust_remote_code: bool = REMOTE_CODE,
+    verbose: bool = VERBOSE,
 ):
     """Jointly train the reasoning adapter (SFT on teacher CoT) and the embedding adapter + queries (InfoNCE).
 
@@ -271,19 +333,20 @@ def train_embed(
     state named. Prints the checkpoint (run) directory.
     """
     _setup_logging(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from twn_cli.data.prepared import load_prepared
     from twn_cli.distributed import Distributed, process_device, shard_language_model, start_process_group
-    from twn_cli.engine.backbone import load_backbone, resolve_device
-    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-    from twn_cli.engine.model import TWNModel
+    from twn_cli.engine.backbone import resolve_device
+    from twn_cli.engine.factory import load_model
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_embed import TrainEmbedConfig, run_train_embed
 
     if (backbone is None) == (checkpoint is None) and not resume:
         raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
+    if checkpoint is None and backbone is None:
+        raise TWNError("--resume needs the --backbone or --checkpoint the run started from")
     overrides = parse_overrides(
         setting, steps=steps, batch_size=batch_size, chunk_size=chunk_size, learning_rate=learning_rate, temperature=temperature, seed=seed
     )
@@ -291,30 +354,17 @@ def train_embed(
     start_process_group()
     distributed = Distributed()
     shard = config.shard_backbone and distributed.world_size > 1
-    # A backbone to shard is loaded on the CPU first, so that no device ever holds all of it.
-    load_device = "cpu" if shard else process_device(device)
-    load_options = dict(dtype=dtype, device=load_device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    options = _load_options(device, dtype, attn_implementation, trust_remote_code)
+    if shard:  # a backbone to shard is loaded on the CPU first, so that no device ever holds all of it
+        options.device = "cpu"
     dataset = load_prepared(data)
-    if checkpoint is not None:
-        model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
-        history = model.manifest["stages"]
-    elif backbone is not None:
-        model = TWNModel(load_backbone(backbone, **load_options), config.model_config())
-        history = []
-    else:
-        raise TWNError("--resume needs the --backbone or --checkpoint the run started from")
+    model = load_model(checkpoint, backbone, config=None if checkpoint else config.model_config(), options=options)
     if shard:
         layers = shard_language_model(model, resolve_device(process_device(device)))
         logging.info("sharded %d language-model layers over %d processes", layers, distributed.world_size)
-    record = {
-        "stage": "train-embed",
-        "data": str(Path(data).resolve()),
-        "arguments": {key: value for key, value in vars(config).items()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    with Progress(
+    with _progress(
         TextColumn("train-embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=_stderr_console(), disable=not distributed.is_main,
+        TextColumn("{task.fields[status]}"), disable=not distributed.is_main,
     ) as progress:
         task = progress.add_task("train", total=config.steps, status="")
 
@@ -325,10 +375,9 @@ def train_embed(
                 f"lr {metrics['learning_rate']:.2e} {metrics['samples_per_second']:.1f} samples/s",
             )
 
-        summary = run_train_embed(model, dataset, output, config, resume=resume, stages=history + [record], on_step=show)
+        summary = run_train_embed(model, dataset, output, config, resume=resume, on_step=show)
     if not distributed.is_main:
         return
-    save_checkpoint(model, output, stages=history + [record], extra={"train_embed": summary})
     table = Table("", "value", title="train-embed")
     for key, value in summary.get("validation", {}).items():
         table.add_row(f"validation {key}", f"{value:.3f}")
@@ -345,20 +394,20 @@ def train_gate(
     data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`): labels on its train split, τ on its validation split."),
     checkpoint: Path = typer.Option(..., help="TWN checkpoint whose gate to train (from train-embed or train-rl)."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write; its train/ keeps the label cache and logs."),
-    backbone: Optional[str] = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto."),
-    recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-gate.yaml."),
-    think_budget: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pick τ so that this share of validation inputs thinks."),
-    target: Optional[GateTarget] = typer.Option(None, help="best: the τ with the best validation Hit@1 (mean over tasks); budget: see --think-budget."),
-    delta: Optional[float] = typer.Option(None, help="Override: label 'think' only if thinking raises the retrieval margin by more than this."),
-    negatives_cache: Optional[Path] = typer.Option(
+    backbone: str | None = LOCAL_BACKBONE,
+    recipe: Path | None = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-gate.yaml."),
+    think_budget: float | None = typer.Option(None, min=0.0, max=1.0, help="Pick τ so that this share of validation inputs thinks."),
+    target: GateTarget | None = typer.Option(None, help="best: the τ with the best validation Hit@1 (mean over tasks); budget: see --think-budget."),
+    delta: float | None = typer.Option(None, help="Override: label 'think' only if thinking raises the retrieval margin by more than this."),
+    negatives_cache: Path | None = typer.Option(
         None, help="Also score labels against every entry of this global negatives cache (`twn embed DATA -o cache.pt`) but the input's positives."
     ),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
-    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
-    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (the gate trains in float32)."),
-    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    attn_implementation: str | None = ATTENTION,
+    trust_remote_code: bool = REMOTE_CODE,
+    verbose: bool = VERBOSE,
 ):
     """Train the routing gate on self-supervised labels: does thinking improve this input's retrieval margin?
 
@@ -373,14 +422,12 @@ def train_gate(
     Usage: twn train-gate DATA --checkpoint RUN -o RUN2 [--think-budget F | --target best].
     """
     _setup_logging(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.data.prepared import load_prepared
-    from twn_cli.distributed import Distributed, process_device, start_process_group
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
+    from twn_cli.distributed import Distributed, start_process_group
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
 
@@ -391,20 +438,11 @@ def train_gate(
     config = load_recipe(recipe, TrainGateConfig, **overrides)
     start_process_group()
     distributed = Distributed()
-    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
-    model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code))
     negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
-    record = {
-        "stage": "train-gate",
-        "data": str(Path(data).resolve()),
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "negatives_cache": str(Path(negatives_cache).resolve()) if negatives_cache else None,
-        "arguments": dict(vars(config)),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    with Progress(
-        TextColumn("train-gate {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr_console(),
+    with _progress(
+        TextColumn("train-gate {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not distributed.is_main,
     ) as progress:
         bar = progress.add_task("train-gate", total=None, phase="")
@@ -415,7 +453,6 @@ def train_gate(
         summary = run_train_gate(model, dataset, output, config, negatives=negatives, progress=show)
     if not distributed.is_main:
         return
-    save_checkpoint(model, output, stages=model.manifest["stages"] + [record], extra={**stage_results(model.manifest), "gate": summary})
 
     labels, scores, validation = summary["labels"], summary["auroc"], summary["validation"]
     rule = f"{summary['think_budget']:.0%} think budget" if summary["target"] == "budget" else "best validation Hit@1, task mean"
@@ -447,17 +484,17 @@ def train_rl(
     checkpoint: Path = typer.Option(..., help="TWN checkpoint whose reasoning adapter to improve (from train-embed or train-gate); also the KL reference."),
     negatives_cache: Path = typer.Option(..., help="Global negatives cache: `twn embed DATA --checkpoint RUN -o cache.pt` (.pt or .safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run directory: the checkpoint, plus train/ (metrics.jsonl, resumable states)."),
-    backbone: Optional[str] = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto."),
-    recipe: Optional[Path] = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-rl.yaml."),
+    backbone: str | None = LOCAL_BACKBONE,
+    recipe: Path | None = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-rl.yaml."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output from its last state."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Override: optimiser steps."),
-    seed: Optional[int] = typer.Option(None, help="Override: seed of the query order, the sampled CoTs and the random negatives."),
+    steps: int | None = typer.Option(None, min=1, help="Override: optimiser steps."),
+    seed: int | None = typer.Option(None, help="Override: seed of the query order, the sampled CoTs and the random negatives."),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
-    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
-    dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
-    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    attn_implementation: str | None = ATTENTION,
+    trust_remote_code: bool = REMOTE_CODE,
+    verbose: bool = VERBOSE,
 ):
     """Improve the reasoning adapter with GRPO, rewarded in the embedding space against a global negatives cache.
 
@@ -471,52 +508,46 @@ def train_rl(
     Usage: twn train-rl DATA --checkpoint RUN --negatives-cache cache.pt -o RUN2.
     """
     _setup_logging(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.data.prepared import load_prepared
-    from twn_cli.distributed import Distributed, process_device, start_process_group
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
+    from twn_cli.distributed import Distributed, start_process_group
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
 
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting, steps=steps, seed=seed))
     start_process_group()
     distributed = Distributed()
-    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
-    model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code))
     cache = load_negatives_cache(negatives_cache, model.embedding_dim)
-    record = {
-        "stage": "train-rl",
-        "data": str(Path(data).resolve()),
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "negatives_cache": str(Path(negatives_cache).resolve()),
-        "arguments": dict(vars(config)),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    stages = model.manifest["stages"] + [record]
-    with Progress(
+    with _progress(
         TextColumn("train-rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=_stderr_console(), disable=not distributed.is_main,
+        TextColumn("{task.fields[status]}"), disable=not distributed.is_main,
     ) as progress:
         task = progress.add_task("train", total=config.steps, status="")
 
         def show(metrics: dict) -> None:
             progress.update(
                 task, completed=metrics["step"],
-                status=f"reward {metrics['reward_mean']:.3f} kl {metrics['kl']:.4f} CoT {metrics['cot_tokens_mean']:.1f} tokens",
+                status=f"reward {metrics['reward_mean']:.3f} ± {metrics['reward_spread']:.3f}, {metrics['zero_spread_groups']:.0%} groups without spread, "
+                f"kl {metrics['kl']:.4f}, CoT {metrics['cot_tokens_mean']:.1f} tokens, {metrics['ended_share']:.0%} ended"
+                + (f", held-out reward {metrics['heldout_reward']:.4f}" if "heldout_reward" in metrics else ""),
             )
 
-        summary = run_train_rl(model, dataset, cache, output, config, resume=resume, stages=stages, on_step=show)
+        summary = run_train_rl(model, dataset, cache, output, config, resume=resume, on_step=show)
     if not distributed.is_main:
         return
-    save_checkpoint(model, output, stages=stages, extra={**stage_results(model.manifest), "train_rl": summary})
-    heldout = summary["heldout_reward"]
+    heldout, kept = summary["heldout_reward"], summary["kept_best"]
     if heldout:
         _stderr_console().print(
             f"held-out reward ({heldout['queries']} {heldout['split']} queries): {heldout['before']:.4f} before RL, {heldout['after']:.4f} after"
+        )
+    if kept:
+        _stderr_console().print(
+            f"stopped at step {kept['stopped_at_step']}: {kept['why']}; the checkpoint keeps the adapter of step {kept['step']}"
+            + (" (the one before RL)" if kept["step"] == 0 else "")
         )
     print(output)
 
@@ -528,26 +559,24 @@ def embed(
     inputs: str = typer.Argument(
         ..., help="An image folder, a JSONL file of records (id, text, image/images, instruction), - for JSONL on stdin, or a prepared dataset directory (its candidates: a negatives cache for train-rl)."
     ),
-    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint directory to embed with."),
-    backbone: Optional[str] = typer.Option(
-        None, help="Backbone directory or hub id: with --checkpoint, load the checkpoint onto it; alone, a fresh untrained TWN model."
-    ),
+    checkpoint: Path | None = typer.Option(None, help="TWN checkpoint directory to embed with."),
+    backbone: str | None = ANY_BACKBONE,
     output: str = typer.Option("-", "-o", "--output", help="Output file: .safetensors, .pt, .parquet, .jsonl, or - for JSONL on stdout."),
     think: ThinkOption = typer.Option(ThinkOption.never, help="never: no CoT; always: a CoT for every input; auto: the gate decides."),
     adaptive: bool = typer.Option(False, "--adaptive", help="Same as --think auto: think where the checkpoint's gate says it helps."),
-    threshold: Optional[float] = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
+    threshold: float | None = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same .parquet output after the records it finished."),
-    max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
     temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
     seed: int = typer.Option(0, help="Seed for sampled CoTs and for a fresh model's adapters."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
-    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
-    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details on stderr."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    attn_implementation: str | None = ATTENTION,
+    trust_remote_code: bool = REMOTE_CODE,
+    verbose: bool = VERBOSE,
 ):
     """Embed images, texts or both with the shared-prefill dual-LoRA model.
 
@@ -560,13 +589,13 @@ def embed(
     """
     _setup_logging(verbose)
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.data.embedding_files import EmbeddingWriter
     from twn_cli.data.inputs import read_inputs
     from twn_cli.data.prepared import is_prepared_dir
-    from twn_cli.distributed import Distributed, process_device, start_process_group
-    from twn_cli.engine.model import Sampling
+    from twn_cli.distributed import Distributed, start_process_group
+    from twn_cli.engine.decoding import Sampling
     from twn_cli.stages.embed import EmbedSettings, run_embed
 
     mode = "auto" if adaptive else think.value
@@ -579,8 +608,7 @@ def embed(
     if inputs == "-" and distributed.world_size > 1:
         raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
     records = read_inputs(inputs)
-    model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=process_device(device),
-                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=mode == "auto", seed=seed)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -618,9 +646,9 @@ def embed(
     if writer is not None and writer.records_done:
         logging.warning("resuming '%s' after its first %d records", output, writer.records_done)
     started = time.perf_counter()
-    with Progress(
+    with _progress(
         TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[rate]}"), console=_stderr_console(), transient=False, disable=not distributed.is_main,
+        TextColumn("{task.fields[rate]}"), transient=False, disable=not distributed.is_main,
     ) as progress:
         task = progress.add_task("embed", total=None, rate="")
 
@@ -640,42 +668,22 @@ def embed(
         print(writer.path)
 
 
-def _load_model(checkpoint: Optional[Path], backbone: Optional[str], *, uses_gate: bool, seed: int = 0, **load_options):
-    """A trained model from --checkpoint (optionally onto a local --backbone copy), or fresh adapters on --backbone."""
-    from twn_cli.distributed import Distributed
-    from twn_cli.engine.backbone import load_backbone
-    from twn_cli.engine.checkpoint import load_checkpoint
-    from twn_cli.engine.model import TWNConfig, TWNModel
-
-    if checkpoint is None and backbone is None:
-        raise TWNError("give --checkpoint DIR (a trained model) or --backbone MODEL (a fresh, untrained one)")
-    # Every process of torchrun / accelerate launch loads the same model: the first one says what is wrong with it.
-    warn = logging.warning if Distributed().is_main else logging.debug
-    if checkpoint is None:
-        warn("no --checkpoint: fresh, untrained adapters on '%s'", backbone)
-        return TWNModel(load_backbone(backbone, **load_options), TWNConfig(seed=seed))
-    model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
-    if uses_gate and "gate" not in model.manifest:
-        warn("checkpoint '%s' has no trained gate (run train-gate): the gate is untrained", checkpoint)
-    return model
-
-
 # ------------------------------------------------------------------------------------------------------- route
 @app.command()
 @user_errors
 def route(
     inputs: str = typer.Argument(..., help="An image folder, a JSONL file of records, or - for JSONL on stdin (as for `twn embed`)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint whose gate decides."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone: with --checkpoint, a local copy to load it onto; alone, an untrained gate."),
+    checkpoint: Path | None = typer.Option(None, help="TWN checkpoint whose gate decides."),
+    backbone: str | None = ANY_BACKBONE,
     output: str = typer.Option("-", "-o", "--output", help="JSONL file to write, or - for stdout."),
-    threshold: Optional[float] = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
+    threshold: float | None = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
     batch_size: int = typer.Option(32, min=1, help="Inputs per prefill."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
-    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
-    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
-    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    attn_implementation: str | None = ATTENTION,
+    trust_remote_code: bool = REMOTE_CODE,
+    verbose: bool = VERBOSE,
 ):
     """Gate decisions only: prefill each input and report p_think and think, without decoding anything.
 
@@ -688,8 +696,7 @@ def route(
     from twn_cli.stages.route import run_route
 
     records = read_inputs(inputs)
-    model = _load_model(checkpoint, backbone, uses_gate=True, dtype=dtype, device=device,
-                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=True)
     threshold = model.config.gate_threshold if threshold is None else threshold
     route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
     if output == "-":
@@ -707,20 +714,20 @@ def route(
 def evaluate(
     data: Path = typer.Argument(..., help="Prepared eval dataset directory (from `twn prepare`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: report.json, report.md, predictions.jsonl, quality_vs_tokens.png, cache/."),
-    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint to evaluate."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters."),
+    checkpoint: Path | None = typer.Option(None, help="TWN checkpoint to evaluate."),
+    backbone: str | None = ANY_BACKBONE,
     mode: EvalMode = typer.Option(EvalMode.adaptive, help="never / always think, adaptive (the gate at its threshold), or sweep (never, always and a range of thresholds)."),
     split: str = typer.Option("test", help="Split of the prepared dataset to evaluate."),
-    threshold: Optional[float] = typer.Option(None, help="Gate threshold of the adaptive point (default: the checkpoint's)."),
-    thresholds: Optional[str] = typer.Option(None, help="Sweep thresholds, comma-separated (default: quantiles of p_think)."),
+    threshold: float | None = typer.Option(None, help="Gate threshold of the adaptive point (default: the checkpoint's)."),
+    thresholds: str | None = typer.Option(None, help="Sweep thresholds, comma-separated (default: quantiles of p_think)."),
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
     rank_chunk_size: int = typer.Option(8192, min=1, help="Candidates scored at a time (bounds memory for huge pools)."),
-    max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
-    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
-    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
-    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+    max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    attn_implementation: str | None = ATTENTION,
+    trust_remote_code: bool = REMOTE_CODE,
+    verbose: bool = VERBOSE,
 ):
     """MMEB-style evaluation: never / always / adaptive thinking, or a sweep of gate thresholds.
 
@@ -733,9 +740,9 @@ def evaluate(
     _setup_logging(verbose)
     import shlex
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from twn_cli.distributed import Distributed, process_device, start_process_group
+    from twn_cli.distributed import Distributed, start_process_group
     from twn_cli.eval.report import print_tables
     from twn_cli.stages.evaluate import run_eval
 
@@ -745,12 +752,12 @@ def evaluate(
         raise TWNError(f"--thresholds takes numbers separated by commas, not '{thresholds}'") from None
     start_process_group()
     distributed = Distributed()
-    model = _load_model(checkpoint, backbone, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep), dtype=dtype,
-                        device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    options = _load_options(device, dtype, attn_implementation, trust_remote_code)
+    model = _load_model(checkpoint, backbone, options, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep))
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console(), disable=not distributed.is_main,
+    with _progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), disable=not distributed.is_main,
     ) as progress:
         bar = progress.add_task("eval", total=None)
 

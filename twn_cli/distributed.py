@@ -268,7 +268,7 @@ def shard_language_model(model: torch.nn.Module, device: torch.device) -> int:
         fully_shard(layer, mesh=mesh, ignored_params=adapters, reshard_after_forward=True)
     with torch.no_grad():
         for module in model.modules():
-            for name, parameter in module.named_parameters(recurse=False):
+            for _, parameter in module.named_parameters(recurse=False):
                 if not isinstance(parameter, DTensor):
                     parameter.data = parameter.data.to(device)
             for name, buffer in module.named_buffers(recurse=False):

@@ -13,6 +13,23 @@ from twn_cli.errors import TWNError
 Settings = TypeVar("Settings")
 
 
+def stage_settings() -> dict[str, type]:
+    """The settings class that each recipe file (`recipes/<backbone>/<file>`) loads into."""
+    from twn_cli.stages.train_embed import TrainEmbedConfig
+    from twn_cli.stages.train_gate import TrainGateConfig
+    from twn_cli.stages.train_rl import TrainRLConfig
+    from twn_cli.toyworld.backbone import ToyBackboneSpec
+    from twn_cli.toyworld.pretrain import PretrainSettings
+
+    return {
+        "toy-backbone.yaml": ToyBackboneSpec,
+        "pretrain.yaml": PretrainSettings,
+        "train-embed.yaml": TrainEmbedConfig,
+        "train-gate.yaml": TrainGateConfig,
+        "train-rl.yaml": TrainRLConfig,
+    }
+
+
 def load_recipe(path: str | Path | None, settings_class: type[Settings], **overrides) -> Settings:
     """`settings_class` filled from the recipe at `path` (if any), then from the non-None `overrides`."""
     import yaml

@@ -9,6 +9,7 @@ Records are read lazily and their images opened batch by batch, so inputs of any
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,8 +17,11 @@ from pathlib import Path
 from typing import TextIO
 
 from twn_cli.data.images import IMAGE_SUFFIXES, load_image
-from twn_cli.engine.model import ModelInput
+from twn_cli.distributed import batched, prepared_in_order
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.types import ModelInput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,3 +139,37 @@ def _unique(records: Iterable[InputRecord]) -> Iterator[InputRecord]:
             record.problem = f"duplicate id '{record.id}' (first at {seen[record.id]})"
         seen.setdefault(record.id, record.where)
         yield record
+
+
+def loaded_batches(
+    records: Iterable[InputRecord], batch_size: int, skip_bad: bool, skipped: list[BadRecordError]
+) -> Iterator[tuple[list[str], list[ModelInput]]]:
+    """The loaded (ids, inputs) of each block of `batch_size` records that keeps any (see `load_block`),
+    opened in a background thread one block ahead of the consumer."""
+    for ids, inputs in prepared_in_order(batched(records, batch_size), lambda block: load_block(block, skip_bad, skipped)):
+        if ids:
+            yield ids, inputs
+
+
+def load_block(
+    block: Iterable[InputRecord], skip_bad: bool, skipped: list[BadRecordError]
+) -> tuple[list[str], list[ModelInput]]:
+    """Ids and loaded inputs of `block`; a bad record raises, or with `skip_bad` is logged and added to `skipped`.
+
+    A skipped record leaves its block one input short rather than pulling in the next record: blocks are
+    fixed before anything is loaded, because under several processes each loads only its own blocks.
+    """
+    ids: list[str] = []
+    inputs: list[ModelInput] = []
+    for record in block:
+        try:
+            loaded = record.load()
+        except BadRecordError as error:
+            if not skip_bad:
+                raise
+            log.warning("skipped %s", error)
+            skipped.append(error)
+            continue
+        ids.append(record.id)
+        inputs.append(loaded)
+    return ids, inputs

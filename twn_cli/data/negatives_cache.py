@@ -20,6 +20,7 @@ from twn_cli.errors import TWNError
 class NegativesCache:
     ids: list[str]
     embeddings: torch.Tensor  # [N, d], float32, L2-normalised as `twn embed` writes them
+    path: Path | None = None  # the file it was read from
     row_of: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -62,4 +63,4 @@ def load_negatives_cache(path: str | Path, expected_dim: int) -> NegativesCache:
         raise TWNError(f"negatives cache '{path}' holds non-finite values (NaN or inf)")
     if not ids:
         raise TWNError(f"negatives cache '{path}' is empty")
-    return NegativesCache([str(item) for item in ids], embeddings)
+    return NegativesCache([str(item) for item in ids], embeddings, path)

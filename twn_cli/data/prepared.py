@@ -1,4 +1,4 @@
-"""The prepared dataset: what `twn prepare` writes and every other stage reads (METHOD section 4).
+"""The prepared dataset: what `twn prepare` writes and every other stage reads.
 
     manifest.json   format, schema version, source, counts per split and task, task table, skipped records
     queries/        datasets.DatasetDict (save_to_disk), one split per name, rows as QUERY_FEATURES
@@ -274,7 +274,7 @@ def _first_line(error: BaseException) -> str:
 def prepared_input(row: Mapping):
     """The model input of a prepared query or candidate row; an empty instruction means the model's default."""
     from twn_cli.data.images import load_image
-    from twn_cli.engine.model import ModelInput
+    from twn_cli.types import ModelInput
 
     images = []
     for path in row["images"]:
@@ -285,33 +285,3 @@ def prepared_input(row: Mapping):
     return ModelInput(text=row["text"], images=images, instruction=row["instruction"] or None)
 
 
-class CandidateEmbedder:
-    """No-think embeddings of a prepared dataset's candidates, by id, `batch_size` at a time (on the CPU, in the model's dtype)."""
-
-    def __init__(self, model, candidates: datasets.Dataset, batch_size: int):
-        self.model = model
-        self.candidates = candidates
-        self.index = {candidate_id: i for i, candidate_id in enumerate(candidates["id"])}
-        self.batch_size = batch_size
-
-    def __call__(self, ids: Sequence[str]):
-        import torch
-
-        unknown = next((item for item in ids if item not in self.index), None)
-        if unknown is not None:
-            raise TWNError(f"candidate '{unknown}' is not among the prepared dataset's candidates")
-        parts = []
-        with torch.no_grad():
-            for start in range(0, len(ids), self.batch_size):
-                inputs = [prepared_input(self.candidates[self.index[i]]) for i in ids[start : start + self.batch_size]]
-                parts.append(self.model.embed(inputs).embeddings.cpu())
-        return torch.cat(parts)
-
-    def shared_by(self, distributed, ids: Sequence[str]):
-        """What `self(ids)` gives, each process (a `twn_cli.distributed.Distributed`) embedding its share of
-        blocks of eight batches; the batches are those of one process, so the embeddings are too."""
-        import torch
-
-        block = self.batch_size * 8
-        blocks = [ids[start : start + block] for start in range(0, len(ids), block)]
-        return torch.cat(list(distributed.map_in_order(self, blocks, prepare=lambda ids: ids)))

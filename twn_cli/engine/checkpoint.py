@@ -1,4 +1,4 @@
-"""Checkpoint directories (METHOD section 3), written atomically and checked on load.
+"""Checkpoint directories, written atomically and checked on load.
 
     twn.json               manifest: backbone + fingerprint, model settings, stages run, versions, file hashes
     reasoning/             PEFT LoRA adapter dir (loadable by peft alone)
@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from twn_cli.atomic import atomic_directory
 from twn_cli.engine.backbone import Backbone, load_backbone
-from twn_cli.engine.model import ADAPTERS, TWNConfig, TWNModel
+from twn_cli.engine.config import ADAPTERS, TWNConfig
+from twn_cli.engine.model import TWNModel
 from twn_cli.errors import TWNError
 
 MANIFEST = "twn.json"
@@ -179,7 +180,7 @@ def load_checkpoint(
         model.gate.load_state_dict(load_file(checkpoint_dir / "gate.safetensors", device=str(model.device)))
     except RuntimeError as error:
         raise TWNError(f"checkpoint '{checkpoint_dir}': gate.safetensors does not fit the gate ({str(error).splitlines()[0]})") from None
-    model.manifest = manifest
+    model.checkpoint_dir, model.manifest = checkpoint_dir, manifest
     return model
 
 

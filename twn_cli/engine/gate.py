@@ -6,8 +6,13 @@ import torch
 from torch import nn
 
 
+def thinks(p_think: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The routing rule: an input thinks iff its p_think reaches the threshold τ."""
+    return p_think >= threshold
+
+
 class RoutingGate(nn.Module):
-    """p_think = sigmoid(MLP(h)) on the detached last hidden state of the reasoning-adapter prefill."""
+    """p_think = sigmoid(MLP(h)) on the detached last hidden state of the prompt prefill."""
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()

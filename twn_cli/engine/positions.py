@@ -43,8 +43,11 @@ class PositionScheme:
 
     def text_positions(self, start: torch.Tensor, length: int) -> torch.Tensor:
         """Positions of `length` text tokens that follow each row's `start` position."""
-        positions = start[:, None] + torch.arange(length, device=start.device)
-        return self._spread(positions)
+        return self.offset_positions(start, torch.arange(length, device=start.device)[None])
+
+    def offset_positions(self, start: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Positions of text tokens at `offsets` [rows, length] after each row's `start` position."""
+        return self._spread(start[:, None] + offsets)
 
     def _spread(self, positions: torch.Tensor) -> torch.Tensor:
         if self.axes is None:

@@ -27,7 +27,7 @@ class TaskCost:
     inputs: int  # queries and candidates embedded
     seconds: float
 
-    def __add__(self, other: "TaskCost") -> "TaskCost":
+    def __add__(self, other: TaskCost) -> TaskCost:
         return TaskCost(*(getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__))
 
     def summary(self) -> dict:

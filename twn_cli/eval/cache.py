@@ -71,7 +71,7 @@ class EmbeddingTable:
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, staging, metadata=header)
 
     @classmethod
-    def load_or_new(cls, path: Path, ids: list[str], dim: int, key: dict, views: tuple[str, ...] = VIEWS) -> "EmbeddingTable":
+    def load_or_new(cls, path: Path, ids: list[str], dim: int, key: dict, views: tuple[str, ...] = VIEWS) -> EmbeddingTable:
         """The table saved at `path` if it was made for `key` and `ids`, else an empty one."""
         table = cls(ids, dim, key, views)
         if not path.is_file():

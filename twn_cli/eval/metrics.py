@@ -26,6 +26,14 @@ METRICS = ("hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr", "recall@1", "
 TOP_K = 10
 
 
+def hit_at_1(scores: torch.Tensor, gold: torch.Tensor) -> bool:
+    """Whether a gold candidate ranks first among `scores` (one query against its pool; `gold` marks the
+    golds), under the tie rule above: it must score strictly above every non-gold."""
+    if not gold.any():
+        return False
+    return not bool((~gold).any()) or float(scores[gold].max()) > float(scores[~gold].max())
+
+
 def query_metrics(gold_ranks: Sequence[int | None], gold_relevance: Sequence[float]) -> dict[str, float]:
     """Every metric of METRICS for one query, from the 1-based rank of each gold (None: not in the pool)."""
     relevant = [(rank, relevance) for rank, relevance in zip(gold_ranks, gold_relevance) if relevance > 0]

@@ -67,7 +67,7 @@ def markdown_report(report: dict) -> str:
     if checkpoint is None:
         model = "a fresh, untrained TWN model (no checkpoint)"
     else:
-        stages = ", ".join(stage.get("name", "?") for stage in checkpoint.get("stages", [])) or "none"
+        stages = ", ".join(stage["stage"] for stage in checkpoint.get("stages", [])) or "none"
         model = f"checkpoint on `{checkpoint['backbone']['source']}` (stages: {stages}; saved {checkpoint.get('saved')})"
     threshold = "" if report["threshold"] is None else f", gate threshold τ = {report['threshold']:.4g}"
     lines = [

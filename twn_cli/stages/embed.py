@@ -10,10 +10,14 @@ from itertools import islice
 import torch
 
 from twn_cli.data.embedding_files import EmbeddingBatch, EmbeddingWriter
-from twn_cli.data.inputs import InputRecord
-from twn_cli.distributed import Distributed, batched, prepared_in_order
-from twn_cli.engine.model import ModelInput, Sampling, ThinkMode, TWNModel
+from twn_cli.data.inputs import InputRecord, load_block
+from twn_cli.distributed import Distributed, batched
+from twn_cli.engine.batching import block_size, embed_block
+from twn_cli.engine.config import ThinkMode
+from twn_cli.engine.decoding import Sampling
+from twn_cli.engine.model import TWNModel
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.types import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def run_embed(
     """Embed every record into `writer`; a bad record stops the run unless `skip_bad` (then it is reported).
 
     Each process opens the images of its next blocks in a background thread while its model works. Under
-    several processes each one embeds its share of the blocks of records (`TWNModel.block_size`), and
+    several processes each one embeds its share of the blocks of records (`engine.batching.block_size`), and
     every process receives every block in input order and counts it, so all return the same summary; only the
     first holds a writer (the others pass None). On any failure the writer's partial output is dropped (a
     parquet output keeps its finished parts). A writer that resumes has its records skipped here.
@@ -60,11 +64,11 @@ def run_embed(
         ids, inputs = load_block(block, settings.skip_bad, skipped)
         return ids, inputs, skipped, len(block), block[-1].id
 
-    def embed_block(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int, str]) -> tuple[EmbeddingBatch, list[BadRecordError], int, str]:
+    def embed_loaded(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int, str]) -> tuple[EmbeddingBatch, list[BadRecordError], int, str]:
         ids, inputs, skipped, records_in_block, last_record = loaded
         if not ids:
             return EmbeddingBatch([], torch.empty(0, model.embedding_dim), [], [], [], []), skipped, records_in_block, last_record
-        result = model.embed_block(inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
+        result = embed_block(model, inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
         batch = EmbeddingBatch(
             ids=ids,
             embeddings=result.embeddings.cpu(),
@@ -76,8 +80,8 @@ def run_embed(
         return batch, skipped, records_in_block, last_record
 
     try:
-        blocks = batched(records, model.block_size(settings.batch_size))
-        for batch, skipped, records_in_block, last_record in distributed.map_in_order(embed_block, blocks, prepare=load):
+        blocks = batched(records, block_size(settings.batch_size))
+        for batch, skipped, records_in_block, last_record in distributed.map_in_order(embed_loaded, blocks, prepare=load):
             summary.skipped += skipped
             if writer is not None:
                 writer.add(batch, records_in_block, [{"record": error.record, "reason": error.reason} for error in skipped], last_record)
@@ -98,7 +102,7 @@ def run_embed(
 def skip_done_records(records: Iterator[InputRecord], count: int, last_id: str | None) -> Iterator[InputRecord]:
     """`records` after the first `count`, which an interrupted run did, the last of them `last_id`."""
     consumed, last = 0, None
-    for consumed, last in enumerate(islice(records, count), start=1):
+    for consumed, last in enumerate(islice(records, count), start=1):  # noqa: B007 (both are read after the loop)
         pass
     if consumed < count or (count and last.id != last_id):
         found = f"only {consumed} records" if consumed < count else f"'{last.id}' there"
@@ -106,35 +110,3 @@ def skip_done_records(records: Iterator[InputRecord], count: int, last_id: str |
     return records
 
 
-def loaded_batches(
-    records: Iterable[InputRecord], batch_size: int, skip_bad: bool, skipped: list[BadRecordError]
-) -> Iterator[tuple[list[str], list[ModelInput]]]:
-    """The loaded (ids, inputs) of each block of `batch_size` records that keeps any (see `load_block`),
-    opened in a background thread one block ahead of the consumer."""
-    for ids, inputs in prepared_in_order(batched(records, batch_size), lambda block: load_block(block, skip_bad, skipped)):
-        if ids:
-            yield ids, inputs
-
-
-def load_block(
-    block: Iterable[InputRecord], skip_bad: bool, skipped: list[BadRecordError]
-) -> tuple[list[str], list[ModelInput]]:
-    """Ids and loaded inputs of `block`; a bad record raises, or with `skip_bad` is logged and added to `skipped`.
-
-    A skipped record leaves its block one input short rather than pulling in the next record: blocks are
-    fixed before anything is loaded, because under several processes each loads only its own blocks.
-    """
-    ids: list[str] = []
-    inputs: list[ModelInput] = []
-    for record in block:
-        try:
-            loaded = record.load()
-        except BadRecordError as error:
-            if not skip_bad:
-                raise
-            log.warning("skipped %s", error)
-            skipped.append(error)
-            continue
-        ids.append(record.id)
-        inputs.append(loaded)
-    return ids, inputs

@@ -1,4 +1,4 @@
-"""The `eval` stage: MMEB-style evaluation of a TWN model on a prepared eval set (METHOD sections 3 and 4).
+"""The `eval` stage: MMEB-style evaluation of a TWN model on a prepared eval set.
 
 Per task: embed the candidates (never thinking) and the queries in the views the mode needs, rank every
 query against its pool (its own `candidate_ids`, or the task's global pool), score the ranking; then
@@ -41,13 +41,16 @@ import torch
 from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.prepared import PreparedDataset, load_prepared, prepared_input
 from twn_cli.distributed import Distributed, batched
-from twn_cli.engine.model import EmbedResult, ModelInput, TWNModel
+from twn_cli.engine.batching import block_size, embed_block
+from twn_cli.engine.gate import thinks
+from twn_cli.engine.model import EmbedResult, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.aggregate import HEADLINE_METRIC, TaskCost, aggregate, task_summary
 from twn_cli.eval.cache import EmbeddingTable, model_key, task_cache_dir
 from twn_cli.eval.metrics import TOP_K, query_metrics, rank_in_chunks
 from twn_cli.eval.plot import plot_quality_vs_tokens
 from twn_cli.eval.report import markdown_report
+from twn_cli.types import ModelInput
 
 MODES = ("never", "always", "adaptive", "sweep")
 REPORT_FORMAT = "twn-eval-report"
@@ -298,7 +301,7 @@ def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, 
 
     def embed(loaded: tuple[tuple[int, ...], list[ModelInput]]) -> tuple[tuple[int, ...], EmbedResult]:
         batch, inputs = loaded
-        result = model.embed_block(inputs, think, batch_size, threshold=tau)
+        result = embed_block(model, inputs, think, batch_size, threshold=tau)
         # On the CPU: results cross processes, and the table keeps them there anyway.
         return batch, dataclasses.replace(result, embeddings=result.embeddings.cpu(), think=result.think.cpu(), p_think=result.p_think.cpu())
 
@@ -306,7 +309,7 @@ def _embed_rows(model, table, rows, think, tau, input_of, batch_size, on_batch, 
     # Each block is charged the wall time since the previous one arrived (images are opened ahead, in a
     # thread, so timing the work alone would leave their reading out); saving the table is not charged.
     since = time.perf_counter()
-    for batch, result in distributed.map_in_order(embed, batched(rows, model.block_size(batch_size)), prepare=load):
+    for batch, result in distributed.map_in_order(embed, batched(rows, block_size(batch_size)), prepare=load):
         table.record(batch, ["think" if flag else "no_think" for flag in result.think.tolist()], result, time.perf_counter() - since)
         done += len(batch)
         on_batch(done)
@@ -348,10 +351,10 @@ def _views_needed(mode: str, tau: float, queries: EmbeddingTable) -> dict[str, l
         return {"think": every_row}
     if mode == "sweep":
         return {"no_think": every_row, "think": every_row}
-    thinks = (queries.p_think >= tau).tolist()
+    thinking = thinks(queries.p_think, tau).tolist()
     return {
-        "think": [row for row in every_row if thinks[row]],
-        "no_think": [row for row in every_row if not thinks[row]],
+        "think": [row for row in every_row if thinking[row]],
+        "no_think": [row for row in every_row if not thinking[row]],
     }
 
 
@@ -422,7 +425,7 @@ def _chosen_views(result: TaskResult, mode: str, threshold: float | None) -> lis
         return ["no_think"] * count
     if mode == "always":
         return ["think"] * count
-    return ["think" if thinks else "no_think" for thinks in (result.p_think >= threshold).tolist()]
+    return ["think" if thinking else "no_think" for thinking in thinks(result.p_think, threshold).tolist()]
 
 
 def _point(results: Mapping[str, TaskResult], mode: str, threshold: float | None) -> dict:

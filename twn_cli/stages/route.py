@@ -7,10 +7,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from twn_cli.data.inputs import InputRecord
+from twn_cli.data.inputs import InputRecord, loaded_batches
+from twn_cli.engine.gate import thinks
 from twn_cli.engine.model import TWNModel
 from twn_cli.errors import BadRecordError
-from twn_cli.stages.embed import loaded_batches
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,8 @@ def run_route(
     routed = thinking = 0
     skipped: list[BadRecordError] = []
     for ids, inputs in loaded_batches(records, batch_size, skip_bad, skipped):
-        probabilities = model.think_probability(inputs).tolist()
-        for record_id, probability in zip(ids, probabilities):
-            think = probability >= threshold
+        probabilities = model.think_probability(inputs)
+        for record_id, probability, think in zip(ids, probabilities.tolist(), thinks(probabilities, threshold).tolist()):
             output.write(json.dumps({"id": record_id, "p_think": round(probability, 6), "think": think}) + "\n")
             thinking += think
         output.flush()

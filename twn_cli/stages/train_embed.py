@@ -1,6 +1,6 @@
 """`twn train-embed`: joint training of the reasoning adapter (SFT on teacher CoT) and the embedding side.
 
-One step, for a global batch of queries (METHOD section 2):
+One step, for a global batch of queries (docs/design.md):
 1. the reasoning adapter prefills prompt + teacher CoT (teacher forcing): SFT cross-entropy on the CoT;
 2. the embedding adapter and the queries read the *detached* cache of that same prefill twice, with the CoT
    (think view) and with the CoT masked out (no-think view); targets and hard negatives are embedded
@@ -23,20 +23,26 @@ weights can be sharded over the processes (`shard_backbone`, see `twn_cli.distri
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
+from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.data.training_data import TrainingData
 from twn_cli.distributed import Distributed, backbone_is_sharded
-from twn_cli.engine.model import ModelInput, Sampling, TWNConfig, TWNModel
+from twn_cli.engine.checkpoint import save_checkpoint
+from twn_cli.engine.config import TWNConfig
+from twn_cli.engine.decoding import Sampling
+from twn_cli.engine.model import TWNModel
+from twn_cli.engine.training_passes import teacher_cot_embeddings, training_views
 from twn_cli.errors import TWNError
+from twn_cli.eval.metrics import hit_at_1
+from twn_cli.stages.common import CandidateEmbedder, stage_record
 from twn_cli.training import (
     RunDirectory,
     restore_rng_state,
@@ -44,11 +50,15 @@ from twn_cli.training import (
     rng_state,
     warmup_cosine,
 )
+from twn_cli.types import ModelInput
 
 log = logging.getLogger(__name__)
 
 # Settings that define the model (used when training starts from a backbone); the rest drive training.
-MODEL_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_queries", "pooling", "gate_hidden_size", "max_think_tokens", "temperature", "seed")
+MODEL_SETTINGS = (
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_queries", "pooling", "interface", "gate_hidden_size",
+    "max_think_tokens", "temperature", "seed",
+)
 
 
 @dataclass
@@ -62,6 +72,7 @@ class TrainEmbedConfig:
     lora_target_modules: list[str] | None = TWNConfig.lora_target_modules
     num_queries: int = TWNConfig.num_queries
     pooling: str = TWNConfig.pooling
+    interface: str = TWNConfig.interface  # reasoning-prefill, embedding-prefill or reencode (docs/design.md)
     gate_hidden_size: int = TWNConfig.gate_hidden_size
     max_think_tokens: int = TWNConfig.max_think_tokens
     # The objective.
@@ -105,72 +116,6 @@ class TrainEmbedConfig:
         return TWNConfig(**{name: getattr(self, name) for name in MODEL_SETTINGS})
 
 
-@dataclass
-class Example:
-    """One query of a batch with its target, hard negatives and teacher CoT, images opened."""
-
-    query: ModelInput
-    cot: str | None
-    target_id: str
-    target: ModelInput
-    negative_ids: list[str]
-    negatives: list[ModelInput]
-    positive_ids: set[str]  # its positives and their copies (PreparedDataset.with_copies): never its negatives
-
-
-class TrainingData:
-    """Batches of examples from a prepared dataset, in a seeded order that a resumed run reproduces."""
-
-    def __init__(self, dataset: PreparedDataset, split: str, hard_negatives: int, seed: int):
-        if split not in dataset.queries:
-            raise TWNError(f"prepared dataset '{dataset.path}' has no '{split}' split (it has {', '.join(dataset.queries)})")
-        self.dataset = dataset
-        self.rows = dataset.queries[split]
-        self.candidates = dataset.candidates
-        self.candidate_index = {candidate_id: index for index, candidate_id in enumerate(dataset.candidates["id"])}
-        self.hard_negatives = hard_negatives
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch_indices(self, step: int, batch_size: int) -> list[int]:
-        """The query indices of global batch `step` (0-based): epochs of seeded permutations, end to end."""
-        count = len(self.rows)
-        indices = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, count)
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            indices.append(int(order[offset]))
-        return indices
-
-    def examples(self, indices: list[int], step: int) -> list[Example]:
-        rng = random.Random(f"{self.seed}/{step}")
-        return [self._example(self.rows[index], rng) for index in indices]
-
-    def _example(self, row: dict, rng: random.Random) -> Example:
-        positives = self.dataset.with_copies(row["positive_ids"])
-        negative_ids = list(row["negative_ids"])[: self.hard_negatives]
-        while len(negative_ids) < self.hard_negatives:
-            # Topped up with random candidates so every query brings as many negatives (equal shapes across processes).
-            candidate_id = self.candidates[rng.randrange(len(self.candidates))]["id"]
-            if candidate_id not in positives:
-                negative_ids.append(candidate_id)
-        target_id = row["positive_ids"][0]
-        return Example(
-            query=prepared_input(row),
-            cot=row["cot"] or None,
-            target_id=target_id,
-            target=self._candidate_input(target_id),
-            negative_ids=negative_ids,
-            negatives=[self._candidate_input(candidate_id) for candidate_id in negative_ids],
-            positive_ids=positives,
-        )
-
-    def _candidate_input(self, candidate_id: str) -> ModelInput:
-        return prepared_input(self.candidates[self.candidate_index[candidate_id]])
-
-
 def contrastive_loss(
     think: torch.Tensor,
     no_think: torch.Tensor,
@@ -209,6 +154,9 @@ class EmbedTrainer:
         if config.batch_size % self.distributed.world_size:
             raise TWNError(f"batch_size {config.batch_size} must divide evenly over {self.distributed.world_size} processes")
         if config.gradient_checkpointing:
+            if model.config.interface != "reasoning-prefill":
+                # Checkpointed layers keep no KV cache, and under these interfaces InfoNCE trains a cached prefill.
+                raise TWNError(f"gradient_checkpointing works with interface reasoning-prefill only, not {model.config.interface}")
             self._enable_checkpointing()
         parts = model.trainable_parameters()
         self.parameters = {**parts["reasoning"], **parts["embedding"]}
@@ -240,9 +188,9 @@ class EmbedTrainer:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
 
-        cot_ids = model.cot_token_ids([example.cot or "" for example in examples])
+        cot_ids = model.prompts.cot_token_ids([example.cot or "" for example in examples])
         cot_ids = [ids if example.cot else None for ids, example in zip(cot_ids, examples)]
-        sft_tokens = sum(len(ids) + len(model.think_end_ids) for ids in cot_ids if ids is not None)
+        sft_tokens = sum(len(ids) + len(model.prompts.think_end_ids) for ids in cot_ids if ids is not None)
         sft_tokens = int(self.distributed.gather(torch.tensor([sft_tokens])).sum())
 
         chunks = [range(start, min(start + config.chunk_size, len(examples))) for start in range(0, len(examples), config.chunk_size)]
@@ -291,16 +239,16 @@ class EmbedTrainer:
     def _forward_chunk(self, examples, cot_ids, chunk, sft_backward: Callable[[torch.Tensor], None] | None = None) -> dict:
         model = self.model
         picked = [examples[i] for i in chunk]
-        encoded = model.encode([e.query for e in picked])
+        encoded = model.prompts.encode([e.query for e in picked])
         chunk_cots = [cot_ids[i] for i in chunk]
-        forced = model.teacher_forced(encoded, chunk_cots)
+        forced = training_views(model, encoded, chunk_cots)
         if sft_backward is not None:
             sft_backward(forced)  # now, while the reasoning adapter is active
         if self.config.gradient_checkpointing and torch.is_grad_enabled():
             # Checkpointed layers keep no KV cache (their backward replay would write it twice): the views
             # come from a pass without gradients, which is all the detached interface needs anyway.
             with torch.no_grad():
-                forced = model.teacher_forced(encoded, chunk_cots)
+                forced = training_views(model, encoded, chunk_cots)
         with self._query_passes():
             return {
                 "think": model.query_pass(forced.think_view),
@@ -325,11 +273,12 @@ class EmbedTrainer:
         self.model.backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def _embed_candidates(self, inputs: list[ModelInput]) -> torch.Tensor:
-        """No-think embeddings; the prefill needs no graph, since the embedding side reads a detached cache."""
+        """No-think embeddings. A reasoning-adapter prefill needs no graph (the queries read it detached); an
+        embedding-adapter prefill is trained by InfoNCE like the queries."""
         if not inputs:
             return torch.empty(0, self.model.embedding_dim, device=self.model.device)
-        with torch.no_grad():
-            prefix, _ = self.model.prefill(self.model.encode(inputs))
+        with nullcontext() if self.model.config.prefill_adapter == "embedding" else torch.no_grad():
+            prefix, _ = self.model.prefill(self.model.prompts.encode(inputs))
         return self.model.query_pass(prefix)
 
     def _sft_backward(self, sft_tokens: int, values: list[float]) -> Callable:
@@ -391,15 +340,15 @@ def validation_hit_at_1(
         inputs = [prepared_input(row) for row in batch]
         views = {
             "never": model.embed(inputs).embeddings,
-            "teacher_cot": model.embed_with_thoughts(inputs, [row["cot"] for row in batch]),
+            "teacher_cot": teacher_cot_embeddings(model, inputs, [row["cot"] for row in batch]),
             "generated_cot": model.embed(inputs, think="always", sampling=Sampling(stop_early=not lockstep)).embeddings,
         }
         for offset, row in enumerate(batch):
             pool = pools[start + offset]
             pool_embeddings = torch.stack([candidate_embeddings[c] for c in pool])
+            gold = torch.tensor([candidate in row["positive_ids"] for candidate in pool])
             for name, queries in views.items():
-                best = pool[int((pool_embeddings @ queries[offset]).argmax())]
-                hits[name] += best in row["positive_ids"]
+                hits[name] += hit_at_1(pool_embeddings @ queries[offset], gold)
     return {f"hit@1_{name}": count / len(rows) for name, count in hits.items()}
 
 
@@ -409,11 +358,12 @@ def run_train_embed(
     run_dir: Path,
     config: TrainEmbedConfig,
     *,
-    resume: bool,
-    stages: list[dict],
+    resume: bool = False,
     on_step: Callable[[dict], None] = lambda metrics: None,
 ) -> dict:
-    """Train, checkpointing every `checkpoint_every` steps into `run_dir/train/states`; returns the summary."""
+    """Train, saving a resumable state every `checkpoint_every` steps in `run_dir/train/states`, then the
+    checkpoint in `run_dir` (by the first process); returns the summary, which twn.json keeps."""
+    stages = (model.manifest["stages"] if model.manifest else []) + [stage_record("train-embed", dataset, config, checkpoint=model.checkpoint_dir)]
     distributed = Distributed()
     run = RunDirectory(run_dir, tensorboard=config.tensorboard)
     data = TrainingData(dataset, config.split, config.hard_negatives, config.seed)
@@ -437,5 +387,7 @@ def run_train_embed(
     sharded = backbone_is_sharded(model)
     if (distributed.is_main or sharded) and config.validation_queries and config.validation_split in dataset.queries:
         summary["validation"] = validation_hit_at_1(model, dataset, config.validation_split, config.validation_queries, lockstep=sharded)
+    if distributed.is_main:
+        save_checkpoint(model, run_dir, stages=stages, extra={"train_embed": summary})
     return summary
 

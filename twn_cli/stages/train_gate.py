@@ -43,14 +43,17 @@ from safetensors.torch import save_file
 
 from twn_cli.atomic import atomic_file, write_text_atomically
 from twn_cli.data.negatives_cache import NegativesCache
-from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
+from twn_cli.data.prepared import PreparedDataset, prepared_input
 from twn_cli.distributed import Distributed
-from twn_cli.engine.checkpoint import check_checkpoint_output
-from twn_cli.engine.gate import RoutingGate
-from twn_cli.engine.model import ModelInput, Sampling, TWNModel
+from twn_cli.engine.checkpoint import check_checkpoint_output, save_checkpoint, stage_results
+from twn_cli.engine.decoding import Sampling
+from twn_cli.engine.gate import RoutingGate, thinks
+from twn_cli.engine.model import TWNModel
 from twn_cli.errors import TWNError
-from twn_cli.eval.metrics import auroc
+from twn_cli.eval.metrics import auroc, hit_at_1
+from twn_cli.stages.common import CandidateEmbedder, stage_record
 from twn_cli.training import TRAIN_DIR
+from twn_cli.types import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +124,9 @@ class Views:
 @torch.no_grad()
 def embed_views(model: TWNModel, inputs: list[ModelInput], sampling: Sampling) -> Views:
     """The no-think and think embeddings of `inputs` (on the CPU), sharing one prefill as `embed` does."""
-    encoded = model.encode(inputs)
-    prefix, last_state = model.prefill(encoded)
-    if model.config.interface == "reencode":
-        thoughts = model.think(prefix, sampling)
-        never = model.reencode(encoded, [None] * len(inputs))
-        think = model.reencode(encoded, [model.strip_end_marker(ids) for ids in thoughts.token_ids])
-    else:
-        never = model.query_pass(prefix)  # before think(), which extends the prefix's cache in place
-        thoughts = model.think(prefix, sampling)
-        think = model.query_pass(thoughts.prefix)
+    prefix, last_state = model.prefill(model.prompts.encode(inputs))
+    never = model.query_pass(prefix)  # before the CoTs, which may extend the prefix's cache in place
+    think, thoughts = model.thought_embeddings(prefix, inputs, sampling)
     return Views(last_state.float().cpu(), never.cpu(), think.cpu(), thoughts.reasoning_tokens, thoughts.texts)
 
 
@@ -200,7 +196,7 @@ class LabelledInputs:
         return thinking_labels(self.margin_never, self.margin_think, delta)
 
     @classmethod
-    def concatenate(cls, parts: list["LabelledInputs"]) -> "LabelledInputs":
+    def concatenate(cls, parts: list[LabelledInputs]) -> LabelledInputs:
         return cls(
             ids=[i for part in parts for i in part.ids],
             features=torch.cat([part.features for part in parts]),
@@ -527,14 +523,6 @@ def task_weights(tasks: list[str]) -> torch.Tensor:
     return torch.tensor([1.0 / (len(sizes) * sizes[task]) for task in tasks], dtype=torch.float64)
 
 
-def is_hit(query: torch.Tensor, pool: torch.Tensor, gold: torch.Tensor) -> bool:
-    """Whether a gold candidate ranks first; ties count against the gold, as in `twn eval`."""
-    if not gold.any():
-        return False
-    scores = pool @ query
-    return not bool((~gold).any()) or float(scores[gold].max()) > float(scores[~gold].max())
-
-
 def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig, progress: Progress = lambda phase, done, total: None) -> ValidationViews:
     """Both views of up to `validation_queries` validation queries, judged against their candidate pools.
 
@@ -560,8 +548,8 @@ def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGat
             pool = pools[start + offset]
             pool_embeddings = torch.stack([embeddings[c] for c in pool])
             gold = torch.tensor([c in row["positive_ids"] for c in pool])
-            hits_never.append(is_hit(views.never[offset], pool_embeddings, gold))
-            hits_think.append(is_hit(views.think[offset], pool_embeddings, gold))
+            hits_never.append(hit_at_1(pool_embeddings @ views.never[offset], gold))
+            hits_think.append(hit_at_1(pool_embeddings @ views.think[offset], gold))
         return views.last_prompt_state, views.reasoning_tokens, hits_never, hits_think
 
     def read(start: int) -> tuple[int, list[dict], list[ModelInput]]:
@@ -608,7 +596,7 @@ def best_threshold(
     above_all = float(torch.nextafter(p_think.max(), torch.tensor(float("inf"))))
     points = [(above_all, weighted_hit_rate(hit_never, weights))]
     for tau in sorted(set(p_think.tolist()), reverse=True):
-        points.append((tau, weighted_hit_rate(torch.where(p_think >= tau, hit_think, hit_never), weights)))
+        points.append((tau, weighted_hit_rate(torch.where(thinks(p_think, tau), hit_think, hit_never), weights)))
     enough = max(score for _, score in points) - tolerance
     return next(tau for tau, score in points if score >= enough - 1e-9)
 
@@ -619,7 +607,7 @@ def weighted_hit_rate(hits: torch.Tensor, weights: torch.Tensor) -> float:
 
 def adaptive_outcome(p_think: torch.Tensor, tau: float, validation: ValidationViews) -> dict:
     """Think rate, Hit@1 (mean over tasks) and reasoning tokens per query on validation at τ, beside never and always."""
-    thinking = p_think.float() >= tau
+    thinking = thinks(p_think.float(), tau)
     count = len(thinking)
     return {
         "queries": count,
@@ -642,10 +630,11 @@ def run_train_gate(
     negatives: NegativesCache | None = None,
     progress: Progress = lambda phase, done, total: None,
 ) -> dict:
-    """Label (against `negatives` too, given a cache), train the gate, pick τ (set as `model.config.gate_threshold`);
-    returns the summary for twn.json."""
+    """Label (against `negatives` too, given a cache), train the gate, pick τ (set as `model.config.gate_threshold`),
+    and save the checkpoint in `run_dir` (by the first process); returns the summary, which twn.json keeps."""
     run_dir = Path(run_dir)
     check_checkpoint_output(run_dir)
+    record = stage_record("train-gate", dataset, config, checkpoint=model.checkpoint_dir, negatives_cache=negatives.path if negatives else None)
     for split in (config.split, config.validation_split):
         if split not in dataset.queries:
             raise TWNError(f"prepared dataset '{dataset.path}' has no '{split}' split (it has {', '.join(dataset.queries)})")
@@ -675,14 +664,12 @@ def run_train_gate(
     else:
         tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, validation.weights, config.best_tolerance)
     model.config.gate_threshold = tau
-    if Distributed().is_main:
-        _write_logs(train_dir, rows, labelled, labels, fold_of, p_heldout, set(stopping.tolist()), p_labelled, fit.history)
-    return {
+    summary = {
         "threshold": tau,
         "target": config.target,
         "think_budget": config.think_budget if config.target == "budget" else None,
         "delta": config.delta,
-        "feature": "last prompt state of the reasoning-adapter prefill",
+        "feature": f"last prompt state of the {model.config.prefill_adapter}-adapter prefill",
         "labels": label_statistics(rows, labelled, labels, config),
         "negatives_cache": {"entries": len(negatives.ids), "sha256": negatives.digest()} if negatives is not None else None,
         "auroc": {
@@ -698,6 +685,11 @@ def run_train_gate(
         "gate_epoch": fit.kept["epoch"],
         "validation": {"split": config.validation_split, **adaptive_outcome(p_validation, tau, validation)},
     }
+    if Distributed().is_main:
+        _write_logs(train_dir, rows, labelled, labels, fold_of, p_heldout, set(stopping.tolist()), p_labelled, fit.history)
+        manifest = model.manifest or {"stages": []}
+        save_checkpoint(model, run_dir, stages=manifest["stages"] + [record], extra={**stage_results(manifest), "gate": summary})
+    return summary
 
 
 def label_statistics(rows: list[dict], labelled: LabelledInputs, labels: torch.Tensor, config: TrainGateConfig) -> dict:

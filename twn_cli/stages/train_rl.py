@@ -1,17 +1,23 @@
-"""`twn train-rl`: GRPO on the reasoning adapter, rewarded in the embedding space (METHOD sections 1 and 3).
+"""`twn train-rl`: GRPO on the reasoning adapter, rewarded in the embedding space.
 
-One step, for a batch of queries:
-1. one reasoning-adapter prefill per query; its rows are repeated G times and G CoTs are sampled from it;
-2. each CoT's embedding is the frozen embedding side's query pass over the prompt + CoT cache, exactly
-   what `twn embed --think always` produces; the reward compares it to the query's positive against
-   negatives from the global cache (the hardest by similarity to the no-think query embedding, plus
-   random ones), never one of its positives or a copy of one under another id (an answer or class name
-   that recurs across tasks and splits would be the right answer scored as a wrong one);
-3. advantages are the rewards normalised within each query's group: (r - mean) / (std + 1e-4);
+One step, for a batch of queries, a micro-batch of them at a time (gradients accumulate):
+1. one prefill per query; its rows are repeated G times and G CoTs are sampled by the reasoning adapter;
+2. each CoT's embedding is the frozen embedding side's, exactly what `twn embed --think always` produces;
+   the reward (`grpo.REWARDS`) compares it to the query's positive against negatives from the global
+   cache (the hardest by similarity to the no-think query embedding, plus random ones), never one of its
+   positives or a copy of one under another id (an answer or class name that recurs across tasks and
+   splits would be the right answer scored as a wrong one);
+3. advantages within each query's group (`advantage`: GRPO's (r - mean) / std, or Dr. GRPO's r - mean);
+   groups whose CoTs all earned the same reward can be left out (`drop_zero_spread`);
 4. the loss is the per-token clipped surrogate (asymmetric ε, as DAPO) plus β times the k3 estimate of
-   the KL divergence to the frozen pre-RL reasoning adapter, averaged over the batch's CoT tokens.
+   the KL divergence to the frozen pre-RL reasoning adapter, summed over the batch's CoT tokens and divided
+   by their number or by a constant token budget (`loss_normalisation`: tokens, or budget as Dr. GRPO).
 Only the reasoning LoRA parameters are in the optimiser, and the loss is backpropagated while the reasoning
 adapter is active, so the embedding adapter, the queries, the gate and the backbone cannot change.
+
+The held-out reward (validation queries, CoTs sampled under one fixed seed) is measured before RL and at
+every checkpoint. If it falls at two checkpoints in a row, the run stops and keeps the adapter of its best
+checkpoint (the pre-RL one, if none was better), and says so.
 
 One update per sampled batch: the "old" policy is the current one, so the ratio is 1 numerically; the
 clipped form is kept so that several updates per batch only need a loop.
@@ -30,16 +36,33 @@ from pathlib import Path
 import torch
 
 from twn_cli.data.negatives_cache import NegativesCache
-from twn_cli.data.prepared import CandidateEmbedder, PreparedDataset, prepared_input
+from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.data.training_data import TrainingData
 from twn_cli.distributed import Distributed
-from twn_cli.engine.model import Sampling, TWNModel
+from twn_cli.engine.checkpoint import save_checkpoint, stage_results
+from twn_cli.engine.decoding import Sampling
+from twn_cli.engine.model import TWNModel
+from twn_cli.engine.training_passes import cot_log_probs
 from twn_cli.errors import TWNError
-from twn_cli.stages.train_embed import TrainingData
+from twn_cli.stages.common import CandidateEmbedder, stage_record
+from twn_cli.stages.grpo import (
+    ADVANTAGES,
+    LOSS_NORMALISATIONS,
+    REWARDS,
+    clipped_surrogate,
+    format_reward,
+    group_advantages,
+    k3_kl,
+    length_cost,
+    loss_normaliser,
+    pick_negatives,
+)
 from twn_cli.training import RunDirectory, restore_rng_state, resume_latest_state, rng_state
 
 log = logging.getLogger(__name__)
 
-REWARDS = ("softmax", "ume_r1")
+# A held-out reward that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
+FALLS_TO_STOP = 2
 
 
 @dataclass
@@ -52,18 +75,23 @@ class TrainRLConfig:
     top_p: float = 1.0
     max_think_tokens: int = 32
     # The objective.
-    reward: str = "softmax"
-    reward_temperature: float = 0.05
+    reward: str = "softmax"  # softmax, ume_r1 or embed_rl (twn_cli/stages/grpo.py)
+    reward_temperature: float = 0.05  # softmax: of the probability; embed_rl: of the weights of the negatives
+    reward_top_n: int = 1  # ume_r1 and embed_rl: the share of positives among the n nearest candidates
     hardest_negatives: int = 0  # 0: every cache entry that is not a positive of the query
     random_negatives: int = 0
     format_reward: float = 0.0  # added when the CoT ended with the end marker itself
     token_cost: float = 0.0  # subtracted per CoT token
+    advantage: str = "grpo"  # grpo: (r - mean) / std; mean: r - mean (Dr. GRPO)
+    drop_zero_spread: bool = False  # leave out of the loss the groups whose CoTs all earned the same reward
+    loss_normalisation: str = "tokens"  # tokens: by the batch's CoT tokens; budget: by sequences x max_think_tokens
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
     kl_beta: float = 0.04
     # Optimisation.
     steps: int = 100
     batch_size: int = 4  # queries per step
+    micro_batch_size: int = 0  # queries per sampling and backward pass (gradients accumulate); 0: the whole batch
     learning_rate: float = 1e-5
     max_grad_norm: float = 1.0
     # Bookkeeping.
@@ -75,18 +103,23 @@ class TrainRLConfig:
     # their CoTs sampled under one fixed seed, before RL and at every checkpoint.
     validation_split: str = "validation"
     validation_queries: int = 32
-    # Re-embed the negatives cache with the current model every this many steps (0: never). RL changes the
-    # reasoning adapter, whose prefill every no-think embedding reads, so the cache drifts from the model.
+    # Re-embed the negatives cache with the current model every this many steps (0: never). Under
+    # reasoning-prefill every no-think embedding reads the reasoning adapter's prefill, so RL moves them and
+    # the cache drifts from the model; under the other interfaces it cannot.
     refresh_cache_every: int = 0
     seed: int = 0
 
     def __post_init__(self):
-        if self.reward not in REWARDS:
-            raise TWNError(f"reward must be one of {', '.join(REWARDS)}, not '{self.reward}'")
+        for name, value, allowed in (("reward", self.reward, tuple(REWARDS)), ("advantage", self.advantage, ADVANTAGES),
+                                     ("loss_normalisation", self.loss_normalisation, LOSS_NORMALISATIONS)):
+            if value not in allowed:
+                raise TWNError(f"{name} must be one of {', '.join(allowed)}, not '{value}'")
         if self.group_size < 2:
             raise TWNError("group_size must be at least 2: advantages are normalised within each query's group")
-        if min(self.batch_size, self.steps, self.max_think_tokens) < 1:
-            raise TWNError("batch_size, steps and max_think_tokens must be positive")
+        if min(self.batch_size, self.steps, self.max_think_tokens, self.reward_top_n) < 1:
+            raise TWNError("batch_size, steps, max_think_tokens and reward_top_n must be positive")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise TWNError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size}), or be 0")
         if self.validation_queries < 0:
             raise TWNError("validation_queries must not be negative")
         if self.refresh_cache_every < 0:
@@ -96,89 +129,13 @@ class TrainRLConfig:
             raise TWNError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of refresh_cache_every ({self.refresh_cache_every})")
 
 
-# ----------------------------------------------------------------------------------------- negatives
-def pick_negatives(
-    cache: NegativesCache, query: torch.Tensor, positive_ids: set[str], hardest: int, random_count: int, rng: random.Random
-) -> torch.Tensor:
-    """Rows of the cache used as one query's negatives: the `hardest` most similar to `query` plus random
-    ones, none of them in `positive_ids` (its positives and their copies)."""
-    allowed = torch.tensor([item not in positive_ids for item in cache.ids])
-    candidates = allowed.nonzero().flatten()
-    if hardest == 0 or hardest >= len(candidates):
-        return candidates
-    similarity = cache.embeddings[candidates] @ query.float().cpu()
-    order = similarity.argsort(descending=True)
-    chosen = candidates[order[:hardest]].tolist()
-    rest = candidates[order[hardest:]].tolist()
-    chosen += rng.sample(rest, min(random_count, len(rest)))
-    return torch.tensor(chosen)
-
-
-# ----------------------------------------------------------------------------------------- rewards
-def softmax_reward(cot_embeddings: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[G] rewards: the softmax probability of the positive(s) among positives + negatives (InfoNCE's own target)."""
-    positives = positives.reshape(-1, cot_embeddings.shape[1])
-    logits = cot_embeddings @ torch.cat([positives, negatives]).T / temperature
-    return logits.softmax(-1)[:, : len(positives)].sum(-1)
-
-
-def ume_r1_reward(cot_embeddings: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[G] rewards as UME-R1 (METHOD section 6): (share of positives in the top-k) × (mean positive − mean negative similarity).
-
-    Our reading: each CoT embedding ranks positives + negatives by cosine similarity; the share is how many
-    of the query's positives are among the k nearest, over min(k, positives) so that one positive found
-    scores 1; k is the group size G as in UME-R1. The second factor is the mean similarity to the positives
-    minus the mean similarity to the negatives. A CoT with no positive in its top-k earns 0.
-    """
-    positives = positives.reshape(-1, cot_embeddings.shape[1])
-    positive_similarity = cot_embeddings @ positives.T
-    negative_similarity = cot_embeddings @ negatives.T
-    similarity = torch.cat([positive_similarity, negative_similarity], dim=1)
-    nearest = similarity.topk(min(top_k, similarity.shape[1]), dim=1).indices
-    found = (nearest < len(positives)).sum(1).float()
-    share = found / min(top_k, len(positives))
-    return share * (positive_similarity.mean(1) - negative_similarity.mean(1))
-
-
-def format_reward(ended_with_marker: torch.Tensor, weight: float) -> torch.Tensor:
-    """`weight` for each CoT that closed itself with the end marker (not cut at the budget)."""
-    return weight * ended_with_marker.float()
-
-
-def length_cost(cot_tokens: torch.Tensor, cost_per_token: float) -> torch.Tensor:
-    return -cost_per_token * cot_tokens.float()
-
-
-# ----------------------------------------------------------------------------------------- GRPO maths
-def group_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[queries, G] rewards -> advantages (r - mean) / (std + 1e-4) per group, and which groups had no spread."""
-    mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, keepdim=True)
-    zero_spread = (rewards == rewards[:, :1]).all(1)
-    return (rewards - mean) / (std + 1e-4), zero_spread
-
-
-def clipped_surrogate(log_probs, old_log_probs, advantages, epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A), and where the clipped term was chosen."""
-    ratio = torch.exp(log_probs - old_log_probs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages
-    return torch.minimum(unclipped, clipped), clipped < unclipped
-
-
-def k3_kl(log_probs: torch.Tensor, reference_log_probs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 (non-negative)."""
-    difference = reference_log_probs - log_probs
-    return torch.exp(difference) - difference - 1
-
-
 # ----------------------------------------------------------------------------------------- trainer
 class RLTrainer:
     """GRPO on the reasoning adapter of one model, against one negatives cache.
 
     Under several processes each takes a slice of every step's queries and samples their groups (its own
-    random stream), the loss is normalised by the whole batch's CoT tokens, and the gradients are summed,
-    so that a step is the single-process step on the union of the samples.
+    random stream), the loss is normalised over the whole batch, and the gradients are summed, so that a
+    step is the single-process step on the union of the samples.
     """
 
     def __init__(self, model: TWNModel, data: TrainingData, cache: NegativesCache, config: TrainRLConfig, distributed: Distributed | None = None):
@@ -189,91 +146,122 @@ class RLTrainer:
         self.distributed = distributed or Distributed()
         if config.batch_size % self.distributed.world_size:
             raise TWNError(f"batch_size {config.batch_size} must divide evenly over {self.distributed.world_size} processes")
+        self.share = config.batch_size // self.distributed.world_size
+        self.micro_batch = min(config.micro_batch_size or self.share, self.share)
+        if self.share % self.micro_batch:
+            raise TWNError(f"each process's {self.share} queries per step must split into micro-batches of {self.micro_batch}")
         self.candidates = CandidateEmbedder(model, data.candidates, batch_size=64)
         self.parameters = model.adapter_parameters("reasoning")
         # The frozen reference: the reasoning adapter as it was before RL.
         self.reference = {name: p.detach().clone() for name, p in self.parameters.items()}
         self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=config.learning_rate, weight_decay=0.0)
         self.step_done = 0
+        # The held-out reward at each checkpoint (step 0: before RL), and the adapter of the best one.
+        self.heldout: list[tuple[int, float]] = []
+        self.best: tuple[int, dict[str, torch.Tensor]] = (0, self.reference)
 
+    # ------------------------------------------------------------------ one step
     def step(self) -> dict:
-        """Sample and reward this process's share of the step's queries, then update on all of them."""
+        """Sample and reward this process's share of the step's queries, a micro-batch at a time, then update on all of them."""
         rows = self.local_rows()
-        sampled = self.sample_groups(rows, stream=self.distributed.rank)
-        return self.update(rows, sampled, self.rewards(rows, sampled, stream=self.distributed.rank))
+        micro_batches = [rows[start : start + self.micro_batch] for start in range(0, len(rows), self.micro_batch)]
+        samples = []
+        for number, batch in enumerate(micro_batches):
+            stream = self.distributed.rank + self.distributed.world_size * number
+            sampled = self.sample_groups(batch, stream=stream)
+            samples.append((batch, sampled, self.rewards(batch, sampled, stream=stream)))
+        return self.update(samples)
 
     def local_rows(self) -> list[dict]:
         """This process's slice of the current step's queries."""
         indices = self.data.batch_indices(self.step_done, self.config.batch_size)
-        share = self.config.batch_size // self.distributed.world_size
-        return [self.data.rows[index] for index in indices[self.distributed.rank * share : (self.distributed.rank + 1) * share]]
+        return [self.data.rows[index] for index in indices[self.distributed.rank * self.share : (self.distributed.rank + 1) * self.share]]
 
-    def update(self, rows: list[dict], sampled: dict, rewards: torch.Tensor) -> dict:
+    def update(self, samples: list[tuple[list[dict], dict, torch.Tensor]]) -> dict:
         """One optimiser step on the GRPO loss of the processes' samples together; returns the step's metrics."""
-        metrics = self.policy_gradient(rows, sampled, rewards)
+        metrics = self.policy_gradient(samples)
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm))
         self.optimizer.step()
         self.step_done += 1
         return {"step": self.step_done, **metrics}
 
-    def policy_gradient(self, rows: list[dict], sampled: dict, rewards: torch.Tensor) -> dict:
-        """The gradient of the batch's GRPO loss in the reasoning adapter (summed over processes), and its metrics."""
+    def policy_gradient(self, samples: list[tuple[list[dict], dict, torch.Tensor]]) -> dict:
+        """The gradient of the batch's GRPO loss in the reasoning adapter (summed over processes and micro-batches),
+        and its metrics. `samples`: (rows, sampled groups, their rewards) of each micro-batch."""
         config, model, distributed = self.config, self.model, self.distributed
-        advantages, zero_spread = group_advantages(rewards)
-        advantages = advantages.flatten().to(model.device)
+        end_length = len(model.prompts.think_end_ids)
+        scored = []  # per micro-batch: which groups count, and which CoT tokens are actions to score
+        for _, sampled, rewards in samples:
+            advantages, zero_spread = group_advantages(rewards, config.advantage)
+            kept = ~zero_spread if config.drop_zero_spread else torch.ones_like(zero_spread)
+            lengths = sampled["cot_tokens"] + end_length * sampled["ended"].long()  # a forced end marker is no action
+            scored.append((advantages, zero_spread, kept, lengths))
+        tokens = int(distributed.sum(sum((lengths * kept.repeat_interleave(config.group_size)).sum() for _, _, kept, lengths in scored)))
+        sequences = config.batch_size * config.group_size
+        normaliser = loss_normaliser(torch.tensor(float(tokens)), sequences, config.loss_normalisation, config.max_think_tokens).to(model.device)
 
-        encoded = model.encode([prepared_input(row) for row in rows for _ in range(config.group_size)])
-        with torch.no_grad(), self._reference_weights():
-            reference_log_probs, _ = model.cot_log_probs(encoded, sampled["cot_ids"])
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        log_probs, mask = model.cot_log_probs(encoded, sampled["cot_ids"])
-        mask = mask.clone()  # the log-probabilities' graph holds the original
-        # An end marker that the budget or end-of-sequence forced in was not sampled: it is no action to score.
-        mask[~sampled["ended"].to(model.device), -len(model.think_end_ids) :] = False
-        old_log_probs = log_probs.detach()
-        surrogate, clipped = clipped_surrogate(log_probs, old_log_probs, advantages[:, None], config.epsilon_low, config.epsilon_high)
-        kl = k3_kl(log_probs, reference_log_probs)
-        tokens = distributed.sum(mask.sum()).clamp(min=1)
-        loss = ((-surrogate + config.kl_beta * kl) * mask).sum() / tokens
-        batch_loss = distributed.sum(loss.detach())
+        totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+        for (rows, sampled, _), (advantages, _, kept, _) in zip(samples, scored):
+            encoded = model.prompts.encode([prepared_input(row) for row in rows for _ in range(config.group_size)])
+            with torch.no_grad(), self._reference_weights():
+                reference_log_probs, _ = cot_log_probs(model, encoded, sampled["cot_ids"])
+            log_probs, mask = cot_log_probs(model, encoded, sampled["cot_ids"])
+            mask = mask.clone()  # the log-probabilities' graph holds the original
+            mask[~sampled["ended"].to(model.device), -end_length:] = False
+            mask &= kept.repeat_interleave(config.group_size).to(model.device)[:, None]
+            surrogate, clipped = clipped_surrogate(
+                log_probs, log_probs.detach(), advantages.flatten().to(model.device)[:, None], config.epsilon_low, config.epsilon_high
+            )
+            kl = k3_kl(log_probs, reference_log_probs)
+            loss = ((-surrogate + config.kl_beta * kl) * mask).sum() / normaliser
+            loss.backward()  # now, while the reasoning adapter is active
+            totals["loss"] += loss.item()
+            totals["kl"] += float((kl.detach() * mask).sum())
+            totals["clipped"] += float((clipped & mask).sum())
+        batch_loss = distributed.sum(torch.tensor(totals["loss"]))
         if not torch.isfinite(batch_loss):  # the same in every process, so all stop together
             raise FloatingPointError(f"loss became {batch_loss.item()} at step {self.step_done + 1}")
-        loss.backward()  # now, while the reasoning adapter is active
         distributed.sum_gradients(list(self.parameters.values()))
         model.eval()
+        rewards = torch.cat([rewards for _, _, rewards in samples])
+        every = {key: torch.cat([sampled[key] for _, sampled, _ in samples]) for key in ("cot_tokens", "ended")}
+        zero_spread = torch.cat([zero for _, zero, _, _ in scored])
+        scored_tokens = max(tokens, 1)
         # Processes hold equal shares, so means over the batch are means of their means.
         return {
             "loss": batch_loss.item(),
             "reward_mean": distributed.mean(rewards.mean()).item(),
             "reward_spread": distributed.mean(rewards.std(1).mean()).item(),
             "zero_spread_groups": distributed.mean(zero_spread.float().mean()).item(),
-            "kl": (distributed.sum((kl * mask).sum()) / tokens).item(),
-            "cot_tokens_mean": distributed.mean(sampled["cot_tokens"].float().mean()).item(),
-            "clip_fraction": (distributed.sum((clipped & mask).sum()) / tokens).item(),
+            "dropped_groups": int(distributed.sum(zero_spread.sum())) if config.drop_zero_spread else 0,
+            "kl": distributed.sum(torch.tensor(totals["kl"])).item() / scored_tokens,
+            "cot_tokens_mean": distributed.mean(every["cot_tokens"].float().mean()).item(),
+            "ended_share": distributed.mean(every["ended"].float().mean()).item(),
+            "clip_fraction": distributed.sum(torch.tensor(totals["clipped"])).item() / scored_tokens,
         }
 
     @torch.no_grad()
     def sample_groups(self, rows: list[dict], key: int | None = None, stream: int = 0) -> dict:
         """G CoTs per query from one prefill, and their embeddings; seeded by `key` (default: the step) and
-        `stream` (a process's own), so a resumed run samples the same CoTs as an uninterrupted one."""
+        `stream` (a process's and micro-batch's own), so a resumed run samples the same CoTs as an uninterrupted one."""
         config, model = self.config, self.model
         key = self.step_done if key is None else key
         model.eval()
         inputs = [prepared_input(row) for row in rows]
-        prefix, _ = model.prefill(model.encode(inputs))
+        prefix, _ = model.prefill(model.prompts.encode(inputs))
         no_think = model.query_pass(prefix).float().cpu()
         repeated = torch.arange(len(rows), device=model.device).repeat_interleave(config.group_size)
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1_000_003 + key + stream * 1_000_000_007)
         sampling = Sampling(config.temperature, config.top_p, config.max_think_tokens, generator)
-        thoughts = model.think(prefix.select(repeated), sampling)
-        cot_ids = [model.strip_end_marker(ids) for ids in thoughts.token_ids]
-        end = model.think_end_ids
+        cot_embeddings, thoughts = model.thought_embeddings(prefix.select(repeated), [inputs[row] for row in repeated.tolist()], sampling)
+        cot_ids = [model.prompts.strip_end_marker(ids) for ids in thoughts.token_ids]
         return {
             "no_think": no_think,
-            "cot_embeddings": model.query_pass(thoughts.prefix).float().cpu(),
+            "cot_embeddings": cot_embeddings.float().cpu(),
             "cot_ids": cot_ids,
-            "ended": torch.tensor([ids[-len(end) :] == end for ids in thoughts.token_ids]),
+            "ended": torch.tensor([model.prompts.ends_with_marker(ids) for ids in thoughts.token_ids]),
             "cot_tokens": torch.tensor([len(ids) for ids in cot_ids]),
         }
 
@@ -284,6 +272,7 @@ class RLTrainer:
         config = self.config
         key = self.step_done if key is None else key
         rng = random.Random(f"{config.seed}/{key}" + (f"/{stream}" if stream else ""))
+        reward = REWARDS[config.reward]
         rewards = torch.empty(len(rows), config.group_size)
         for query, row in enumerate(rows):
             positive_ids = self.data.dataset.with_copies(row["positive_ids"])
@@ -292,20 +281,20 @@ class RLTrainer:
                 pick_negatives(self.cache, groups["no_think"][query], positive_ids, config.hardest_negatives, config.random_negatives, rng)
             ]
             group = slice(query * config.group_size, (query + 1) * config.group_size)
-            cot_embeddings = groups["cot_embeddings"][group]
-            if config.reward == "softmax":
-                reward = softmax_reward(cot_embeddings, positives, negatives, config.reward_temperature)
-            else:
-                reward = ume_r1_reward(cot_embeddings, positives, negatives, config.group_size)
-            rewards[query] = reward + format_reward(groups["ended"][group], config.format_reward) + length_cost(groups["cot_tokens"][group], config.token_cost)
+            rewards[query] = (
+                reward(groups["cot_embeddings"][group], positives, negatives, temperature=config.reward_temperature, top_n=config.reward_top_n)
+                + format_reward(groups["ended"][group], config.format_reward)
+                + length_cost(groups["cot_tokens"][group], config.token_cost)
+            )
         return rewards
 
     def refresh_cache(self) -> None:
         """Re-embed every cache entry (a candidate of the prepared dataset) with the current model; processes
         share the blocks of entries."""
         self.model.eval()
-        self.cache = NegativesCache(self.cache.ids, self.candidates.shared_by(self.distributed, self.cache.ids).float())
+        self.cache = NegativesCache(self.cache.ids, self.candidates.shared_by(self.distributed, self.cache.ids).float(), self.cache.path)
 
+    # ------------------------------------------------------------------ the held-out reward
     def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
         compare); `reference`: with the pre-RL reasoning adapter. Processes share the batches."""
@@ -314,10 +303,24 @@ class RLTrainer:
         def reward_sum(batch: list[dict]) -> float:
             return self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
 
-        batches = [rows[start : start + self.config.batch_size] for start in range(0, len(rows), self.config.batch_size)]
+        size = self.config.micro_batch_size or self.config.batch_size  # the same batches whatever the number of processes
+        batches = [rows[start : start + size] for start in range(0, len(rows), size)]
         with self._reference_weights() if reference else nullcontext():
             total = sum(self.distributed.map_in_order(reward_sum, batches, prepare=lambda batch: batch))
         return total / (len(rows) * self.config.group_size)
+
+    def record_heldout(self, reward: float) -> bool:
+        """Note the held-out reward at this step (a checkpoint); True when it has now fallen FALLS_TO_STOP times in a row."""
+        self.heldout.append((self.step_done, reward))
+        if reward > max(value for _, value in self.heldout[:-1]):
+            self.best = (self.step_done, {name: p.detach().clone() for name, p in self.parameters.items()})
+        recent = [value for _, value in self.heldout[-FALLS_TO_STOP - 1 :]]
+        return len(recent) == FALLS_TO_STOP + 1 and all(later < earlier for earlier, later in zip(recent, recent[1:]))
+
+    def keep_best(self) -> None:
+        """Give the reasoning adapter the weights of the checkpoint with the best held-out reward."""
+        for name, p in self.parameters.items():
+            p.data.copy_(self.best[1][name])
 
     @contextmanager
     def _reference_weights(self):
@@ -335,7 +338,7 @@ class RLTrainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step_done, "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": asdict(self.config),
-            "processes": self.distributed.world_size,
+            "processes": self.distributed.world_size, "heldout": self.heldout, "best_step": self.best[0], "best_weights": self.best[1],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -345,6 +348,8 @@ class RLTrainer:
         self.step_done = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
+        self.heldout = [tuple(entry) for entry in state.get("heldout", [])]
+        self.best = (state.get("best_step", 0), state.get("best_weights", self.reference))
 
 
 def run_train_rl(
@@ -354,14 +359,16 @@ def run_train_rl(
     run_dir: Path,
     config: TrainRLConfig,
     *,
-    resume: bool,
-    stages: list[dict],
+    resume: bool = False,
     on_step: Callable[[dict], None] = lambda metrics: None,
 ) -> dict:
-    """Train, saving a resumable state every `checkpoint_every` steps in `run_dir/train/states`; returns the summary.
+    """Train, saving a resumable state every `checkpoint_every` steps in `run_dir/train/states`, then the
+    checkpoint in `run_dir` (by the first process); returns the summary, which twn.json keeps.
 
     `model` must hold the pre-RL adapters (the input checkpoint) also when resuming: they are the KL reference.
     """
+    manifest = model.manifest or {"stages": []}
+    stages = manifest["stages"] + [stage_record("train-rl", dataset, config, checkpoint=model.checkpoint_dir, negatives_cache=cache.path)]
     run = RunDirectory(run_dir, tensorboard=config.tensorboard)
     data = TrainingData(dataset, config.split, hard_negatives=0, seed=config.seed)
     heldout_rows = []
@@ -383,16 +390,18 @@ def run_train_rl(
         resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
         if config.refresh_cache_every and trainer.step_done:
             trainer.refresh_cache()
-    heldout_before = trainer.heldout_reward(heldout_rows, reference=True) if heldout_rows else None
+    if heldout_rows and not trainer.heldout:  # a resumed run has it from its state
+        trainer.heldout.append((0, trainer.heldout_reward(heldout_rows, reference=True)))
     started = time.perf_counter()
-    history = []
-    while trainer.step_done < config.steps:
+    history, falling = [], False
+    while trainer.step_done < config.steps and not falling:
         metrics = run.guarded_step(trainer)
         if config.refresh_cache_every and trainer.step_done % config.refresh_cache_every == 0:
             trainer.refresh_cache()
             metrics["cache_refreshed"] = True
         if heldout_rows and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
             metrics["heldout_reward"] = trainer.heldout_reward(heldout_rows)
+            falling = trainer.record_heldout(metrics["heldout_reward"])
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
         if distributed.is_main:
@@ -400,24 +409,42 @@ def run_train_rl(
                            checkpoint_every=config.checkpoint_every, stages=stages)
         on_step(metrics)
     run.finish()
+    kept_best = None
+    if falling:
+        trainer.keep_best()
+        best_step, _ = trainer.best
+        kept_best = {
+            "stopped_at_step": trainer.step_done,
+            "step": best_step,
+            "heldout_reward": dict(trainer.heldout)[best_step],
+            "why": f"the held-out reward fell at {FALLS_TO_STOP} checkpoints in a row",
+        }
+        log.warning("train-rl stopped at step %d: %s; the checkpoint keeps the adapter of step %d (held-out reward %.4f)",
+                    trainer.step_done, kept_best["why"], best_step, kept_best["heldout_reward"])
     last = history[-min(len(history), 10) :]
-    heldout_curve = [(m["step"], m["heldout_reward"]) for m in history if "heldout_reward" in m]
-    return {
+    summary = {
         "steps": trainer.step_done,
         "negatives_cache_size": len(cache.ids),
         "cache_refreshes": sum(1 for m in history if m.get("cache_refreshed")),
         "heldout_reward": {
             "split": config.validation_split,
             "queries": len(heldout_rows),
-            "before": heldout_before,
-            # A resumed run that had finished takes no step: measure the trained adapter now.
-            "after": heldout_curve[-1][1] if heldout_curve else trainer.heldout_reward(heldout_rows),
-            "by_step": heldout_curve,
+            "before": trainer.heldout[0][1],
+            # The kept adapter's; a resumed run that had finished takes no step: measure the trained adapter now.
+            "after": kept_best["heldout_reward"] if kept_best else trainer.heldout[-1][1] if len(trainer.heldout) > 1 else trainer.heldout_reward(heldout_rows),
+            "by_step": trainer.heldout[1:],
         }
         if heldout_rows
         else None,
+        "kept_best": kept_best,
         # Means over the last (up to) ten steps of this process: a smoothed end point of the run.
-        "final": {key: sum(m[key] for m in last) / len(last) for key in ("reward_mean", "kl", "cot_tokens_mean", "zero_spread_groups")}
+        "final": {
+            key: sum(m[key] for m in last) / len(last)
+            for key in ("reward_mean", "reward_spread", "kl", "cot_tokens_mean", "ended_share", "zero_spread_groups")
+        }
         if last
         else {},
     }
+    if distributed.is_main:
+        save_checkpoint(model, run_dir, stages=stages, extra={**stage_results(manifest), "train_rl": summary})
+    return summary

@@ -6,12 +6,15 @@ code that loads `Qwen/Qwen2-VL-2B-Instruct`; only its size (and, until pre-train
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from twn_cli.toyworld.render import PICTURE_SIZE
-from twn_cli.toyworld.vocabulary import THINK_END, THINK_START, tokenizer_corpus
+from twn_cli.toyworld.vocabulary import COLOURS, EVERYDAY_WORDS, POSITIONS, SHAPES, SIDES, SIZES, THINK_END, THINK_START
+from twn_cli.toyworld.world import corpus_sentences
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -38,6 +41,22 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+
+def tokenizer_corpus(seed: int = 0, sentences: int = 4000) -> list[str]:
+    """Sentences covering the toy world's vocabulary (every clue phrasing, query, CoT and caption form), for
+    training a small byte-level BPE."""
+    rng = random.Random(seed)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    lines = [f"a {size} {colour} {shape} on the {position}" for size, colour, shape, position in itertools.product(SIZES, colours, shapes, POSITIONS)]
+    for _ in range(sentences):
+        words = rng.sample(EVERYDAY_WORDS, k=8) + [rng.choice(colours), rng.choice(shapes)]
+        rng.shuffle(words)
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ""]))
+    lines += [f"{shape} has {sides} sides" for shape, sides in SIDES.items()]
+    lines += [str(number) for number in range(100)]
+    return lines + corpus_sentences(seed)
 
 
 @dataclass(frozen=True)

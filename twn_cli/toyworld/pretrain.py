@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from twn_cli.engine.backbone import load_backbone
-from twn_cli.training import warmup_cosine
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END
 from twn_cli.toyworld.world import (
@@ -40,6 +39,7 @@ from twn_cli.toyworld.world import (
     generate_world,
     pretraining_examples,
 )
+from twn_cli.training import warmup_cosine
 
 CAPTION_PROMPT = "describe the picture."
 

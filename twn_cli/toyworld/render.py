@@ -2,7 +2,7 @@
 
 Every render jitters rotation (at most ±8°), size, position and colour a little, so that fresh renders of
 one scene differ in pixels but never in content: a tiny vision tower then learns shapes instead of
-memorising pictures (ENVIRONMENT.md, "What a toy world taught us").
+memorising pictures (a prototype's vision tower memorised fixed renders: 45 % shape accuracy on new ones).
 """
 
 from __future__ import annotations

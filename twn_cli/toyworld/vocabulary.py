@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import random
 from collections.abc import Callable
 
 # The markers around a CoT: added tokens of the toy tokenizer, and the engine's default think_start/think_end.
@@ -103,21 +101,3 @@ EVERYDAY_WORDS = (
     "question answer think thinking reason step one two three four five six seven eight nine ten more "
     "less than like as same different not no yes first second third there here this that it its"
 ).split()
-
-
-def tokenizer_corpus(seed: int = 0, sentences: int = 4000) -> list[str]:
-    """Sentences covering the toy world's vocabulary (every clue phrasing, query, CoT and caption form), for
-    training a small byte-level BPE."""
-    rng = random.Random(seed)
-    colours, shapes = list(COLOURS), list(SHAPES)
-    lines = [f"a {size} {colour} {shape} on the {position}" for size, colour, shape, position in itertools.product(SIZES, colours, shapes, POSITIONS)]
-    for _ in range(sentences):
-        words = rng.sample(EVERYDAY_WORDS, k=8) + [rng.choice(colours), rng.choice(shapes)]
-        rng.shuffle(words)
-        lines.append(" ".join(words) + rng.choice([".", "?", "!", ""]))
-    lines += [f"{shape} has {sides} sides" for shape, sides in SIDES.items()]
-    lines += [str(number) for number in range(100)]
-    # Imported here: the world module imports this one's tables.
-    from twn_cli.toyworld.world import corpus_sentences
-
-    return lines + corpus_sentences(seed)

@@ -1,6 +1,6 @@
 """The toy reasoning world: scenes, MMEB-like tasks, clue queries with teacher CoTs, and held-out splits.
 
-Design rules (METHOD.md section 5, ENVIRONMENT.md "What a toy world taught us"):
+Design rules (what a prototype on 2 CPU cores taught us; docs/design.md):
 - Reasoning is necessary on the test split. Each of its reasoning queries uses a clue phrasing or a clue
   fact that the train split never uses, and about half of its targets are colour-shape combinations that
   train never shows. Validation is drawn the same way (independent records), so that a threshold chosen on
@@ -32,14 +32,14 @@ from twn_cli.toyworld.vocabulary import (
     COLOUR_MIXES,
     COLOUR_THINGS,
     COLOURS,
-    NUMBER_WORDS,
     KNOWN_POLYGONS,
+    NUMBER_WORDS,
     POLYGONS,
     POSITIONS,
     SHAPE_FEATURES,
     SHAPES,
-    SIDES,
     SIDE_RELATIONS,
+    SIDES,
     SIZES,
     THINK_END,
     THINK_START,
@@ -291,7 +291,7 @@ class Clue:
     explanation: str
 
     @classmethod
-    def of(cls, fact: Fact, template: str, swap: bool) -> "Clue":
+    def of(cls, fact: Fact, template: str, swap: bool) -> Clue:
         """`fact` phrased with `template` (`swap`: a mix's two colours in the other order)."""
         return cls(fact, template, fact.phrase(template, swap), fact.explanation(swap))
 

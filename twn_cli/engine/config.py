@@ -1,0 +1,73 @@
+"""The settings that define a TWN model beside its backbone, stored in the checkpoint's `twn.json`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+from twn_cli.errors import TWNError
+
+ADAPTERS = ("reasoning", "embedding")
+ThinkMode = Literal["never", "always", "auto"]
+
+# Which adapter encodes what (docs/design.md compares them):
+# - reasoning-prefill: the reasoning adapter prefills the prompt; the gate reads that prefill; CoTs are decoded
+#   over it; the queries read prompt + CoT through the embedding adapter, the whole cache detached.
+# - embedding-prefill: the embedding adapter prefills the prompt (InfoNCE trains that pass); the gate reads
+#   it; CoTs are decoded by the reasoning adapter over the detached prompt cache; the queries read the prompt
+#   cache and the CoT's cache (detached). SFT and RL cannot move a no-think embedding or the gate's input.
+# - reencode: as embedding-prefill for no-think inputs; a thinking input's CoT is decoded by the reasoning
+#   adapter over its own prefill of the prompt, then the embedding adapter encodes the CoT itself (one more
+#   prefill per thinking input), so the queries read only embedding-adapter states.
+INTERFACES = ("reasoning-prefill", "embedding-prefill", "reencode")
+# Names that checkpoints of earlier versions recorded.
+FORMER_INTERFACE_NAMES = {"shared": "reasoning-prefill"}
+
+
+@dataclass
+class TWNConfig:
+    """Everything that defines a TWN model beside the backbone."""
+
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # None: every linear layer of the language model (none in the vision tower).
+    lora_target_modules: list[str] | None = None
+    num_queries: int = 4
+    pooling: Literal["mean", "last"] = "mean"
+    interface: str = "reasoning-prefill"
+    gate_hidden_size: int = 256
+    gate_threshold: float = 0.5
+    temperature: float = 0.02
+    # None keeps the system prompt of the backbone's chat template.
+    system_prompt: str | None = None
+    default_instruction: str = "Represent the given input for retrieval."
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    max_think_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        self.interface = FORMER_INTERFACE_NAMES.get(self.interface, self.interface)
+        if self.pooling not in ("mean", "last"):
+            raise TWNError(f"pooling must be 'mean' or 'last', not '{self.pooling}'")
+        if self.interface not in INTERFACES:
+            raise TWNError(f"interface must be one of {', '.join(INTERFACES)}, not '{self.interface}'")
+        if self.num_queries < 1:
+            raise TWNError(f"num_queries must be at least 1, not {self.num_queries}")
+
+    @property
+    def prefill_adapter(self) -> str:
+        """The adapter that prefills the prompt, whose last state the gate reads."""
+        return "reasoning" if self.interface == "reasoning-prefill" else "embedding"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TWNConfig:
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TWNError(f"unknown model settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
