@@ -306,7 +306,7 @@ def _write_hand_made_cache(model, dataset, report_dir: Path) -> None:
 
 def test_the_leaderboard_table_is_the_hand_computed_one(tmp_path, make_model):
     root = build_replica(tmp_path / "root", HAND_TASKS)
-    run_prepare_mmeb_v2(root, tmp_path / "prepared", tasks=HAND_TASKS)
+    run_prepare_mmeb_v2(root, tmp_path / "prepared", tasks=[*HAND_TASKS, "UCF101"])  # UCF101 is not under root
     dataset = load_prepared(tmp_path / "prepared")
     model = make_model()
     _write_hand_made_cache(model, dataset, tmp_path / "report")
@@ -341,10 +341,11 @@ def test_the_leaderboard_table_is_the_hand_computed_one(tmp_path, make_model):
         assert row["think_rate"] == pytest.approx(think_rate[row["mode"]])
     assert board["columns"]["Overall"] == {"tasks": 3, "of": 78} and board["columns"]["I-QA"] == {"tasks": 0, "of": 10}
     assert board["columns"]["ViDoRe-V1"] == {"tasks": 1, "of": 10} and not board["complete"]
-    assert len(board["not_evaluated"]["not_selected"]) == 75 and board["not_evaluated"]["missing_from_root"] == []
+    assert board["columns"]["V-CLS"] == {"tasks": 0, "of": 5} and board["rows"][0]["scores"]["V-CLS"] is None
+    assert board["not_evaluated"]["missing_from_root"] == ["UCF101"] and len(board["not_evaluated"]["not_selected"]) == 74
 
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "## MMEB-V2 leaderboard (3 of 78 tasks; not selected: N24News, HatefulMemes" in markdown
+    assert "## MMEB-V2 leaderboard (3 of 78 tasks; missing from the root: UCF101; not selected: N24News, HatefulMemes" in markdown
     never = next(line for line in markdown.splitlines() if line.startswith("| never | 0.0 | 0% |"))
     overall = 100 * sum(expected["never"].values()) / 3
     assert never.split(" | ")[3:8] == [f"{overall:.1f}", "66.7", "66.7", f"{100 * (q1_never + 1) / 2:.1f}", "66.7"]

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from importlib import resources
@@ -41,6 +40,7 @@ from twn_cli.data.sources import (
     SourceCandidate,
     SourceItem,
     SourceRecord,
+    natural_key,
     read_record_file,
     read_rows,
 )
@@ -203,7 +203,7 @@ def _moment_retrieval(context: _Context, files: list[Path]) -> Iterator[SourceIt
         query_frames = context.video(label, folder / "query")
         clips = sorted(
             (path for path in folder.iterdir() if path.is_dir() and path.name != "query"),
-            key=lambda path: _natural_key(path.name),
+            key=lambda path: natural_key(path.name),
         )
         golds = [clip for clip in clips if clip.name.startswith("positive")]
         if len(golds) != 1:
@@ -274,7 +274,8 @@ def _videomme(context: _Context, label: str, row: Mapping) -> tuple[str, str, li
     options = [_text(option) for option in _field(label, row, "options")]
     choices = [_option_text(option) for option in options]
     text = _text(_field(label, row, "question")) + "\n" + "\n".join(options)
-    return _text(_field(label, row, "videoID")), text, choices, _chosen(label, choices, "ABCD".find(_text(row.get("answer"))))
+    gold = _chosen(label, choices, "ABCD".find(_text(row.get("answer"))))
+    return _text(_field(label, row, "videoID")), text, choices, gold
 
 
 def _egoschema(context: _Context, label: str, row: Mapping) -> tuple[str, str, list[str], str]:
@@ -282,7 +283,8 @@ def _egoschema(context: _Context, label: str, row: Mapping) -> tuple[str, str, l
     choices = [_option_text(option) for option in options]
     # As the maintainers join them: the options follow the question without a separator.
     text = _text(_field(label, row, "question")) + " ".join(options)
-    return _text(_field(label, row, "video_idx")), text, choices, _chosen(label, choices, int(_field(label, row, "answer")))
+    gold = _chosen(label, choices, int(_field(label, row, "answer")))
+    return _text(_field(label, row, "video_idx")), text, choices, gold
 
 
 def _nextqa(context: _Context, label: str, row: Mapping) -> tuple[str, str, list[str], str]:
@@ -366,7 +368,7 @@ def _corpus_pages(context: _Context, files: list[Path]) -> dict[str, str]:
         if not path.is_file():
             missing[page_id] = str(path)
     if missing:
-        logger.info("%s: writing %d pages from the corpus parquet into %s", context.task.name, len(missing), context.media)
+        logger.info("%s: writing %d pages of the corpus parquet into %s", context.task.name, len(missing), context.media)
         for page_id, image in _column(context, files, "corpus-id", "image"):
             if page_id in missing:
                 if not isinstance(image, Mapping) or not image.get("bytes"):
@@ -387,7 +389,7 @@ def _column(context: _Context, files: list[Path], *names: str) -> Iterator:
                 batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=64, columns=list(names))
                 rows = (row for batch in batches for row in batch.to_pylist())
             except (OSError, pyarrow.ArrowException) as error:
-                raise TWNError(f"'{path}' is not a readable Parquet file with columns {list(names)} ({error})") from None
+                raise TWNError(f"'{path}' is not a readable Parquet file with columns {names} ({error})") from None
         try:
             for row in rows:
                 values = [row.get(name) for name in names]
@@ -397,10 +399,6 @@ def _column(context: _Context, files: list[Path], *names: str) -> Iterator:
                 yield values[0] if len(names) == 1 else tuple(values)
         except (OSError, pyarrow.ArrowException) as error:
             raise TWNError(f"'{path}' is not a readable Parquet file ({error})") from None
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 _READERS: dict[str, Callable[[_Context, list[Path]], Iterator[SourceItem]]] = {

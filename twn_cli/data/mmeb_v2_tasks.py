@@ -62,12 +62,12 @@ class MMEBTask:
     """One MMEB-V2 task: what it is, where its files lie under the root, and how to read and score it.
 
     `layout` names the reader (`twn_cli.data.mmeb_v2_sources`). `data` is the folder of its annotation
-    files (parquet or JSONL, as the hub stores them), `config` the sub-folder of a hub config and `split`
-    the split they hold. `media` is the folder its images, frame folders or pages resolve against.
-    `hub` names the hub dataset that `data` is a copy of. `query_instruction` / `target_instruction`: the published instructions; None where the data carries
-    its own (the image tasks' `qry_inst` / `tgt_inst` columns) or where a side has none (a label, an
-    answer). `query_instructions_by_input` replaces the query instruction for a query with an image or a
-    video (MomentSeeker).
+    files (parquet or JSONL, as the hub stores them), a copy of the hub dataset `hub`; `config` is the
+    sub-folder of a hub config and `split` the split they hold. `media` is the folder its images, frame
+    folders or pages resolve against. `query_instruction` / `target_instruction`: the published
+    instructions; None where the data carries its own (the image tasks' `qry_inst` / `tgt_inst` columns)
+    or where a side has none (a label, an answer). `query_instructions_by_input` replaces the query
+    instruction for a query with an image or a video (MomentSeeker).
     """
 
     name: str

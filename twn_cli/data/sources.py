@@ -152,7 +152,7 @@ def sample_frames(directory: Path, count: int) -> list[str]:
     """
     frames = sorted(
         (path for path in directory.iterdir() if _is_image_file(path)),
-        key=lambda path: _natural_key(path.name),
+        key=lambda path: natural_key(path.name),
     )
     if not frames:
         raise ValueError(f"video folder '{directory}' has no frame images")
@@ -489,7 +489,8 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
+    """A sort key that puts frame_2 before frame_10."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
@@ -546,7 +547,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 def _class_media(class_dir: Path) -> list[Path]:
     """The images and video (frame) folders of one class, in natural filename order."""
     media = [path for path in class_dir.iterdir() if not path.name.startswith(".") and _is_media(path)]
-    return sorted(media, key=lambda path: _natural_key(path.name))
+    return sorted(media, key=lambda path: natural_key(path.name))
 
 
 def _is_media(path: Path) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twn_cli.data.mmeb_v2_sources import annotation_files, read_task
-from twn_cli.data.mmeb_v2_tasks import TASKS, select_tasks
+from twn_cli.data.mmeb_v2_tasks import select_tasks
 from twn_cli.data.prepared import check_output_dir, split_counts, write_prepared
 from twn_cli.errors import TWNError
 from twn_cli.stages.prepare import DatasetBuilder, PreparedSummary, cot_info
@@ -68,8 +68,9 @@ def run_prepare_mmeb_v2(
             len(missing), len(selected), root, ", ".join(missing),
         )
     if not builder.queries:
-        example = root / TASKS[0].data
-        raise TWNError(f"none of the {len(selected)} selected MMEB-V2 tasks is under '{root}' (e.g. no folder {example})")
+        raise TWNError(
+            f"none of the {len(selected)} selected MMEB-V2 tasks is under '{root}' (e.g. no folder {root / selected[0].data})"
+        )
 
     query_rows = [row for rows in builder.queries.values() for row in rows]
     write_prepared(
