@@ -224,8 +224,10 @@ def toy_backbone(
 @app.command()
 @user_errors
 def prepare(
-    source: str = typer.Argument(..., help="JSONL/CSV/Parquet file, `datasets` directory, image folder (one sub-folder per class), MMEB-train or MMEB-V2-eval parquet, or `synthetic`."),
+    source: str = typer.Argument(..., help="JSONL/CSV/Parquet file, `datasets` directory, image folder (one sub-folder per class), MMEB-train or MMEB-V2-eval parquet, `synthetic`, or `mmeb-v2` (then ROOT)."),
+    root: Optional[Path] = typer.Argument(None, help="mmeb-v2: the benchmark's root folder (image-tasks/, video-tasks/, visdoc-tasks/; docs/mmeb-v2.md)."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory of the prepared dataset to write."),
+    tasks: Optional[str] = typer.Option(None, help="mmeb-v2: tasks, modalities (image, video, visdoc) or leaderboard columns (I-CLS, V-RET, ViDoRe-V1, ...) to prepare, comma-separated (default: all 78)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (each listed in manifest.json) instead of failing."),
     frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video frame folder."),
     cot_column: str | None = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
@@ -262,6 +264,11 @@ def prepare(
     from twn_cli.stages.prepare import run_prepare
 
     datasets.disable_progress_bars()
+    if source == "mmeb-v2":
+        _prepare_mmeb_v2(root, output, tasks, frames, ignored=[skip_bad, cot_column, instruction, split, task, image_root, cot_teacher])
+        return
+    if root is not None or tasks is not None:
+        raise TWNError("ROOT and --tasks go with `twn prepare mmeb-v2 ROOT`")
     if source == "synthetic":
         from twn_cli.toyworld.dataset import write_synthetic_dataset
         from twn_cli.toyworld.render import PICTURE_SIZE
@@ -281,6 +288,24 @@ def prepare(
             cot_teacher=cot_teacher, teacher_batch_size=teacher_batch_size, teacher_max_new_tokens=teacher_max_new_tokens,
             teacher_device=device, teacher_dtype=dtype, trust_remote_code=trust_remote_code,
             cot_progress=lambda done, total: progress.update(teacher, visible=True, description=f"teacher CoT {done}/{total}"),
+        )
+    _print_prepared_summary(summary.output_dir)
+
+
+def _prepare_mmeb_v2(root: Optional[Path], output: Path, tasks: Optional[str], frames: int, ignored: list) -> None:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from twn_cli.stages.prepare_mmeb_v2 import run_prepare_mmeb_v2
+
+    if root is None:
+        raise TWNError("`twn prepare mmeb-v2` needs the benchmark's root folder: twn prepare mmeb-v2 ROOT -o DIR")
+    if any(ignored):
+        raise TWNError("mmeb-v2 takes only ROOT, -o, --tasks and --frames: the benchmark fixes its records, splits and instructions")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console()) as progress:
+        bar = progress.add_task("MMEB-V2", total=None)
+        summary = run_prepare_mmeb_v2(
+            root, output, tasks=tasks.split(",") if tasks else None, frames=frames,
+            progress=lambda name: progress.update(bar, description=f"MMEB-V2: reading {name}"),
         )
     _print_prepared_summary(summary.output_dir)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import datasets
 
 from twn_cli.atomic import atomic_directory
+from twn_cli.data.mmeb_v2_tasks import MODALITY_OF_META_TASK
 from twn_cli.errors import BadRecordError, TWNError
 
 FORMAT = "twn-prepared"
@@ -33,18 +34,7 @@ MANIFEST = "manifest.json"
 QUERIES_DIR = "queries"
 CANDIDATES_DIR = "candidates"
 
-# Each meta-task (MMEB-V2's nine) belongs to one modality; the modality picks the headline metric.
-MODALITY_OF_META_TASK = {
-    "classification": "image",
-    "vqa": "image",
-    "retrieval": "image",
-    "grounding": "image",
-    "video_classification": "video",
-    "video_qa": "video",
-    "video_retrieval": "video",
-    "moment_retrieval": "video",
-    "visdoc": "visdoc",
-}
+# The meta-tasks (MMEB-V2's nine) and their modalities are the task registry's.
 META_TASKS = tuple(MODALITY_OF_META_TASK)
 POOLS = ("per_query", "global")
 

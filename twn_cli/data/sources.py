@@ -7,8 +7,9 @@ Layouts, told apart by the path and by column names:
 - a `datasets` directory (save_to_disk) with the same columns;
 - MMEB-train parquet (TIGER-Lab/MMEB-train): `qry`, `qry_image_path`, `pos_text`, `pos_image_path`, `neg_text`,
   `neg_image_path`;
-- MMEB-V2 image-task eval parquet (TIGER-Lab/MMEB-eval): `qry_text`, `qry_img_path`, `tgt_text`, `tgt_img_path`,
-  the first target being the gold one and all targets the query's own candidate pool;
+- MMEB image-task eval parquet: `qry_text`, `qry_img_path`, `tgt_text`, `tgt_img_path`, the first target being
+  the gold one and all targets the query's own candidate pool; the instruction is written into the text
+  (TIGER-Lab/MMEB-eval) or given in `qry_inst` / `tgt_inst` columns of its own (MMEB-V2's eval files);
 - an image folder with one sub-folder per class (optionally under train/ validation/ test/ folders).
 Any image path naming a directory is a video whose frames are the images in it (see `sample_frames`).
 
@@ -48,39 +49,6 @@ CLASSIFICATION_INSTRUCTION = {
     "classification": "Represent the given image for classification",
     "video_classification": "Represent the given video for classification",
 }
-
-_MMEB_V2_TASKS = {
-    "classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
-                       "ImageNet-R", "ObjectNet", "Country211"),
-    "vqa": ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
-            "TextVQA"),
-    "retrieval": ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS",
-                  "WebQA", "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"),
-    "grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
-    "video_classification": ("K700", "SmthSmthV2", "HMDB51", "UCF101", "Breakfast"),
-    "video_qa": ("MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA"),
-    "video_retrieval": ("DiDeMo", "MSR-VTT", "MSVD", "VATEX", "YouCook2"),
-    "moment_retrieval": ("QVHighlight", "Charades-STA", "MomentSeeker"),
-}
-# Visual-document tasks come in families (ViDoRe_arxivqa, VisRAG_ChartQA, ViDoSeek-page, ...).
-_VISDOC_TASK_PREFIXES = ("vidore", "visrag", "vidoseek", "mmlongbench")
-
-
-def _task_key(name: str) -> str:
-    # MMEB-train and MMEB-eval spell the same task differently (ImageNet_1K / ImageNet-1K).
-    return re.sub(r"[-_\s]", "", name).lower()
-
-
-_MMEB_META_TASK_BY_KEY = {_task_key(name): meta for meta, names in _MMEB_V2_TASKS.items() for name in names}
-
-
-def mmeb_meta_task(task: str) -> str | None:
-    """The MMEB-V2 meta-task of a task name (in either MMEB spelling), or None for a task MMEB does not have."""
-    key = _task_key(task)
-    if key.startswith(_VISDOC_TASK_PREFIXES):
-        return "visdoc"
-    return _MMEB_META_TASK_BY_KEY.get(key)
-
 
 @dataclass(frozen=True)
 class Side:
@@ -184,7 +152,7 @@ def sample_frames(directory: Path, count: int) -> list[str]:
     """
     frames = sorted(
         (path for path in directory.iterdir() if _is_image_file(path)),
-        key=lambda path: _natural_key(path.name),
+        key=lambda path: natural_key(path.name),
     )
     if not frames:
         raise ValueError(f"video folder '{directory}' has no frame images")
@@ -263,6 +231,19 @@ def read_datasets_dir(source: Path, options: ReadOptions) -> Iterator[SourceItem
                 yield _convert_row(_Row(fields, label, index, context))
             except BadRecordError as problem:
                 yield problem
+
+
+def read_rows(path: Path, name: str) -> Iterator[tuple[str, Mapping]]:
+    """The rows of a .jsonl, .csv or .parquet file as mappings, each with its label ("name:line" or "name:row N").
+
+    An unreadable file is a TWNError; a JSONL line that is not an object, a BadRecordError naming it.
+    """
+    rows = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[path.suffix.lower()]
+    try:
+        for label, _, fields in rows(path, name):
+            yield label, _as_mapping(fields, label)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise TWNError(f"'{path}' cannot be read as {path.suffix} text ({error})") from None
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, int, object]]:
@@ -353,11 +334,22 @@ def _mmeb_train_record(row: _Row) -> SourceRecord:
 
 
 def _mmeb_eval_record(row: _Row) -> SourceRecord:
-    query = row.mmeb_side(row.fields["qry_text"], row.values("qry_img_path"), is_query=True, what="query")
     texts, images = row.values("tgt_text"), row.values("tgt_img_path")
+    if "qry_inst" in row.fields:
+        query = row.mmeb_v2_side(row.fields["qry_inst"], row.fields["qry_text"], row.values("qry_img_path"), "query")
+        instruction = row.fields.get("tgt_inst")
+
+        def targets(pairs: Iterator[tuple[object, object]], what: str) -> tuple[Side, ...]:
+            # As MMEB-V2's own evaluation does: only a target with an image gets the target instruction.
+            return tuple(row.mmeb_v2_side(instruction if image else "", text, [image], what) for text, image in pairs)
+    else:
+        query = row.mmeb_side(row.fields["qry_text"], row.values("qry_img_path"), is_query=True, what="query")
+
+        def targets(pairs: Iterator[tuple[object, object]], what: str) -> tuple[Side, ...]:
+            return row.mmeb_targets(pairs, what)
     # The first target is the gold one; an empty first target must not let the second one take its place.
-    gold = row.mmeb_targets(_pairs(texts[:1], images[:1]), "gold target")
-    pool = row.mmeb_targets(_pairs(texts, images), "candidate")
+    gold = targets(_pairs(texts[:1], images[:1]), "gold target")
+    pool = targets(_pairs(texts, images), "candidate")
     return row.record(query=query, positives=gold, pool=pool, default_split="test")
 
 
@@ -408,6 +400,14 @@ class _Row:
             raise BadRecordError(self.label, f"{what} text has an image marker but no image path")
         instruction, text = _split_instruction(_strip_markers(text), is_query=is_query, has_marker=has_marker)
         return Side(instruction=instruction or (self.default_instruction if is_query else ""), text=text, images=paths)
+
+    def mmeb_v2_side(self, instruction: object, text: object, images: list, what: str) -> Side:
+        """A side of an MMEB-V2 eval row, whose instruction has a column of its own; image markers stripped."""
+        paths = self.paths(images)
+        instruction = _as_text(instruction)
+        if IMAGE_MARKER.search(instruction) and not paths:
+            raise BadRecordError(self.label, f"{what} instruction has an image marker but no image path")
+        return Side(instruction=_strip_markers(instruction), text=_strip_markers(_as_text(text)), images=paths)
 
     def mmeb_targets(self, pairs: Iterator[tuple[object, object]], what: str) -> tuple[Side, ...]:
         return tuple(self.mmeb_side(text, [image], is_query=False, what=what) for text, image in pairs)
@@ -489,7 +489,8 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
+    """A sort key that puts frame_2 before frame_10."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
@@ -546,7 +547,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 def _class_media(class_dir: Path) -> list[Path]:
     """The images and video (frame) folders of one class, in natural filename order."""
     media = [path for path in class_dir.iterdir() if not path.name.startswith(".") and _is_media(path)]
-    return sorted(media, key=lambda path: _natural_key(path.name))
+    return sorted(media, key=lambda path: natural_key(path.name))
 
 
 def _is_media(path: Path) -> bool:

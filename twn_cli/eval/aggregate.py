@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from twn_cli.data.mmeb_v2_tasks import HEADLINE_METRIC
 from twn_cli.eval.metrics import METRICS
-
-HEADLINE_METRIC = {"image": "hit@1", "video": "hit@1", "visdoc": "ndcg@5"}
 
 
 @dataclass

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODALITIES = ("image", "video", "visdoc")
+from twn_cli.data.mmeb_v2_tasks import MODALITIES
 TASK_METRICS = (
     ("Hit@1", "hit@1"), ("Hit@5", "hit@5"), ("Hit@10", "hit@10"), ("NDCG@5", "ndcg@5"), ("NDCG@10", "ndcg@10"),
     ("MRR", "mrr"), ("R@1", "recall@1"), ("R@5", "recall@5"), ("R@10", "recall@10"),
 )
 
 COMPACT_TASK_METRICS = ("hit@1", "hit@10", "ndcg@5", "mrr")
+# Tasks named in the leaderboard's title before "and N more".
+LISTED_TASKS = 8
 
 
 @dataclass
@@ -28,7 +30,8 @@ def report_tables(report: dict, compact: bool = False) -> list[Table]:
     result = report["result"]
     modalities = [m for m in MODALITIES if m in result["modalities"]] + sorted(set(result["modalities"]) - set(MODALITIES))
     cost_headers = ["think rate", "tokens/query", "seconds", "inputs/s"]
-    tables = [
+    tables = [_leaderboard_table(report["leaderboard"], compact)] if report.get("leaderboard") else []
+    tables += [
         Table(
             f"Overall ({result['label']})",
             ["score", *(f"{m} ({report['headline_metric'][m]})" for m in modalities), "tasks", *cost_headers],
@@ -106,6 +109,27 @@ def print_tables(report: dict, console=None) -> None:
         for row in table.rows:
             rich_table.add_row(*row)
         console.print(rich_table)
+
+
+def _leaderboard_table(board: dict, compact: bool) -> Table:
+    """The MMEB-V2 leaderboard row of each policy, each column's header saying how many tasks it averages;
+    `compact` (a terminal) turns it so that the policies are the columns."""
+    columns = board["columns"]
+    title = f"MMEB-V2 leaderboard ({columns['Overall']['tasks']} of {columns['Overall']['of']} tasks"
+    not_evaluated = board["not_evaluated"]
+    for reason, names in (("missing from the root", not_evaluated["missing_from_root"]),
+                          ("not selected", not_evaluated["not_selected"])):
+        if names:
+            more = f" and {len(names) - LISTED_TASKS} more" if len(names) > LISTED_TASKS else ""
+            title += f"; {reason}: {', '.join(names[:LISTED_TASKS])}{more}"
+    headers = ["tokens/query", "think rate", *(f"{name} ({c['tasks']}/{c['of']})" for name, c in columns.items())]
+    rows = [[f"{row['reasoning_tokens_per_query']:.1f}", _rate(row["think_rate"]),
+             *("-" if row["scores"][name] is None else _score(row["scores"][name]) for name in columns)]
+            for row in board["rows"]]
+    labels = [row["label"] for row in board["rows"]]
+    if compact:
+        return Table(title + ")", ["", *labels], [[header, *cells] for header, *cells in zip(headers, *rows)])
+    return Table(title + ")", ["policy", *headers], [[label, *cells] for label, cells in zip(labels, rows)])
 
 
 def _difficulty_table(report: dict) -> Table:

@@ -47,6 +47,7 @@ from twn_cli.engine.model import EmbedResult, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.aggregate import HEADLINE_METRIC, TaskCost, aggregate, task_summary
 from twn_cli.eval.cache import EmbeddingTable, model_key, task_cache_dir
+from twn_cli.eval.leaderboard import leaderboard
 from twn_cli.eval.metrics import TOP_K, query_metrics, rank_in_chunks
 from twn_cli.eval.plot import plot_quality_vs_tokens
 from twn_cli.eval.report import markdown_report
@@ -194,6 +195,7 @@ def run_eval(
             "source": dataset.manifest.get("source"),
             "created": dataset.manifest.get("created"),
             "tasks": {name: dataset.manifest["tasks"].get(name) for name in rows_by_task},
+            "benchmark": dataset.manifest.get("benchmark"),
         },
         "checkpoint": model.manifest,
         "model": model.config.to_dict(),
@@ -210,6 +212,8 @@ def run_eval(
         "sweep": sweep,
         "run": {"seconds": time.perf_counter() - started, "processes": distributed.world_size, "tasks_from_cache": from_cache},
     }
+    if report["dataset"]["benchmark"]:
+        report["leaderboard"] = leaderboard(report)
     if distributed.is_main:
         _write_outputs(report_dir, report, _predictions(results, chosen))
     return report

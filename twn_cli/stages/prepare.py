@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twn_cli.data.images import load_image
-from twn_cli.data.prepared import MODALITY_OF_META_TASK, check_output_dir, split_counts, write_prepared
+from twn_cli.data.mmeb_v2_tasks import MODALITY_OF_META_TASK, mmeb_meta_task
+from twn_cli.data.prepared import check_output_dir, split_counts, write_prepared
 from twn_cli.data.sources import (
     ReadOptions,
     Side,
@@ -27,7 +28,6 @@ from twn_cli.data.sources import (
     SourceItem,
     SourceRecord,
     expand_media,
-    mmeb_meta_task,
     read_source,
 )
 from twn_cli.errors import BadRecordError, TWNError
@@ -96,7 +96,7 @@ def run_prepare(
         cot_column=cot_column,
         instruction=instruction,
     )
-    builder = _DatasetBuilder(frames)
+    builder = DatasetBuilder(frames)
     problems: list[BadRecordError] = []
     for item in read_source(Path(source), options):
         try:
@@ -117,12 +117,12 @@ def run_prepare(
 
     query_rows = [row for rows in builder.queries.values() for row in rows]
     if cot_teacher is None:
-        cot_info = _cot_info(query_rows, teacher=None, generated=0)
+        cot = cot_info(query_rows, teacher=None, generated=0)
     else:
         teacher_settings = _TeacherSettings(
             cot_teacher, teacher_batch_size, teacher_max_new_tokens, teacher_device, teacher_dtype, trust_remote_code
         )
-        cot_info = _add_teacher_cots(query_rows, teacher_settings, teacher_cot_cache_path(output_dir), cot_progress)
+        cot = _add_teacher_cots(query_rows, teacher_settings, teacher_cot_cache_path(output_dir), cot_progress)
 
     write_prepared(
         output_dir,
@@ -133,7 +133,7 @@ def run_prepare(
             "tasks": builder.tasks,
             "skipped": [{"record": problem.record, "reason": problem.reason} for problem in problems],
             "frames_per_video": frames,
-            "cot": cot_info,
+            "cot": cot,
         },
     )
     if cot_teacher is not None:
@@ -173,7 +173,7 @@ def _add_teacher_cots(
     lacking = [row for row in query_rows if not row["cot"]]
     if not lacking:
         logger.info("every query has a CoT already: the teacher is not needed")
-        return _cot_info(query_rows, teacher=None, generated=0)
+        return cot_info(query_rows, teacher=None, generated=0)
     from twn_cli.engine.backbone import load_backbone
 
     # A local teacher is named by its absolute path, so that a resumed run from elsewhere matches the cache.
@@ -194,16 +194,16 @@ def _add_teacher_cots(
     generated = sum(1 for row in lacking if row["cot"])
     if generated < len(lacking):
         logger.warning("the teacher wrote an empty CoT for %d of %d queries", len(lacking) - generated, len(lacking))
-    return _cot_info(query_rows, teacher=source, generated=generated)
+    return cot_info(query_rows, teacher=source, generated=generated)
 
 
-def _cot_info(query_rows: list[dict], *, teacher: str | None, generated: int) -> dict:
+def cot_info(query_rows: list[dict], *, teacher: str | None, generated: int) -> dict:
     from_column = sum(1 for row in query_rows if row["cot"]) - generated
     source = "teacher" if teacher else "column" if from_column else "none"
     return {"source": source, "teacher": teacher, "generated": generated, "from_column": from_column}
 
 
-class _DatasetBuilder:
+class DatasetBuilder:
     """Collects validated query and candidate rows; a bad record changes nothing."""
 
     def __init__(self, frames: int):
