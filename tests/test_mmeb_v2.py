@@ -11,17 +11,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmeb_v2_replica import (
+    CLASSIFY,
+    GROUNDING,
+    HMDB51,
+    IMAGENET,
+    MSRVTT,
+    SSV2_CHOICES,
+    T2I_QUERY,
+    T2I_TARGET,
+    VIDEO_MME,
+    VIDORE_QUERIES,
+    VISRAG_LONG_NAME,
+    build_replica,
+    png_bytes,
+    visrag_page_file,
+)
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from mmeb_v2_replica import (
-    CLASSIFY, GROUNDING, HMDB51, IMAGENET, MSRVTT, SSV2_CHOICES, T2I_QUERY, T2I_TARGET, VIDEO_MME, VIDORE_QUERIES,
-    VISRAG_LONG_NAME, build_replica, png_bytes, visrag_page_file,
-)
 from twn_cli.cli import app
 from twn_cli.data.mmeb_v2_sources import _class_names
 from twn_cli.data.mmeb_v2_tasks import (
-    DOCUMENT_QUERY, DOCUMENT_TARGET, GROUPS, TASK_BY_NAME, TASKS, VIDEO_QA_PROMPT, VIDEO_TARGET, select_tasks,
+    DOCUMENT_QUERY,
+    DOCUMENT_TARGET,
+    GROUPS,
+    TASK_BY_NAME,
+    TASKS,
+    VIDEO_QA_PROMPT,
+    VIDEO_TARGET,
+    select_tasks,
 )
 from twn_cli.data.prepared import load_prepared
 from twn_cli.errors import TWNError

@@ -113,7 +113,7 @@ def _progress(*columns, **options):
             super().update(task_id, **fields)
             if not self.disable and not self.console.is_terminal and time.monotonic() - self.last_line >= PROGRESS_LINE_SECONDS:
                 self.last_line = time.monotonic()
-                line = Console(file=io.StringIO(), width=self.console.width, color_system=None)
+                line = Console(file=io.StringIO(), width=160, color_system=None)  # a log line: no terminal to fit
                 line.print(self.make_tasks_table(self.tasks))
                 stream.write(line.file.getvalue())
                 stream.flush()
@@ -225,9 +225,9 @@ def toy_backbone(
 @user_errors
 def prepare(
     source: str = typer.Argument(..., help="JSONL/CSV/Parquet file, `datasets` directory, image folder (one sub-folder per class), MMEB-train or MMEB-V2-eval parquet, `synthetic`, or `mmeb-v2` (then ROOT)."),
-    root: Optional[Path] = typer.Argument(None, help="mmeb-v2: the benchmark's root folder (image-tasks/, video-tasks/, visdoc-tasks/; docs/mmeb-v2.md)."),
+    root: Path | None = typer.Argument(None, help="mmeb-v2: the benchmark's root folder (image-tasks/, video-tasks/, visdoc-tasks/; docs/mmeb-v2.md)."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory of the prepared dataset to write."),
-    tasks: Optional[str] = typer.Option(None, help="mmeb-v2: tasks, modalities (image, video, visdoc) or leaderboard columns (I-CLS, V-RET, ViDoRe-V1, ...) to prepare, comma-separated (default: all 78)."),
+    tasks: str | None = typer.Option(None, help="mmeb-v2: tasks, modalities (image, video, visdoc) or leaderboard columns (I-CLS, V-RET, ViDoRe-V1, ...) to prepare, comma-separated (default: all 78)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (each listed in manifest.json) instead of failing."),
     frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video frame folder."),
     cot_column: str | None = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
@@ -292,8 +292,8 @@ def prepare(
     _print_prepared_summary(summary.output_dir)
 
 
-def _prepare_mmeb_v2(root: Optional[Path], output: Path, tasks: Optional[str], frames: int, ignored: list) -> None:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def _prepare_mmeb_v2(root: Path | None, output: Path, tasks: str | None, frames: int, ignored: list) -> None:
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.stages.prepare_mmeb_v2 import run_prepare_mmeb_v2
 
@@ -301,7 +301,7 @@ def _prepare_mmeb_v2(root: Optional[Path], output: Path, tasks: Optional[str], f
         raise TWNError("`twn prepare mmeb-v2` needs the benchmark's root folder: twn prepare mmeb-v2 ROOT -o DIR")
     if any(ignored):
         raise TWNError("mmeb-v2 takes only ROOT, -o, --tasks and --frames: the benchmark fixes its records, splits and instructions")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console()) as progress:
+    with _progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as progress:
         bar = progress.add_task("MMEB-V2", total=None)
         summary = run_prepare_mmeb_v2(
             root, output, tasks=tasks.split(",") if tasks else None, frames=frames,

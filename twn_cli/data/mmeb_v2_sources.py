@@ -227,7 +227,7 @@ def _momentseeker(context: _Context, files: list[Path]) -> Iterator[SourceItem]:
         else:
             query = context.query(text)
 
-        def clips(column: str) -> tuple[Side, ...]:
+        def clips(column: str, row=row, label=label) -> tuple[Side, ...]:
             paths = [entry["output_path"] for entry in row.get(column) or ()]
             return tuple(context.target(context.video(label, frames_root / _clip_name(path))) for path in paths)
 

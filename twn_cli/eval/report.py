@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twn_cli.data.mmeb_v2_tasks import MODALITIES
+
 TASK_METRICS = (
     ("Hit@1", "hit@1"), ("Hit@5", "hit@5"), ("Hit@10", "hit@10"), ("NDCG@5", "ndcg@5"), ("NDCG@10", "ndcg@10"),
     ("MRR", "mrr"), ("R@1", "recall@1"), ("R@5", "recall@5"), ("R@10", "recall@10"),
