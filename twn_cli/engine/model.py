@@ -16,7 +16,7 @@ must therefore be backpropagated while its adapter is active (see `teacher_force
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -28,13 +28,22 @@ from twn_cli.engine.backbone import Backbone
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.kv_cache import concatenate_left_padded, detached_copy, select_rows
 from twn_cli.engine.positions import PositionScheme
+from twn_cli.engine.user_text import UserText
 from twn_cli.errors import TWNError
+from twn_cli.recipes import POSITIVE, SHARE, Range, check_ranges, check_types
 
 ADAPTERS = ("reasoning", "embedding")
 ThinkMode = Literal["never", "always", "auto"]
 # Inputs are embedded this many batches at a time (`TWNModel.embed_block`): room to batch inputs of like
 # length together and, when the gate decides, to decode the thinking ones in full batches.
 BLOCK_BATCHES = 8
+
+
+# Upper bounds keep a hostile or mistyped twn.json or recipe from allocating without end.
+MODEL_SETTING_RANGES = {
+    "lora_rank": Range(1, 1024), "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1), "num_queries": Range(1, 1024),
+    "gate_hidden_size": Range(1, 65536), "gate_threshold": SHARE, "temperature": POSITIVE, "max_think_tokens": Range(1, 32768),
+}
 
 
 @dataclass
@@ -65,15 +74,11 @@ class TWNConfig:
             raise TWNError(f"pooling must be 'mean' or 'last', not '{self.pooling}'")
         if self.interface not in ("shared", "reencode"):
             raise TWNError(f"interface must be 'shared' or 'reencode', not '{self.interface}'")
-        if self.num_queries < 1:
-            raise TWNError(f"num_queries must be at least 1, not {self.num_queries}")
+        check_ranges(self, MODEL_SETTING_RANGES)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TWNConfig":
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TWNError(f"unknown model settings: {', '.join(unknown)}")
+        check_types(values, cls, "model settings")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -219,6 +224,8 @@ class TWNModel(nn.Module):
         self.tokenizer = backbone.tokenizer
         self.tokenizer.padding_side = "left"
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        text_config = backbone.model.config.get_text_config(decoder=True)
+        self.user_text = UserText(self.tokenizer, getattr(text_config, "max_position_embeddings", None), (config.think_start, config.think_end))
         self.think_start_ids = self.tokenizer.encode(config.think_start, add_special_tokens=False)
         self.think_end_ids = self.tokenizer.encode(config.think_end, add_special_tokens=False)
         eos = backbone.model.config.get_text_config(decoder=True).eos_token_id
@@ -616,7 +623,7 @@ class TWNModel(nn.Module):
     # ----------------------------------------------------------------- internals
     def _prompt(self, item: ModelInput) -> str:
         instruction = item.instruction if item.instruction is not None else self.config.default_instruction
-        text = "\n".join(part for part in (instruction, item.text) if part)
+        text = self.user_text("\n".join(part for part in (instruction, item.text) if part), self.config.max_think_tokens + self.config.num_queries)
         content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
         if self.config.system_prompt is not None:

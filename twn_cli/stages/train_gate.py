@@ -50,6 +50,7 @@ from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.model import ModelInput, Sampling, TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
+from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, check_ranges
 from twn_cli.training import TRAIN_DIR
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class TrainGateConfig:
             raise TWNError("label_batch_size must be at least 2: the batch's other targets are the negatives")
         if min(self.label_queries, self.validation_queries, self.epochs, self.batch_size, self.log_every) < 1 or self.hard_negatives < 0:
             raise TWNError("label_queries, validation_queries, epochs, batch_size and log_every must be positive, hard_negatives not negative")
+        check_ranges(self, {
+            "max_think_tokens": AT_LEAST_ONE, "learning_rate": POSITIVE, "weight_decay": NOT_NEGATIVE, "best_tolerance": NOT_NEGATIVE,
+        })
 
 
 # ----------------------------------------------------------------------------------------- both views

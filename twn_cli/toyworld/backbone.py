@@ -7,9 +7,10 @@ code that loads `Qwen/Qwen2-VL-2B-Instruct`; only its size (and, until pre-train
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from twn_cli.recipes import AT_LEAST_ONE, check_ranges
 from twn_cli.toyworld.render import PICTURE_SIZE
 from twn_cli.toyworld.vocabulary import THINK_END, THINK_START, tokenizer_corpus
 
@@ -61,6 +62,9 @@ class ToyBackboneSpec:
     min_pixels: int = 28 * 28
     max_pixels: int = PICTURE_SIZE * PICTURE_SIZE
     max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        check_ranges(self, {item.name: AT_LEAST_ONE for item in fields(self)})
 
 
 def train_tokenizer(vocab_size: int, seed: int):
