@@ -205,7 +205,11 @@ def run_eval(
         "headline_metric": HEADLINE_METRIC,
         "result": chosen,
         "sweep": sweep,
-        "run": {"seconds": time.perf_counter() - started, "processes": distributed.world_size, "tasks_from_cache": from_cache},
+        "run": {
+            "seconds": time.perf_counter() - started, "processes": distributed.world_size, "tasks_from_cache": from_cache,
+            # Texts cut to fit the backbone's positions (or --max-text-tokens) by the processes, in this run.
+            "truncated_texts": sum(distributed.gather_objects([model.user_text.truncated])),
+        },
     }
     if distributed.is_main:
         _write_outputs(report_dir, report, _predictions(results, chosen))
