@@ -8,8 +8,10 @@ and argument errors answer at once.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Optional
 import typer
 
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.locks import release_held_locks
+from twn_cli.termination import Terminated, terminate_like_interrupt
 
 app = typer.Typer(
     name="twn",
@@ -78,24 +82,44 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def user_errors(command):
-    """Report TWNError as one line on stderr with exit code 1 (2 for usage errors from Typer itself)."""
+    """Report TWNError and a full disk as one line on stderr with exit code 1 (2 for usage errors from Typer
+    itself); Ctrl-C and SIGTERM end with 130 and 143 once cleanup has run. Locks the command took are released."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        name = command.__name__.replace("_", "-")
+        terminate_like_interrupt()
         try:
             result = command(*args, **kwargs)
         except TWNError as error:
             hint = " (--skip-bad skips such records)" if isinstance(error, BadRecordError) else ""
-            print(f"twn {command.__name__.replace('_', '-')}: error: {error}{hint}", file=sys.stderr)
+            print(f"twn {name}: error: {error}{hint}", file=sys.stderr)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            print("twn: interrupted; partial outputs were removed", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as interruption:
+            terminated = isinstance(interruption, Terminated)
+            print(f"twn: {'terminated' if terminated else 'interrupted'}; partial outputs were removed", file=sys.stderr)
+            raise typer.Exit(143 if terminated else 130) from None
+        except Exception as error:  # noqa: BLE001 - only a full disk is answered here; anything else goes on up
+            if not _disk_full(error):
+                raise
+            where = f" writing '{error.filename}'" if getattr(error, "filename", None) else ""
+            print(f"twn {name}: error: no space left on the device{where}; partial outputs were removed", file=sys.stderr)
+            raise typer.Exit(1) from None
+        finally:
+            release_held_locks()
         if "twn_cli.distributed" in sys.modules:  # only commands that may run under several processes load it
             sys.modules["twn_cli.distributed"].end_process_group(finished=True)
         return result
 
     return wrapper
+
+
+def _disk_full(error: Exception) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full; safetensors and pyarrow raise their own
+    errors for it, with the system's words."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(error) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _version() -> str:
@@ -281,6 +305,7 @@ def train_embed(
     from twn_cli.engine.model import TWNModel
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_embed import TrainEmbedConfig, run_train_embed
+    from twn_cli.training import claim_run_directory
 
     if (backbone is None) == (checkpoint is None) and not resume:
         raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
@@ -290,6 +315,7 @@ def train_embed(
     config = load_recipe(recipe, TrainEmbedConfig, **overrides)
     start_process_group()
     distributed = Distributed()
+    claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     shard = config.shard_backbone and distributed.world_size > 1
     # A backbone to shard is loaded on the CPU first, so that no device ever holds all of it.
     load_device = "cpu" if shard else process_device(device)
@@ -383,6 +409,7 @@ def train_gate(
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
+    from twn_cli.training import claim_run_directory
 
     if think_budget is not None and target is GateTarget.best:
         raise TWNError("--think-budget and --target best contradict each other: give one")
@@ -391,6 +418,7 @@ def train_gate(
     config = load_recipe(recipe, TrainGateConfig, **overrides)
     start_process_group()
     distributed = Distributed()
+    claim_run_directory(output, first_process=distributed.is_main, training_states=False)  # locked until the command ends
     load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
@@ -480,10 +508,12 @@ def train_rl(
     from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint, stage_results
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
+    from twn_cli.training import claim_run_directory
 
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting, steps=steps, seed=seed))
     start_process_group()
     distributed = Distributed()
+    claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
@@ -540,6 +570,7 @@ def embed(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same .parquet output after the records it finished."),
     max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    max_text_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens of an input's text and instruction; longer ones are cut, and counted (default: what the backbone's positions leave room for)."),
     temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
     seed: int = typer.Option(0, help="Seed for sampled CoTs and for a fresh model's adapters."),
@@ -563,7 +594,7 @@ def embed(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from twn_cli.data.embedding_files import EmbeddingWriter
-    from twn_cli.data.inputs import read_inputs
+    from twn_cli.data.inputs import check_output_is_not_input, read_inputs
     from twn_cli.data.prepared import is_prepared_dir
     from twn_cli.distributed import Distributed, process_device, start_process_group
     from twn_cli.engine.model import Sampling
@@ -578,11 +609,13 @@ def embed(
     distributed = Distributed()
     if inputs == "-" and distributed.world_size > 1:
         raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
+    check_output_is_not_input(output, inputs)
     records = read_inputs(inputs)
     model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=process_device(device),
                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
+    model.user_text.max_tokens = max_text_tokens
     generator = torch.Generator(device=model.device).manual_seed(seed)
     settings = EmbedSettings(
         think=mode,
@@ -599,6 +632,7 @@ def embed(
         "think_mode": mode,
         "threshold": (model.config.gate_threshold if threshold is None else threshold) if mode == "auto" else None,
         "max_think_tokens": model.config.max_think_tokens,
+        "max_text_tokens": max_text_tokens,
         "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed},
         "normalized": True,
         "embedding_dim": model.embedding_dim,
@@ -633,7 +667,7 @@ def embed(
         return
     print(
         f"embedded {summary.embedded} inputs ({summary.thought} thought, {summary.reasoning_tokens} reasoning tokens, "
-        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s",
+        f"{len(summary.skipped)} skipped, {summary.truncated} texts cut to fit) in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )
     if writer.path is not None:
@@ -670,6 +704,7 @@ def route(
     output: str = typer.Option("-", "-o", "--output", help="JSONL file to write, or - for stdout."),
     threshold: Optional[float] = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
     batch_size: int = typer.Option(32, min=1, help="Inputs per prefill."),
+    max_text_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens of an input's text and instruction; longer ones are cut, and counted (default: what the backbone's positions leave room for)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
@@ -684,12 +719,14 @@ def route(
     """
     _setup_logging(verbose)
     from twn_cli.atomic import atomic_file
-    from twn_cli.data.inputs import read_inputs
+    from twn_cli.data.inputs import check_output_is_not_input, read_inputs
     from twn_cli.stages.route import run_route
 
+    check_output_is_not_input(output, inputs)
     records = read_inputs(inputs)
     model = _load_model(checkpoint, backbone, uses_gate=True, dtype=dtype, device=device,
                         attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    model.user_text.max_tokens = max_text_tokens
     threshold = model.config.gate_threshold if threshold is None else threshold
     route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
     if output == "-":
@@ -698,7 +735,8 @@ def route(
         with atomic_file(output) as staging, open(staging, "w", encoding="utf-8") as stream:
             routed, thinking, skipped = route_into(stream)
         print(output)
-    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped)", file=sys.stderr)
+    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped, "
+          f"{model.user_text.truncated} texts cut to fit)", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------------- eval
@@ -716,6 +754,7 @@ def evaluate(
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
     rank_chunk_size: int = typer.Option(8192, min=1, help="Candidates scored at a time (bounds memory for huge pools)."),
     max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    max_text_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens of an input's text and instruction; longer ones are cut, and counted (default: what the backbone's positions leave room for)."),
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
@@ -749,6 +788,7 @@ def evaluate(
                         device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
+    model.user_text.max_tokens = max_text_tokens
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_stderr_console(), disable=not distributed.is_main,
     ) as progress:
