@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -85,6 +86,8 @@ def user_errors(command):
     """Report TWNError and a full disk as one line on stderr with exit code 1 (2 for usage errors from Typer
     itself); Ctrl-C and SIGTERM end with 130 and 143 once cleanup has run. Locks the command took are released."""
 
+    skips_bad = "skip_bad" in inspect.signature(command).parameters
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         name = command.__name__.replace("_", "-")
@@ -92,7 +95,10 @@ def user_errors(command):
         try:
             result = command(*args, **kwargs)
         except TWNError as error:
-            hint = " (--skip-bad skips such records)" if isinstance(error, BadRecordError) else ""
+            hint = ""
+            if isinstance(error, BadRecordError):
+                # Stages that read a prepared dataset have no --skip-bad: `twn prepare` checked their records.
+                hint = " (--skip-bad skips such records)" if skips_bad else " (`twn prepare --skip-bad` leaves such records out of a dataset)"
             print(f"twn {name}: error: {error}{hint}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as interruption:
@@ -667,11 +673,16 @@ def embed(
         return
     print(
         f"embedded {summary.embedded} inputs ({summary.thought} thought, {summary.reasoning_tokens} reasoning tokens, "
-        f"{len(summary.skipped)} skipped, {summary.truncated} texts cut to fit) in {time.perf_counter() - started:.1f} s",
+        f"{len(summary.skipped)} skipped{_texts_cut(summary.truncated)}) in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )
     if writer.path is not None:
         print(writer.path)
+
+
+def _texts_cut(count: int) -> str:
+    """The summary line's count of texts cut to fit the backbone's positions, when there were any."""
+    return f", {count} {'text' if count == 1 else 'texts'} cut to fit" if count else ""
 
 
 def _load_model(checkpoint: Optional[Path], backbone: Optional[str], *, uses_gate: bool, seed: int = 0, **load_options):
@@ -735,8 +746,8 @@ def route(
         with atomic_file(output) as staging, open(staging, "w", encoding="utf-8") as stream:
             routed, thinking, skipped = route_into(stream)
         print(output)
-    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped, "
-          f"{model.user_text.truncated} texts cut to fit)", file=sys.stderr)
+    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped{_texts_cut(model.user_text.truncated)})",
+          file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------------- eval

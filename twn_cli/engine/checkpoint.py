@@ -133,10 +133,14 @@ def read_manifest(checkpoint_dir: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST} is corrupted ({error})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise TWNError(
             f"checkpoint '{checkpoint_dir}': {MANIFEST} is not a version-{FORMAT_VERSION} TWN manifest"
         )
+    backbone = manifest.get("backbone")
+    if not (isinstance(backbone, dict) and isinstance(backbone.get("source"), str) and isinstance(backbone.get("fingerprint"), str)
+            and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("stages"), list)):
+        raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST} lacks its backbone, files or stages")
     for name in REQUIRED_FILES:
         path = checkpoint_dir / name
         if not path.is_file():
