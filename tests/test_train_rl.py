@@ -352,7 +352,7 @@ def test_cli_embeds_a_cache_then_trains_rl_keeping_earlier_results(make_model, t
     assert len((output / "train" / "metrics.jsonl").read_text().splitlines()) == 2
     assert "held-out reward (8 validation queries)" in result.stderr and manifest["train_rl"]["heldout_reward"]["after"] is not None
 
-    result = runner.invoke(app, [*arguments[:5], str(tmp_path / "bad.pt"), *arguments[6:]])
+    result = runner.invoke(app, [*arguments[:5], str(tmp_path / "bad.pt"), "-o", str(tmp_path / "rl-again"), *arguments[8:]])
     assert result.exit_code == 1 and "does not exist" in result.stderr
 
 

@@ -20,12 +20,16 @@ def hidden_sibling(target: Path, purpose: str) -> Path:
 
 
 @contextmanager
-def atomic_directory(target: str | Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_directory(target: str | Path, keep: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
     """Yield a staging directory that replaces `target` on success and is removed on any failure.
 
-    Entries of the old `target` named in `keep` (a training run's logs and states beside its checkpoint)
-    are moved into the new one. Created with mkdir, not tempfile.mkdtemp, so the finished directory gets
-    the umask's mode, not 0700.
+    Entries of an existing `target` named in `keep` (a training run's logs and resumable states beside its
+    checkpoint) never move: the staging directory's entries replace the others around them, and `marker`
+    (the file that says the directory is complete, e.g. a manifest) goes first and comes back last. So an
+    interruption at any moment, SIGKILL included, leaves the `keep` entries where they were and `target`
+    either as it was, complete, or without its marker (incomplete, never a mix that looks complete).
+    Without `keep` entries the whole directory is swapped. Created with mkdir, not tempfile.mkdtemp, so the
+    finished directory gets the umask's mode, not 0700.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -33,10 +37,9 @@ def atomic_directory(target: str | Path, keep: tuple[str, ...] = ()) -> Iterator
     staging.mkdir()
     try:
         yield staging
-        for name in keep:
-            if (target / name).exists() and not (staging / name).exists():
-                os.replace(target / name, staging / name)
-        if target.exists():
+        if any((target / name).exists() for name in keep):
+            _replace_around(target, staging, keep, marker)
+        elif target.exists():
             # rename cannot replace a non-empty directory: move the old one aside first.
             retired = hidden_sibling(target, "old")
             os.replace(target, retired)
@@ -47,6 +50,26 @@ def atomic_directory(target: str | Path, keep: tuple[str, ...] = ()) -> Iterator
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _replace_around(target: Path, staging: Path, keep: tuple[str, ...], marker: str | None) -> None:
+    """Move `staging`'s entries into `target` in place of all but its `keep` entries, `marker` last."""
+    retired = hidden_sibling(target, "old")
+    retired.mkdir()
+    try:
+        if marker is not None and (target / marker).exists():
+            os.replace(target / marker, retired / marker)  # from here on `target` does not claim to be complete
+        for entry in target.iterdir():
+            if entry.name not in keep:
+                os.replace(entry, retired / entry.name)
+        for entry in staging.iterdir():
+            if entry.name != marker:
+                os.replace(entry, target / entry.name)
+        if marker is not None:
+            os.replace(staging / marker, target / marker)
+        staging.rmdir()
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 class AtomicFile:

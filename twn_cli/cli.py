@@ -8,8 +8,11 @@ and argument errors answer at once.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
+import inspect
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,8 @@ from pathlib import Path
 import typer
 
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.locks import release_held_locks
+from twn_cli.termination import Terminated, terminate_like_interrupt
 
 app = typer.Typer(
     name="twn",
@@ -57,6 +62,9 @@ DTYPE = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float
 ATTENTION = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")
 REMOTE_CODE = typer.Option(False, help="Allow a hub backbone to run its own code.")
 VERBOSE = typer.Option(False, "-v", "--verbose", help="Log details on stderr.")
+MAX_TEXT = typer.Option(
+    None, min=1, help="Most tokens of an input's text and instruction; longer ones are cut, and counted (default: what the backbone's positions leave room for)."
+)
 LOCAL_BACKBONE = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto.")
 ANY_BACKBONE = typer.Option(None, help="Backbone directory or hub id: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters.")
 
@@ -141,24 +149,49 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def user_errors(command):
-    """Report TWNError as one line on stderr with exit code 1 (2 for usage errors from Typer itself)."""
+    """Report TWNError and a full disk as one line on stderr with exit code 1 (2 for usage errors from Typer
+    itself); Ctrl-C and SIGTERM end with 130 and 143 once cleanup has run. Locks the command took are released."""
+
+    skips_bad = "skip_bad" in inspect.signature(command).parameters
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        name = command.__name__.replace("_", "-")
+        terminate_like_interrupt()
         try:
             result = command(*args, **kwargs)
         except TWNError as error:
-            hint = " (--skip-bad skips such records)" if isinstance(error, BadRecordError) else ""
-            print(f"twn {command.__name__.replace('_', '-')}: error: {error}{hint}", file=sys.stderr)
+            hint = ""
+            if isinstance(error, BadRecordError):
+                # Stages that read a prepared dataset have no --skip-bad: `twn prepare` checked their records.
+                hint = " (--skip-bad skips such records)" if skips_bad else " (`twn prepare --skip-bad` leaves such records out of a dataset)"
+            print(f"twn {name}: error: {error}{hint}", file=sys.stderr)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            print("twn: interrupted; partial outputs were removed", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as interruption:
+            terminated = isinstance(interruption, Terminated)
+            print(f"twn: {'terminated' if terminated else 'interrupted'}; partial outputs were removed", file=sys.stderr)
+            raise typer.Exit(143 if terminated else 130) from None
+        except Exception as error:  # noqa: BLE001 - only a full disk is answered here; anything else goes on up
+            if not _disk_full(error):
+                raise
+            where = f" writing '{error.filename}'" if getattr(error, "filename", None) else ""
+            print(f"twn {name}: error: no space left on the device{where}; partial outputs were removed", file=sys.stderr)
+            raise typer.Exit(1) from None
+        finally:
+            release_held_locks()
         if "twn_cli.distributed" in sys.modules:  # only commands that may run under several processes load it
             sys.modules["twn_cli.distributed"].end_process_group(finished=True)
         return result
 
     return wrapper
+
+
+def _disk_full(error: Exception) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full; safetensors and pyarrow raise their own
+    errors for it, with the system's words."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(error) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _version() -> str:
@@ -367,6 +400,7 @@ def train_embed(
     from twn_cli.engine.factory import load_model
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_embed import TrainEmbedConfig, run_train_embed
+    from twn_cli.training import claim_run_directory
 
     if (backbone is None) == (checkpoint is None) and not resume:
         raise TWNError("give exactly one of --backbone MODEL (fresh adapters) or --checkpoint DIR (continue one)")
@@ -378,6 +412,7 @@ def train_embed(
     config = load_recipe(recipe, TrainEmbedConfig, **overrides)
     start_process_group()
     distributed = Distributed()
+    claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     shard = config.shard_backbone and distributed.world_size > 1
     options = _load_options(device, dtype, attn_implementation, trust_remote_code)
     if shard:  # a backbone to shard is loaded on the CPU first, so that no device ever holds all of it
@@ -455,6 +490,7 @@ def train_gate(
     from twn_cli.distributed import Distributed, start_process_group
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
+    from twn_cli.training import claim_run_directory
 
     if think_budget is not None and target is GateTarget.best:
         raise TWNError("--think-budget and --target best contradict each other: give one")
@@ -463,6 +499,7 @@ def train_gate(
     config = load_recipe(recipe, TrainGateConfig, **overrides)
     start_process_group()
     distributed = Distributed()
+    claim_run_directory(output, first_process=distributed.is_main, training_states=False)  # locked until the command ends
     dataset = load_prepared(data)
     model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code))
     negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
@@ -540,10 +577,12 @@ def train_rl(
     from twn_cli.distributed import Distributed, start_process_group
     from twn_cli.recipes import load_recipe, parse_overrides
     from twn_cli.stages.train_rl import TrainRLConfig, run_train_rl
+    from twn_cli.training import claim_run_directory
 
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting, steps=steps, seed=seed))
     start_process_group()
     distributed = Distributed()
+    claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     dataset = load_prepared(data)
     model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code))
     cache = load_negatives_cache(negatives_cache, model.embedding_dim)
@@ -594,6 +633,7 @@ def embed(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same .parquet output after the records it finished."),
     max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    max_text_tokens: int | None = MAX_TEXT,
     temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
     seed: int = typer.Option(0, help="Seed for sampled CoTs and for a fresh model's adapters."),
@@ -617,7 +657,7 @@ def embed(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.data.embedding_files import EmbeddingWriter
-    from twn_cli.data.inputs import read_inputs
+    from twn_cli.data.inputs import check_output_is_not_input, read_inputs
     from twn_cli.data.prepared import is_prepared_dir
     from twn_cli.distributed import Distributed, start_process_group
     from twn_cli.engine.decoding import Sampling
@@ -632,10 +672,12 @@ def embed(
     distributed = Distributed()
     if inputs == "-" and distributed.world_size > 1:
         raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
+    check_output_is_not_input(output, inputs)
     records = read_inputs(inputs)
     model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=mode == "auto", seed=seed)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
+    model.prompts.user_text.max_tokens = max_text_tokens
     generator = torch.Generator(device=model.device).manual_seed(seed)
     settings = EmbedSettings(
         think=mode,
@@ -652,6 +694,7 @@ def embed(
         "think_mode": mode,
         "threshold": (model.config.gate_threshold if threshold is None else threshold) if mode == "auto" else None,
         "max_think_tokens": model.config.max_think_tokens,
+        "max_text_tokens": max_text_tokens,
         "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed},
         "normalized": True,
         "embedding_dim": model.embedding_dim,
@@ -686,11 +729,16 @@ def embed(
         return
     print(
         f"embedded {summary.embedded} inputs ({summary.thought} thought, {summary.reasoning_tokens} reasoning tokens, "
-        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s",
+        f"{len(summary.skipped)} skipped{_texts_cut(summary.truncated)}) in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )
     if writer.path is not None:
         print(writer.path)
+
+
+def _texts_cut(count: int) -> str:
+    """The summary line's count of texts cut to fit the backbone's positions, when there were any."""
+    return f", {count} {'text' if count == 1 else 'texts'} cut to fit" if count else ""
 
 
 # ------------------------------------------------------------------------------------------------------- route
@@ -703,6 +751,7 @@ def route(
     output: str = typer.Option("-", "-o", "--output", help="JSONL file to write, or - for stdout."),
     threshold: float | None = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
     batch_size: int = typer.Option(32, min=1, help="Inputs per prefill."),
+    max_text_tokens: int | None = MAX_TEXT,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -717,11 +766,13 @@ def route(
     """
     _setup_logging(verbose)
     from twn_cli.atomic import atomic_file
-    from twn_cli.data.inputs import read_inputs
+    from twn_cli.data.inputs import check_output_is_not_input, read_inputs
     from twn_cli.stages.route import run_route
 
+    check_output_is_not_input(output, inputs)
     records = read_inputs(inputs)
     model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=True)
+    model.prompts.user_text.max_tokens = max_text_tokens
     threshold = model.config.gate_threshold if threshold is None else threshold
     route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
     if output == "-":
@@ -730,7 +781,8 @@ def route(
         with atomic_file(output) as staging, open(staging, "w", encoding="utf-8") as stream:
             routed, thinking, skipped = route_into(stream)
         print(output)
-    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped)", file=sys.stderr)
+    print(f"routed {routed} inputs: {thinking} think at threshold {threshold} ({len(skipped)} skipped{_texts_cut(model.prompts.user_text.truncated)})",
+          file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------------- eval
@@ -748,6 +800,7 @@ def evaluate(
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
     rank_chunk_size: int = typer.Option(8192, min=1, help="Candidates scored at a time (bounds memory for huge pools)."),
     max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    max_text_tokens: int | None = MAX_TEXT,
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
@@ -781,6 +834,7 @@ def evaluate(
     model = _load_model(checkpoint, backbone, options, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep))
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
+    model.prompts.user_text.max_tokens = max_text_tokens
     with _progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), disable=not distributed.is_main,
     ) as progress:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import types
 import typing
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,17 +48,65 @@ def load_recipe(path: str | Path | None, settings_class: type[Settings], **overr
         if not isinstance(values, dict):
             raise TWNError(f"recipe '{path}' must be a mapping of setting: value")
     values.update({key: value for key, value in overrides.items() if value is not None})
+    check_types(
+        values, settings_class, f"recipe '{path}'" if path is not None else "settings",
+        source_of=lambda name: "command line" if overrides.get(name) is not None else f"recipe '{path}'",
+    )
+    return settings_class(**values)
+
+
+def check_types(values: dict, settings_class: type, source: str, source_of: Callable[[str], str] | None = None) -> None:
+    """Refuse unknown names, values of the wrong type (a string for a number, say) and NaN or infinite numbers,
+    before `settings_class(**values)` builds (and a command allocates) anything from them. `source` names
+    where the values came from, `source_of(name)` where one of them did (default: `source`)."""
+    source_of = source_of or (lambda name: source)
     known = {item.name for item in fields(settings_class)}
     unknown = sorted(set(values) - known)
     if unknown:
-        source = f"recipe '{path}'" if path is not None else "settings"
         raise TWNError(f"{source}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     hints = typing.get_type_hints(settings_class)
     for name, value in values.items():
         if not _fits(value, hints[name]):
-            source = "command line" if overrides.get(name) is not None else f"recipe '{path}'"
-            raise TWNError(f"{source}: {name} must be {_describe(hints[name])}, not {value!r}")
-    return settings_class(**values)
+            raise TWNError(f"{source_of(name)}: {name} must be {_describe(hints[name])}, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TWNError(f"{source_of(name)}: {name} must be a finite number, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting may take: from `low` (excluded if `low_excluded`) to `high`; None is open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_excluded: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_excluded else value >= self.low)
+        return above and (self.high is None or value <= self.high) and math.isfinite(value)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None and not self.low_excluded:
+            return f"from {self.low:g} to {self.high:g}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"above {self.low:g}" if self.low_excluded else f"at least {self.low:g}")
+        if self.high is not None:
+            parts.append(f"at most {self.high:g}")
+        return "a finite number " + " and ".join(parts)
+
+
+POSITIVE = Range(0, low_excluded=True)
+NOT_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+SHARE = Range(0, 1)  # a probability or a fraction
+
+
+def check_ranges(settings, ranges: dict[str, Range]) -> None:
+    """Refuse a setting outside its range (None passes: it means the default); `settings` is a dataclass."""
+    for name, allowed in ranges.items():
+        value = getattr(settings, name)
+        if value is not None and not allowed.holds(value):
+            raise TWNError(f"{name} must be {allowed}, not {value!r}")
 
 
 def _fits(value, annotation) -> bool:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from twn_cli.errors import TWNError
+from twn_cli.errors import TWNError, torch_load_refusal
+from twn_cli.locks import OutputLock, lock_output
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,29 @@ class RunDirectory:
         self.tensorboard = tensorboard
         self._writer = None
 
+    def check(self, resume: bool) -> None:
+        """Refuse, before any work, a folder that is not a run's, another run's states (unless resuming), and a
+        resume with nothing to resume or from a state with non-finite weights."""
+        from twn_cli.engine.checkpoint import check_checkpoint_output, non_finite_weights
+
+        check_checkpoint_output(self.run_dir)
+        latest = self.latest_state()
+        if not resume and latest is not None:
+            raise TWNError(f"'{self.run_dir}' holds a run already: pass --resume to continue it, or choose another -o")
+        if not resume:
+            return
+        if latest is None:
+            raise TWNError(f"nothing to resume in '{self.run_dir}': it holds no training state")
+        broken = non_finite_weights(latest)
+        if broken:
+            good = self.last_good_state()
+            advice = f"remove it to resume from '{good}'" if good else "no saved state is finite: start again"
+            counts = ", ".join(f"{count:,} in {name}" for name, count in broken.items())
+            raise TWNError(f"state '{latest}' holds non-finite weights ({counts}): refusing to resume from it; {advice}")
+
     def start(self, resume: bool) -> None:
         """Begin a run: a fresh one refuses to overwrite another run's states unless it resumes."""
-        if not resume and self.latest_state() is not None:
-            raise TWNError(f"'{self.run_dir}' holds a run already: pass --resume to continue it, or choose another -o")
+        self.check(resume)
         self.states_dir.mkdir(parents=True, exist_ok=True)
 
     def log(self, record: dict) -> None:
@@ -105,23 +125,34 @@ class RunDirectory:
     def state_path(self, step: int) -> Path:
         return self.states_dir / f"step-{step:08d}"
 
-    def latest_state(self) -> Path | None:
-        """The newest complete state (interrupted writes never leave one that looks complete)."""
+    def saved_states(self) -> list[Path]:
+        """The complete states, oldest first (interrupted writes never leave one that looks complete)."""
         if not self.states_dir.is_dir():
-            return None
+            return []
         steps = sorted(
             int(match.group(1))
             for path in self.states_dir.iterdir()
             if (match := re.fullmatch(r"step-(\d+)", path.name)) and (path / TRAINER_STATE).is_file()
         )
-        return self.state_path(steps[-1]) if steps else None
+        return [self.state_path(step) for step in steps]
+
+    def latest_state(self) -> Path | None:
+        states = self.saved_states()
+        return states[-1] if states else None
+
+    def last_good_state(self) -> Path | None:
+        """The newest state whose weights are all finite."""
+        from twn_cli.engine.checkpoint import non_finite_weights
+
+        return next((state for state in reversed(self.saved_states()) if not non_finite_weights(state)), None)
 
     def guarded_step(self, trainer) -> dict:
-        """`trainer.step()`; a NaN or inf loss (its FloatingPointError) stops training, naming the last good state."""
+        """`trainer.step()`; a non-finite loss, gradient or update (its FloatingPointError) stops training,
+        naming the last state whose weights are finite."""
         try:
             return trainer.step()
         except FloatingPointError as error:
-            last = self.latest_state()
+            last = self.last_good_state()
             raise TWNError(f"{error}; training stopped, the last good state is {last or 'none (no checkpoint yet)'}") from None
 
     def after_step(self, model, trainer, metrics: dict, *, total_steps: int, log_every: int, checkpoint_every: int, stages: list[dict]) -> None:
@@ -144,12 +175,53 @@ class RunDirectory:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def claim_run_directory(
+    run_dir: str | Path, *, resume: bool = False, first_process: bool = True, training_states: bool = True
+) -> OutputLock | None:
+    """Before any work: lock `run_dir` against a second writer (in the first process only: the others are
+    this run's own) and check that it may take this run (`RunDirectory.check`; for a stage that keeps no
+    `training_states`, only that it is a checkpoint or a run's folder). Hold the lock until the end."""
+    from twn_cli.engine.checkpoint import check_checkpoint_output
+
+    lock = lock_output(run_dir) if first_process else None
+    try:
+        if training_states:
+            RunDirectory(run_dir).check(resume)
+        else:
+            check_checkpoint_output(Path(run_dir))
+    except TWNError:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def finite_optimizer_step(optimizer, parameters: list[torch.Tensor], max_grad_norm: float, step: int) -> float:
+    """Clip the gradients to `max_grad_norm` and take the optimiser step; returns the gradient norm.
+
+    A NaN or inf gradient norm raises FloatingPointError before the step, so it is never taken; weights that
+    the step made non-finite raise it after, and training stops before they reach any saved state.
+    """
+    norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient norm became {norm} at step {step} (the step was not taken)")
+    optimizer.step()
+    broken = sum(int((~torch.isfinite(parameter.detach())).sum()) for parameter in parameters)
+    if broken:
+        raise FloatingPointError(f"step {step} made {broken} weights non-finite")
+    return norm
+
+
 def save_trainer_state(directory: Path, state: dict) -> None:
     torch.save(state, directory / TRAINER_STATE)
 
 
 def load_trainer_state(state_dir: Path) -> dict:
-    return torch.load(state_dir / TRAINER_STATE, weights_only=True)
+    try:
+        return torch.load(state_dir / TRAINER_STATE, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError and others for such files
+        raise TWNError(f"state '{state_dir}': {TRAINER_STATE} is not a plain tensor file (refused to load: {torch_load_refusal(error)})") from None
+
 
 
 def resume_latest_state(run: RunDirectory, model, trainer, config, *, main_process: bool = True) -> None:

@@ -23,7 +23,8 @@ from typing import TextIO
 import torch
 
 from twn_cli.atomic import AtomicFile, atomic_file
-from twn_cli.errors import TWNError
+from twn_cli.errors import TWNError, torch_load_refusal
+from twn_cli.locks import lock_output
 
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".parquet": "parquet", ".jsonl": "jsonl"}
 # Rows a parquet output buffers before writing them as one row group.
@@ -53,6 +54,7 @@ class EmbeddingWriter:
         self.records_done = 0
         self.last_record: str | None = None  # the id of the last input record done
         self.skipped: list[dict] = []
+        self.truncated = 0  # input texts cut to fit the backbone's positions
         if resume and (output == "-" or Path(output).suffix != ".parquet"):
             raise TWNError(f"--resume needs a .parquet output (its row groups are kept as parts), not '{output}'")
         if output == "-":
@@ -62,20 +64,30 @@ class EmbeddingWriter:
         self.format = FORMATS.get(self.path.suffix)
         if self.format is None:
             raise TWNError(f"unknown output format '{self.path.suffix}' for '{output}': use {', '.join(FORMATS)} or -")
-        self._file = AtomicFile(self.path)
-        self._temporary = self._file.staging
-        self._batches: list[EmbeddingBatch] = []
-        self._buffered = 0
-        self._stream = open(self._temporary, "w", encoding="utf-8") if self.format == "jsonl" else None
-        if self.format == "parquet":
-            self._parts = self.path.parent / f".{self.path.name}.parts"
-            self._resume_parts(resume)
-            self._skipped_written = len(self.skipped)  # the bad records the parts already list
+        self._lock = lock_output(self.path)  # the output and its parts: one writer at a time
+        try:
+            self._file = AtomicFile(self.path)
+            self._temporary = self._file.staging
+            self._batches: list[EmbeddingBatch] = []
+            self._buffered = 0
+            self._stream = None
+            if self.format == "parquet":
+                self._parts = self.path.parent / f".{self.path.name}.parts"
+                self._resume_parts(resume)
+                self._skipped_written = len(self.skipped)  # the bad records the parts already list
+                self._truncated_written = self.truncated
+            self._stream = open(self._temporary, "w", encoding="utf-8") if self.format == "jsonl" else None
+        except BaseException:
+            self._lock.release()
+            raise
 
-    def add(self, batch: EmbeddingBatch, records: int | None = None, skipped: list[dict] = (), last_record: str | None = None) -> None:
+    def add(
+        self, batch: EmbeddingBatch, records: int | None = None, skipped: list[dict] = (), last_record: str | None = None, truncated: int = 0
+    ) -> None:
         """Add a batch that completes `records` more input records (default: its rows), `skipped` of them bad,
-        the last of them `last_record` (default: its last row)."""
+        the last of them `last_record` (default: its last row), `truncated` of its texts cut to fit."""
         self.count += len(batch.ids)
+        self.truncated += truncated
         self.records_done += len(batch.ids) if records is None else records
         if last_record is not None:
             self.last_record = last_record
@@ -105,6 +117,7 @@ class EmbeddingWriter:
         if self.path is None:
             return None
         self.metadata["skipped"] = self.skipped
+        self.metadata["truncated_texts"] = self.truncated
         if self.format == "jsonl":
             self._stream.close()
         elif self.format == "parquet":
@@ -116,17 +129,23 @@ class EmbeddingWriter:
         path = self._file.commit()
         if self.format == "parquet":
             shutil.rmtree(self._parts, ignore_errors=True)
+        self._lock.release()
         return path
 
     def abort(self) -> None:
         """Drop a partial output (a parquet output's finished parts stay, for --resume)."""
         if self.path is None:
             return
-        if self._stream is not None:
-            self._stream.close()
-        self._file.discard()
-        if self.format == "parquet" and self._parts.is_dir() and not any(self._parts.iterdir()):
-            self._parts.rmdir()  # nothing finished: leave nothing behind
+        try:
+            if self._stream is not None:
+                self._stream.close()  # flushing may fail as the write did (a full disk): the file goes anyway
+        except OSError:
+            pass
+        finally:
+            self._file.discard()
+            if self.format == "parquet" and self._parts.is_dir() and not any(self._parts.iterdir()):
+                self._parts.rmdir()  # nothing finished: leave nothing behind
+            self._lock.release()
 
     def _columns(self) -> dict:
         batches = self._batches
@@ -155,7 +174,7 @@ class EmbeddingWriter:
 
     def _resume_key(self) -> dict:
         """What the parts depend on (the inputs, the model, the settings): a resumed run must be the same job."""
-        return {key: value for key, value in self.metadata.items() if key not in ("skipped", "twn_version")}
+        return {key: value for key, value in self.metadata.items() if key not in ("skipped", "truncated_texts", "twn_version")}
 
     def _resume_parts(self, resume: bool) -> None:
         import pyarrow.parquet as pq
@@ -175,6 +194,7 @@ class EmbeddingWriter:
             self.records_done = header["records_done"]
             self.last_record = header["last_record"]
             self.skipped += header["skipped_here"]
+            self.truncated += header.get("truncated_here", 0)
             self.count += footer.num_rows
 
     def _write_part(self) -> None:
@@ -201,11 +221,12 @@ class EmbeddingWriter:
         )
         header = {
             "resume_key": self._resume_key(), "records_done": self.records_done, "last_record": self.last_record,
-            "skipped_here": self.skipped[self._skipped_written :],
+            "skipped_here": self.skipped[self._skipped_written :], "truncated_here": self.truncated - self._truncated_written,
         }
         with atomic_file(self._parts / f"part-{number:06d}.parquet") as staging:
             pq.write_table(table.replace_schema_metadata(_twn_header(header)), staging)
         self._skipped_written = len(self.skipped)
+        self._truncated_written = self.truncated
         self._batches, self._buffered = [], 0
 
     def _merge_parts(self) -> None:
@@ -247,22 +268,29 @@ def read_embeddings(path: str | Path) -> tuple[list[str], torch.Tensor, dict]:
         try:
             content = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as error:  # torch raises UnpicklingError and others for untrusted or broken files
-            raise TWNError(f"'{path}' is not a plain tensor file (refused to unpickle: {str(error).splitlines()[0]})") from None
+            raise TWNError(f"'{path}' is not a plain tensor file (refused to unpickle: {torch_load_refusal(error)})") from None
         metadata = {key: value for key, value in content.items() if key not in ("ids", "embeddings")}
         return list(content["ids"]), content["embeddings"].float(), metadata
     if kind == "safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            header = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-            embeddings = handle.get_tensor("embeddings").float()
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+                embeddings = handle.get_tensor("embeddings").float()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise TWNError(f"'{path}' is not a readable safetensors file ({str(error).strip().splitlines()[0]})") from None
         return header.pop("ids"), embeddings, header
     if kind == "parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        # The footer's key-value metadata: the schema's, with what was set at the end over it.
-        metadata = _twn_values(pq.read_metadata(path))
+        try:
+            table = pq.read_table(path)
+            # The footer's key-value metadata: the schema's, with what was set at the end over it.
+            metadata = _twn_values(pq.read_metadata(path))
+        except (pyarrow.ArrowException, OSError, ValueError) as error:
+            raise TWNError(f"'{path}' is not a readable parquet file ({str(error).strip().splitlines()[0]})") from None
         dim = metadata["embedding_dim"]
         flat = table.column("embedding").combine_chunks().flatten().to_numpy()
         return table.column("id").to_pylist(), torch.from_numpy(flat.copy()).view(-1, dim).float(), metadata

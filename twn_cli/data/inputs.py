@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from twn_cli.data.images import IMAGE_SUFFIXES, load_image
+from twn_cli.data.unicode import first_unicode_problem, standard_input, unicode_problem
 from twn_cli.distributed import batched, prepared_in_order
 from twn_cli.errors import BadRecordError, TWNError
 from twn_cli.types import ModelInput
@@ -56,7 +57,7 @@ class InputRecord:
 def read_inputs(source: str, stdin: TextIO | None = None) -> Iterator[InputRecord]:
     """Records from `source`: '-' (JSONL on stdin), a prepared dataset's candidates, a directory of images, or a .jsonl file."""
     if source == "-":
-        yield from _unique(_read_jsonl(stdin or sys.stdin, "<stdin>", Path.cwd()))
+        yield from _unique(_read_jsonl(stdin or standard_input(), "<stdin>", Path.cwd()))
         return
     from twn_cli.data.prepared import is_prepared_dir  # imports `datasets`: only when a directory is given
 
@@ -66,7 +67,7 @@ def read_inputs(source: str, stdin: TextIO | None = None) -> Iterator[InputRecor
     elif path.is_dir():
         yield from _read_image_folder(path)
     elif path.is_file() and path.suffix in {".jsonl", ".json", ".ndjson"}:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             yield from _unique(_read_jsonl(handle, str(path), path.parent))
     elif path.exists():
         raise TWNError(f"cannot read inputs from '{source}': give an image folder, a .jsonl file, or - for stdin")
@@ -74,12 +75,22 @@ def read_inputs(source: str, stdin: TextIO | None = None) -> Iterator[InputRecor
         raise TWNError(f"input '{source}' does not exist")
 
 
+def check_output_is_not_input(output: str, source: str) -> None:
+    """Refuse an output file that is the input itself: writing it would replace the records being read."""
+    if "-" in (output, source) or not Path(source).is_file():
+        return
+    if Path(output).resolve() == Path(source).resolve() or (Path(output).exists() and os.path.samefile(output, source)):
+        raise TWNError(f"the output '{output}' is the input '{source}': write to another file")
+
+
 def _read_image_folder(folder: Path) -> Iterator[InputRecord]:
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise TWNError(f"image folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     for path in paths:
-        yield InputRecord(id=path.relative_to(folder).as_posix(), where=str(path), image_paths=[path])
+        record_id = path.relative_to(folder).as_posix()
+        problem = unicode_problem(record_id)
+        yield InputRecord(id=record_id, where=str(path), image_paths=[path], problem=problem and f"its file name {problem}")
 
 
 def _read_prepared_candidates(folder: Path) -> Iterator[InputRecord]:
@@ -123,6 +134,10 @@ def _record(fields: dict, where: str, base: Path, default_id: str) -> InputRecor
     instruction = fields.get("instruction")
     if not isinstance(text, str) or not (instruction is None or isinstance(instruction, str)):
         return InputRecord(id=record_id, where=where, problem="'text' and 'instruction' must be strings")
+    if problem := unicode_problem(record_id):
+        return InputRecord(id=record_id, where=where, problem=f"its 'id' {problem}")
+    if problem := first_unicode_problem([("'text'", text), ("'instruction'", instruction), ("'images'", images)]):
+        return InputRecord(id=record_id, where=where, problem=f"record '{record_id}': {problem}")
     return InputRecord(
         id=record_id,
         where=where,

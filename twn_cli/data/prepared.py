@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,16 @@ QUERY_FEATURES = datasets.Features(
 CANDIDATE_FEATURES = datasets.Features(
     {"id": _STRING, "task": _STRING, "instruction": _STRING, "text": _STRING, "images": _STRINGS}
 )
+# A split names a folder of the dataset (queries/<split>/): the `datasets` library's rule for split names.
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*", re.ASCII)
+# A task names files of later stages (an eval cache folder) and appears in ids and reports: no path
+# separators, no control characters.
+TASK_NAME = re.compile(r"\w[\w .,:;+=()\[\]{}&#@!~'-]*")
+LONGEST_NAME = 128
+_NAME_RULES = {
+    "split": (SPLIT_NAME, "letters, digits and '_', parts joined by '.'"),
+    "task": (TASK_NAME, "letters, digits, spaces and _ . , : ; + = ( ) [ ] { } & # @ ! ~ ' -, beginning with a letter, digit or '_'"),
+}
 # What the caller of write_prepared supplies; the writer adds format, version, time and counts.
 MANIFEST_EXTRA_KEYS = ("source", "tasks", "skipped", "frames_per_video")
 
@@ -136,6 +147,8 @@ def write_prepared(
     with atomic_directory(output_dir) as staging:
         if write_files is not None:
             write_files(staging)
+        for split in queries_by_split:
+            _check_inside(staging / QUERIES_DIR / split, staging)
         queries = datasets.DatasetDict(
             {split: _to_dataset(rows, QUERY_FEATURES) for split, rows in queries_by_split.items()}
         )
@@ -166,6 +179,14 @@ def load_prepared(path: str | Path) -> PreparedDataset:
         if table.features != features:
             raise TWNError(f"prepared dataset '{path}' is corrupt: {name} lacks the schema-{SCHEMA_VERSION} columns")
     return PreparedDataset(path=path, manifest=manifest, queries=queries, candidates=candidates)
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why `name` cannot be a split or task name (`kind`), or None if it can."""
+    pattern, rule = _NAME_RULES[kind]
+    if len(name) <= LONGEST_NAME and pattern.fullmatch(name):
+        return None
+    return f"{kind} name {name[:LONGEST_NAME + 1]!r} is not allowed: use {rule} (at most {LONGEST_NAME} characters)"
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -237,6 +258,12 @@ def _check_consistency(
             if not referenced <= candidate_ids:
                 unknown = sorted(referenced - candidate_ids)[:3]
                 raise ValueError(f"query '{row['id']}' references unknown candidates {unknown}")
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """Refuse a path of the dataset that would lie outside its folder (a split named '../x' or '/x')."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise TWNError(f"refusing to write '{path}': it lies outside the prepared dataset")
 
 
 def split_counts(rows: Sequence[Mapping]) -> dict:

@@ -205,7 +205,7 @@ def read_record_file(path: Path, name: str, options: ReadOptions) -> Iterator[So
                 yield _convert_row(_Row(_as_mapping(fields, label), label, index, context))
             except BadRecordError as problem:
                 yield problem
-    except (UnicodeDecodeError, csv.Error) as error:
+    except csv.Error as error:
         raise TWNError(f"'{path}' cannot be read as {path.suffix} text ({error})") from None
 
 
@@ -247,7 +247,8 @@ def read_rows(path: Path, name: str) -> Iterator[tuple[str, Mapping]]:
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, int, object]]:
-    with path.open(encoding="utf-8") as lines:
+    # Bytes that are not UTF-8 read as surrogates: the record holding them is refused, not the whole file.
+    with path.open(encoding="utf-8", errors="surrogateescape") as lines:
         index = 0
         for line_number, line in enumerate(lines, 1):
             if line.strip():
@@ -256,7 +257,7 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, int, object]]:
 
 
 def _csv_rows(path: Path, name: str) -> Iterator[tuple[str, int, object]]:
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         for index, fields in enumerate(reader):
             yield f"{name}:{reader.line_num}", index, {column: _csv_cell(cell) for column, cell in fields.items()}

@@ -93,22 +93,26 @@ def load_backbone(
     `attn_implementation` is passed through to transformers (`sdpa`, `eager`, `flash_attention_2`, ...); the
     default lets transformers choose. Remote code runs only with `trust_remote_code=True`.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from twn_cli.engine.hub import hub_load_options
     from twn_cli.engine.processors import register_image_only_processors
 
     if dtype not in DTYPES:
         raise TWNError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     register_image_only_processors()
+    hub_options = hub_load_options(source)
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
         model = AutoModelForImageTextToText.from_pretrained(
             source,
             dtype=DTYPES[dtype],
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
+            **hub_options,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TWNError(f"cannot load backbone '{source}': {first_line}") from None
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):

@@ -47,6 +47,8 @@ def package_versions() -> dict[str, str]:
 
 
 RUN_FILES = ("train",)  # what a training run keeps beside its checkpoint: metrics and resumable states
+# The top-level entries of a checkpoint (a run folder whose final save was interrupted holds some of them).
+CHECKPOINT_ENTRIES = (MANIFEST, *ADAPTERS, "queries.safetensors", "gate.safetensors")
 
 
 def save_checkpoint(
@@ -61,11 +63,12 @@ def save_checkpoint(
     `stages` is the history of stages that produced the model (each: name, arguments, time); `extra` holds
     stage results that later stages read (gate statistics, ...); `write_files(staging_dir)` may add files
     (a trainer's state). An existing checkpoint at `output_dir` is replaced only once the new one is
-    complete; a training run's `train/` folder beside it is kept.
+    complete; a training run's `train/` folder beside it never moves (twn.json, written last, says the
+    checkpoint is complete: an interrupted save leaves a run folder without it, which `--resume` finishes).
     """
     output_dir = Path(output_dir)
     check_checkpoint_output(output_dir)
-    with atomic_directory(output_dir, keep=RUN_FILES) as staging:
+    with atomic_directory(output_dir, keep=RUN_FILES, marker=MANIFEST) as staging:
         if write_files is not None:
             write_files(staging)
         model.peft.save_pretrained(staging, selected_adapters=list(ADAPTERS))
@@ -98,9 +101,15 @@ def save_checkpoint(
 
 def check_checkpoint_output(output_dir: Path) -> None:
     """Refuse, before any work, an output path that holds something other than a checkpoint or a run's files."""
+    output_dir = Path(output_dir)
     if not output_dir.exists() or (output_dir / MANIFEST).is_file():
         return
-    if not output_dir.is_dir() or {p.name for p in output_dir.iterdir()} - set(RUN_FILES):
+    if not output_dir.is_dir():
+        raise TWNError(f"'{output_dir}' exists and is not a TWN checkpoint: refusing to replace it")
+    entries = {path.name for path in output_dir.iterdir()}
+    # Beside a run's train/ folder, the part of a checkpoint that an interrupted final save left.
+    allowed = set(RUN_FILES) | (set(CHECKPOINT_ENTRIES) if entries & set(RUN_FILES) else set())
+    if entries - allowed:
         raise TWNError(f"'{output_dir}' exists and is not a TWN checkpoint: refusing to replace it")
 
 
@@ -125,10 +134,14 @@ def read_manifest(checkpoint_dir: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST} is corrupted ({error})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise TWNError(
             f"checkpoint '{checkpoint_dir}': {MANIFEST} is not a version-{FORMAT_VERSION} TWN manifest"
         )
+    backbone = manifest.get("backbone")
+    if not (isinstance(backbone, dict) and isinstance(backbone.get("source"), str) and isinstance(backbone.get("fingerprint"), str)
+            and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("stages"), list)):
+        raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST} lacks its backbone, files or stages")
     for name in REQUIRED_FILES:
         path = checkpoint_dir / name
         if not path.is_file():
@@ -150,6 +163,7 @@ def load_checkpoint(
     """Load a checkpoint onto its backbone (by default the one it names) and check they belong together."""
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
+    config = model_settings(manifest, checkpoint_dir)
     if backbone is None:
         try:
             backbone = load_backbone(
@@ -167,17 +181,15 @@ def load_checkpoint(
             f"checkpoint '{checkpoint_dir}' was trained on backbone '{manifest['backbone']['source']}' "
             f"({expected[:19]}), not on '{backbone.source}' ({backbone.fingerprint[:19]})"
         )
-    model = TWNModel(
-        backbone,
-        TWNConfig.from_dict(manifest["model"]),
-        adapter_dirs={name: checkpoint_dir / name for name in ADAPTERS},
-    )
-    queries = load_file(checkpoint_dir / "queries.safetensors")["queries"]
-    if queries.shape != model.queries.shape:
-        raise TWNError(f"checkpoint '{checkpoint_dir}': queries.safetensors has shape {tuple(queries.shape)}, expected {tuple(model.queries.shape)}")
+    weights = {name: read_safetensors(checkpoint_dir / name) for name in REQUIRED_FILES if name.endswith(".safetensors")}
+    model = TWNModel(backbone, config, adapter_dirs={name: checkpoint_dir / name for name in ADAPTERS})
+    queries = weights["queries.safetensors"].get("queries")
+    if queries is None or queries.shape != model.queries.shape:
+        found = "no tensor 'queries'" if queries is None else f"shape {tuple(queries.shape)}"
+        raise TWNError(f"checkpoint '{checkpoint_dir}': queries.safetensors has {found}, expected {tuple(model.queries.shape)}")
     model.queries.data.copy_(queries.to(model.device))
     try:
-        model.gate.load_state_dict(load_file(checkpoint_dir / "gate.safetensors", device=str(model.device)))
+        model.gate.load_state_dict({name: tensor.to(model.device) for name, tensor in weights["gate.safetensors"].items()})
     except RuntimeError as error:
         raise TWNError(f"checkpoint '{checkpoint_dir}': gate.safetensors does not fit the gate ({str(error).splitlines()[0]})") from None
     model.checkpoint_dir, model.manifest = checkpoint_dir, manifest
@@ -197,8 +209,43 @@ def load_trained_weights(model: TWNModel, checkpoint_dir: Path) -> None:
     from peft import set_peft_model_state_dict
 
     for adapter in ADAPTERS:
-        saved = load_file(checkpoint_dir / adapter / "adapter_model.safetensors")
+        saved = read_safetensors(checkpoint_dir / adapter / "adapter_model.safetensors")
         result = set_peft_model_state_dict(model.peft, saved, adapter_name=adapter)
         if any(adapter in key for key in result.missing_keys):
             raise TWNError(f"state '{checkpoint_dir}' does not match the model's {adapter} adapter")
-    model.queries.data.copy_(load_file(checkpoint_dir / "queries.safetensors")["queries"])
+    queries = read_safetensors(checkpoint_dir / "queries.safetensors").get("queries")
+    if queries is None or queries.shape != model.queries.shape:
+        raise TWNError(f"state '{checkpoint_dir}': queries.safetensors does not hold the model's queries")
+    model.queries.data.copy_(queries)
+
+
+def model_settings(manifest: dict, checkpoint_dir: Path) -> TWNConfig:
+    """The checkpoint's model settings, checked for type and range before anything is allocated from them."""
+    settings = manifest.get("model")
+    if not isinstance(settings, dict):
+        raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST} has no model settings")
+    try:
+        return TWNConfig.from_dict(settings)
+    except TWNError as error:
+        raise TWNError(f"checkpoint '{checkpoint_dir}': {MANIFEST}: {error}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on the CPU; a TWNError naming the file if it is malformed."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise TWNError(f"'{path}' is not a readable safetensors file ({str(error).strip().splitlines()[0]})") from None
+
+
+def non_finite_weights(checkpoint_dir: Path) -> dict[str, int]:
+    """How many NaN or inf values each weight file of a checkpoint (or training state) holds; empty if none."""
+    counts = {}
+    for name in REQUIRED_FILES:
+        if name.endswith(".safetensors"):
+            broken = sum(int((~torch.isfinite(tensor)).sum()) for tensor in read_safetensors(checkpoint_dir / name).values() if tensor.is_floating_point())
+            if broken:
+                counts[name] = broken
+    return counts

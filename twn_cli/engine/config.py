@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from twn_cli.errors import TWNError
+from twn_cli.recipes import POSITIVE, SHARE, Range, check_ranges, check_types
 
 ADAPTERS = ("reasoning", "embedding")
 ThinkMode = Literal["never", "always", "auto"]
@@ -22,6 +23,11 @@ ThinkMode = Literal["never", "always", "auto"]
 INTERFACES = ("reasoning-prefill", "embedding-prefill", "reencode")
 # Names that checkpoints of earlier versions recorded.
 FORMER_INTERFACE_NAMES = {"shared": "reasoning-prefill"}
+# Upper bounds keep a hostile or mistyped twn.json or recipe from allocating without end.
+MODEL_SETTING_RANGES = {
+    "lora_rank": Range(1, 1024), "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1), "num_queries": Range(1, 1024),
+    "gate_hidden_size": Range(1, 65536), "gate_threshold": SHARE, "temperature": POSITIVE, "max_think_tokens": Range(1, 32768),
+}
 
 
 @dataclass
@@ -53,8 +59,7 @@ class TWNConfig:
             raise TWNError(f"pooling must be 'mean' or 'last', not '{self.pooling}'")
         if self.interface not in INTERFACES:
             raise TWNError(f"interface must be one of {', '.join(INTERFACES)}, not '{self.interface}'")
-        if self.num_queries < 1:
-            raise TWNError(f"num_queries must be at least 1, not {self.num_queries}")
+        check_ranges(self, MODEL_SETTING_RANGES)
 
     @property
     def prefill_adapter(self) -> str:
@@ -63,10 +68,7 @@ class TWNConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TWNConfig:
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TWNError(f"unknown model settings: {', '.join(unknown)}")
+        check_types(values, cls, "model settings")
         return cls(**values)
 
     def to_dict(self) -> dict:

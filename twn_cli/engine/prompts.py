@@ -6,6 +6,7 @@ import torch
 
 from twn_cli.engine.backbone import Backbone
 from twn_cli.engine.config import TWNConfig
+from twn_cli.engine.user_text import UserText
 from twn_cli.types import ModelInput
 
 
@@ -22,6 +23,8 @@ class Prompts:
         self.think_end_ids = self.tokenizer.encode(config.think_end, add_special_tokens=False)
         eos = backbone.model.config.get_text_config(decoder=True).eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        text_config = backbone.model.config.get_text_config(decoder=True)
+        self.user_text = UserText(self.tokenizer, getattr(text_config, "max_position_embeddings", None), (config.think_start, config.think_end))
 
     # ----------------------------------------------------------------- prompts
     def encode(self, inputs: list[ModelInput]) -> dict:
@@ -54,7 +57,7 @@ class Prompts:
 
     def _prompt(self, item: ModelInput) -> str:
         instruction = item.instruction if item.instruction is not None else self.config.default_instruction
-        text = "\n".join(part for part in (instruction, item.text) if part)
+        text = self.user_text("\n".join(part for part in (instruction, item.text) if part), self.config.max_think_tokens + self.config.num_queries)
         content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
         if self.config.system_prompt is not None:

@@ -112,4 +112,4 @@ def model_key(model) -> dict:
                 digest.update(name.encode())
                 digest.update(parameter.detach().float().cpu().numpy().tobytes())
         identity = digest.hexdigest()
-    return {"weights": identity, "config": model.config.to_dict()}
+    return {"weights": identity, "config": model.config.to_dict(), "max_text_tokens": model.prompts.user_text.max_tokens}

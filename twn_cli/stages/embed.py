@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -17,6 +18,7 @@ from twn_cli.engine.config import ThinkMode
 from twn_cli.engine.decoding import Sampling
 from twn_cli.engine.model import TWNModel
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.recipes import NOT_NEGATIVE, SHARE
 from twn_cli.types import ModelInput
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,14 @@ class EmbedSettings:
     skip_bad: bool = False
     sampling: Sampling = field(default_factory=Sampling)
 
+    def __post_init__(self):
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise TWNError(f"--threshold must be a finite number, not {self.threshold}")
+        if not NOT_NEGATIVE.holds(self.sampling.temperature):
+            raise TWNError(f"--temperature must be {NOT_NEGATIVE}, not {self.sampling.temperature}")
+        if not SHARE.holds(self.sampling.top_p):
+            raise TWNError(f"--top-p must be {SHARE}, not {self.sampling.top_p}")
+
 
 @dataclass
 class EmbedSummary:
@@ -37,6 +47,7 @@ class EmbedSummary:
     thought: int = 0
     reasoning_tokens: int = 0
     skipped: list[BadRecordError] = field(default_factory=list)
+    truncated: int = 0  # texts cut to fit the backbone's positions (`Prompts.user_text`)
 
 
 def run_embed(
@@ -64,10 +75,11 @@ def run_embed(
         ids, inputs = load_block(block, settings.skip_bad, skipped)
         return ids, inputs, skipped, len(block), block[-1].id
 
-    def embed_loaded(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int, str]) -> tuple[EmbeddingBatch, list[BadRecordError], int, str]:
+    def embed_loaded(loaded: tuple[list[str], list[ModelInput], list[BadRecordError], int, str]) -> tuple[EmbeddingBatch, list[BadRecordError], int, str, int]:
         ids, inputs, skipped, records_in_block, last_record = loaded
         if not ids:
-            return EmbeddingBatch([], torch.empty(0, model.embedding_dim), [], [], [], []), skipped, records_in_block, last_record
+            return EmbeddingBatch([], torch.empty(0, model.embedding_dim), [], [], [], []), skipped, records_in_block, last_record, 0
+        truncated_before = model.prompts.user_text.truncated
         result = embed_block(model, inputs, settings.think, settings.batch_size, settings.threshold, settings.sampling)
         batch = EmbeddingBatch(
             ids=ids,
@@ -77,14 +89,16 @@ def run_embed(
             cot=result.cot,
             reasoning_tokens=result.reasoning_tokens,
         )
-        return batch, skipped, records_in_block, last_record
+        return batch, skipped, records_in_block, last_record, model.prompts.user_text.truncated - truncated_before
 
     try:
         blocks = batched(records, block_size(settings.batch_size))
-        for batch, skipped, records_in_block, last_record in distributed.map_in_order(embed_loaded, blocks, prepare=load):
+        for batch, skipped, records_in_block, last_record, truncated in distributed.map_in_order(embed_loaded, blocks, prepare=load):
             summary.skipped += skipped
+            summary.truncated += truncated
             if writer is not None:
-                writer.add(batch, records_in_block, [{"record": error.record, "reason": error.reason} for error in skipped], last_record)
+                reasons = [{"record": error.record, "reason": error.reason} for error in skipped]
+                writer.add(batch, records_in_block, reasons, last_record, truncated)
             summary.embedded += len(batch.ids)
             summary.thought += sum(batch.think)
             summary.reasoning_tokens += sum(batch.reasoning_tokens)

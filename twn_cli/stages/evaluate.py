@@ -210,7 +210,11 @@ def run_eval(
         "headline_metric": HEADLINE_METRIC,
         "result": chosen,
         "sweep": sweep,
-        "run": {"seconds": time.perf_counter() - started, "processes": distributed.world_size, "tasks_from_cache": from_cache},
+        "run": {
+            "seconds": time.perf_counter() - started, "processes": distributed.world_size, "tasks_from_cache": from_cache,
+            # Texts cut to fit the backbone's positions (or --max-text-tokens) by the processes, in this run.
+            "truncated_texts": sum(distributed.gather_objects([model.prompts.user_text.truncated])),
+        },
     }
     if report["dataset"]["benchmark"]:
         report["leaderboard"] = leaderboard(report)

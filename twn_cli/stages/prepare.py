@@ -20,7 +20,7 @@ from pathlib import Path
 
 from twn_cli.data.images import load_image
 from twn_cli.data.mmeb_v2_tasks import MODALITY_OF_META_TASK, mmeb_meta_task
-from twn_cli.data.prepared import check_output_dir, split_counts, write_prepared
+from twn_cli.data.prepared import check_output_dir, name_problem, split_counts, write_prepared
 from twn_cli.data.sources import (
     ReadOptions,
     Side,
@@ -30,7 +30,9 @@ from twn_cli.data.sources import (
     expand_media,
     read_source,
 )
+from twn_cli.data.unicode import first_unicode_problem
 from twn_cli.errors import BadRecordError, TWNError
+from twn_cli.locks import lock_output
 from twn_cli.stages.teacher_cot import check_generation_limits, generate_teacher_cots
 
 logger = logging.getLogger(__name__)
@@ -87,66 +89,70 @@ def run_prepare(
     check_output_dir(output_dir)
     if frames < 1:
         raise TWNError(f"frames per video must be at least 1, not {frames}")
+    for kind, name in (("split", split), ("task", task)):
+        if name is not None and (problem := name_problem(kind, name)):
+            raise TWNError(f"--{kind}: {problem}")
     if cot_teacher is not None:
         check_generation_limits(teacher_batch_size, teacher_max_new_tokens)
-    options = ReadOptions(
-        image_root=Path(image_root) if image_root else None,
-        task=task,
-        split=split,
-        cot_column=cot_column,
-        instruction=instruction,
-    )
-    builder = DatasetBuilder(frames)
-    problems: list[BadRecordError] = []
-    for item in read_source(Path(source), options):
-        try:
-            builder.add(item)
-        except BadRecordError as problem:
-            problems.append(problem)
-        if progress is not None and not isinstance(item, SourceCandidate):
-            progress(1)
-
-    if problems and not skip_bad:
-        raise _bad_records_error(problems, builder.records)
-    if not builder.queries:
-        raise TWNError(f"'{source}' holds no usable records ({len(problems)} bad, {builder.records} in all)")
-    if cot_column and not builder.has_cot:
-        raise TWNError(f"no record has a value in the CoT column '{cot_column}'")
-    if problems:
-        logger.warning("skipped %d of %d records (each is listed in manifest.json)", len(problems), builder.records)
-
-    query_rows = [row for rows in builder.queries.values() for row in rows]
-    if cot_teacher is None:
-        cot = cot_info(query_rows, teacher=None, generated=0)
-    else:
-        teacher_settings = _TeacherSettings(
-            cot_teacher, teacher_batch_size, teacher_max_new_tokens, teacher_device, teacher_dtype, trust_remote_code
+    with lock_output(output_dir):  # one writer per output; it also guards the teacher-CoT cache beside it
+        options = ReadOptions(
+            image_root=Path(image_root) if image_root else None,
+            task=task,
+            split=split,
+            cot_column=cot_column,
+            instruction=instruction,
         )
-        cot = _add_teacher_cots(query_rows, teacher_settings, teacher_cot_cache_path(output_dir), cot_progress)
+        builder = DatasetBuilder(frames)
+        problems: list[BadRecordError] = []
+        for item in read_source(Path(source), options):
+            try:
+                builder.add(item)
+            except BadRecordError as problem:
+                problems.append(problem)
+            if progress is not None and not isinstance(item, SourceCandidate):
+                progress(1)
 
-    write_prepared(
-        output_dir,
-        builder.queries,
-        list(builder.candidates.values()),
-        {
-            "source": str(Path(source).absolute()),
-            "tasks": builder.tasks,
-            "skipped": [{"record": problem.record, "reason": problem.reason} for problem in problems],
-            "frames_per_video": frames,
-            "cot": cot,
-        },
-    )
-    if cot_teacher is not None:
-        teacher_cot_cache_path(output_dir).unlink(missing_ok=True)
-    summary = PreparedSummary(
-        output_dir=output_dir,
-        queries={split: split_counts(rows)["tasks"] for split, rows in builder.queries.items()},
-        candidates=len(builder.candidates),
-        skipped=len(problems),
-    )
-    queries = sum(map(len, builder.queries.values()))
-    logger.info("wrote %s: %d queries, %d candidates", output_dir, queries, summary.candidates)
-    return summary
+        if problems and not skip_bad:
+            raise _bad_records_error(problems, builder.records)
+        if not builder.queries:
+            raise TWNError(f"'{source}' holds no usable records ({len(problems)} bad, {builder.records} in all)")
+        if cot_column and not builder.has_cot:
+            raise TWNError(f"no record has a value in the CoT column '{cot_column}'")
+        if problems:
+            logger.warning("skipped %d of %d records (each is listed in manifest.json)", len(problems), builder.records)
+
+        query_rows = [row for rows in builder.queries.values() for row in rows]
+        if cot_teacher is None:
+            cot = cot_info(query_rows, teacher=None, generated=0)
+        else:
+            teacher_settings = _TeacherSettings(
+                cot_teacher, teacher_batch_size, teacher_max_new_tokens, teacher_device, teacher_dtype, trust_remote_code
+            )
+            cot = _add_teacher_cots(query_rows, teacher_settings, teacher_cot_cache_path(output_dir), cot_progress)
+
+        write_prepared(
+            output_dir,
+            builder.queries,
+            list(builder.candidates.values()),
+            {
+                "source": str(Path(source).absolute()),
+                "tasks": builder.tasks,
+                "skipped": [{"record": problem.record, "reason": problem.reason} for problem in problems],
+                "frames_per_video": frames,
+                "cot": cot,
+            },
+        )
+        if cot_teacher is not None:
+            teacher_cot_cache_path(output_dir).unlink(missing_ok=True)
+        summary = PreparedSummary(
+            output_dir=output_dir,
+            queries={split: split_counts(rows)["tasks"] for split, rows in builder.queries.items()},
+            candidates=len(builder.candidates),
+            skipped=len(problems),
+        )
+        queries = sum(map(len, builder.queries.values()))
+        logger.info("wrote %s: %d queries, %d candidates", output_dir, queries, summary.candidates)
+        return summary
 
 
 def teacher_cot_cache_path(output_dir: Path) -> Path:
@@ -229,6 +235,9 @@ class DatasetBuilder:
 
     def _add_record(self, record: SourceRecord) -> None:
         label = record.label
+        problem = name_problem("split", record.split) or name_problem("task", record.task) or _text_problem(record)
+        if problem:
+            raise BadRecordError(label, problem)
         if record.id in self._query_ids:
             raise BadRecordError(label, f"duplicate id '{record.id}'")
         if not record.positives:
@@ -293,6 +302,11 @@ class DatasetBuilder:
         """The candidate row of a target (its id derived from its content) and whether it is a video."""
         key = (task, side)
         if key not in self._resolved:
+            problem = name_problem("task", task) or first_unicode_problem(
+                [(f"{what} instruction", side.instruction), (f"{what} text", side.text), (f"{what} image", side.images)]
+            )
+            if problem:
+                raise BadRecordError(label, problem)
             images, is_video = self._media(label, what, side.images)
             if not side.text and not images:
                 raise BadRecordError(label, f"{what} has neither text nor image")
@@ -321,6 +335,14 @@ class DatasetBuilder:
                 self._image_problems[path] = str(problem)
         if self._image_problems[path] is not None:
             raise ValueError(f"image '{path}' {self._image_problems[path]}")
+
+
+def _text_problem(record: SourceRecord) -> str | None:
+    """Why a field of the query itself is not text (its targets are checked as candidates)."""
+    return first_unicode_problem([
+        ("id", record.id), ("query instruction", record.query.instruction), ("query text", record.query.text),
+        ("query image", record.query.images), ("cot", record.cot), ("difficulty", record.difficulty), ("meta_task", record.meta_task),
+    ])
 
 
 def _unique_ids(candidates: list[tuple[dict, bool]]) -> list[str]:

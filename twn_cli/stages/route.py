@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
 from twn_cli.data.inputs import InputRecord, loaded_batches
 from twn_cli.engine.gate import thinks
 from twn_cli.engine.model import TWNModel
-from twn_cli.errors import BadRecordError
+from twn_cli.errors import BadRecordError, TWNError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ def run_route(
     on_batch: Callable[[int], None] = lambda count: None,
 ) -> tuple[int, int, list[BadRecordError]]:
     """Write one JSON line per input (id, p_think, think); returns (routed, thinking, skipped)."""
+    if not math.isfinite(threshold):
+        raise TWNError(f"--threshold must be a finite number, not {threshold}")
     routed = thinking = 0
     skipped: list[BadRecordError] = []
     for ids, inputs in loaded_batches(records, batch_size, skip_bad, skipped):

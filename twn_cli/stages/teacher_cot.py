@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twn_cli.data.images import load_image
+from twn_cli.engine.user_text import UserText
 from twn_cli.errors import TWNError
 
 if TYPE_CHECKING:  # torch and transformers load only when a teacher runs
@@ -61,9 +62,11 @@ def generate_teacher_cots(
     """
     check_generation_limits(batch_size, max_new_tokens)
     _check_template(prompt_template)
+    positions = getattr(teacher.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    user_text = UserText(teacher.tokenizer, positions)
     cache_path = Path(cache_path)
     requests = [
-        _request(record, teacher, prompt_template, max_new_tokens) for record in records if not record["cot"]
+        _request(record, teacher, prompt_template, max_new_tokens, user_text) for record in records if not record["cot"]
     ]
     cached = _read_cache(cache_path)
     cots = {
@@ -108,8 +111,8 @@ def _check_template(template: str) -> None:
         )
 
 
-def _request(record: Mapping, teacher: Backbone, template: str, max_new_tokens: int) -> _Request:
-    query = "\n".join(part for part in (record["instruction"], record["text"]) if part)
+def _request(record: Mapping, teacher: Backbone, template: str, max_new_tokens: int, user_text: UserText) -> _Request:
+    query = user_text("\n".join(part for part in (record["instruction"], record["text"]) if part), max_new_tokens)
     content = [{"type": "image"} for _ in record["images"]]
     content.append({"type": "text", "text": template.format(query=query)})
     prompt = teacher.processor.apply_chat_template(

@@ -42,9 +42,11 @@ from twn_cli.engine.model import TWNModel
 from twn_cli.engine.training_passes import teacher_cot_embeddings, training_views
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import hit_at_1
+from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, check_ranges
 from twn_cli.stages.common import CandidateEmbedder, stage_record
 from twn_cli.training import (
     RunDirectory,
+    finite_optimizer_step,
     restore_rng_state,
     resume_latest_state,
     rng_state,
@@ -109,8 +111,14 @@ class TrainEmbedConfig:
     def __post_init__(self):
         if self.batch_size < 2:
             raise TWNError("batch_size must be at least 2: InfoNCE needs in-batch negatives")
-        if self.chunk_size < 1 or self.steps < 1:
-            raise TWNError("chunk_size and steps must be positive")
+        check_ranges(self, {
+            "temperature": POSITIVE, "sft_weight": NOT_NEGATIVE, "think_view_weight": NOT_NEGATIVE,
+            "no_think_view_weight": NOT_NEGATIVE, "hard_negatives": NOT_NEGATIVE, "steps": AT_LEAST_ONE,
+            "chunk_size": AT_LEAST_ONE, "learning_rate": POSITIVE, "weight_decay": NOT_NEGATIVE,
+            "warmup_steps": NOT_NEGATIVE, "max_grad_norm": POSITIVE, "checkpoint_every": AT_LEAST_ONE,
+            "log_every": AT_LEAST_ONE, "validation_queries": NOT_NEGATIVE,
+        })
+        self.model_config()  # checks the model settings too, before a model is built from them
 
     def model_config(self) -> TWNConfig:
         return TWNConfig(**{name: getattr(self, name) for name in MODEL_SETTINGS})
@@ -168,11 +176,11 @@ class EmbedTrainer:
 
     # ------------------------------------------------------------------ one update
     def step(self) -> dict:
-        """Train on global batch number `step_done`: gradients, clipping, one optimiser step; returns its losses."""
+        """Train on global batch number `step_done`: gradients, clipping, one optimiser step (unless anything is
+        non-finite: FloatingPointError); returns its losses."""
         metrics = self.compute_gradients()
         trainable = list(self.parameters.values())
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm))
-        self.optimizer.step()
+        metrics["grad_norm"] = finite_optimizer_step(self.optimizer, trainable, self.config.max_grad_norm, self.step_done + 1)
         self.schedule.step()
         self.step_done += 1
         metrics["learning_rate"] = self.schedule.get_last_lr()[0]

@@ -51,6 +51,7 @@ from twn_cli.engine.gate import RoutingGate, thinks
 from twn_cli.engine.model import TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc, hit_at_1
+from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, check_ranges
 from twn_cli.stages.common import CandidateEmbedder, stage_record
 from twn_cli.training import TRAIN_DIR
 from twn_cli.types import ModelInput
@@ -107,6 +108,9 @@ class TrainGateConfig:
             raise TWNError("label_batch_size must be at least 2: the batch's other targets are the negatives")
         if min(self.label_queries, self.validation_queries, self.epochs, self.batch_size, self.log_every) < 1 or self.hard_negatives < 0:
             raise TWNError("label_queries, validation_queries, epochs, batch_size and log_every must be positive, hard_negatives not negative")
+        check_ranges(self, {
+            "max_think_tokens": AT_LEAST_ONE, "learning_rate": POSITIVE, "weight_decay": NOT_NEGATIVE, "best_tolerance": NOT_NEGATIVE,
+        })
 
 
 # ----------------------------------------------------------------------------------------- both views

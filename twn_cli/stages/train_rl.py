@@ -44,6 +44,7 @@ from twn_cli.engine.decoding import Sampling
 from twn_cli.engine.model import TWNModel
 from twn_cli.engine.training_passes import cot_log_probs
 from twn_cli.errors import TWNError
+from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, SHARE, check_ranges
 from twn_cli.stages.common import CandidateEmbedder, stage_record
 from twn_cli.stages.grpo import (
     ADVANTAGES,
@@ -57,7 +58,7 @@ from twn_cli.stages.grpo import (
     loss_normaliser,
     pick_negatives,
 )
-from twn_cli.training import RunDirectory, restore_rng_state, resume_latest_state, rng_state
+from twn_cli.training import RunDirectory, finite_optimizer_step, restore_rng_state, resume_latest_state, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,16 @@ class TrainRLConfig:
                 raise TWNError(f"{name} must be one of {', '.join(allowed)}, not '{value}'")
         if self.group_size < 2:
             raise TWNError("group_size must be at least 2: advantages are normalised within each query's group")
-        if min(self.batch_size, self.steps, self.max_think_tokens, self.reward_top_n) < 1:
-            raise TWNError("batch_size, steps, max_think_tokens and reward_top_n must be positive")
-        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+        check_ranges(self, {
+            "temperature": NOT_NEGATIVE, "top_p": SHARE, "max_think_tokens": AT_LEAST_ONE,
+            "reward_temperature": POSITIVE, "reward_top_n": AT_LEAST_ONE, "hardest_negatives": NOT_NEGATIVE, "random_negatives": NOT_NEGATIVE,
+            "token_cost": NOT_NEGATIVE, "epsilon_low": SHARE, "epsilon_high": NOT_NEGATIVE, "kl_beta": NOT_NEGATIVE,
+            "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "micro_batch_size": NOT_NEGATIVE, "learning_rate": POSITIVE,
+            "max_grad_norm": POSITIVE, "checkpoint_every": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "validation_queries": NOT_NEGATIVE,
+            "refresh_cache_every": NOT_NEGATIVE,
+        })
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise TWNError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size}), or be 0")
-        if self.validation_queries < 0:
-            raise TWNError("validation_queries must not be negative")
-        if self.refresh_cache_every < 0:
-            raise TWNError("refresh_cache_every must not be negative")
         if self.refresh_cache_every and self.checkpoint_every % self.refresh_cache_every:
             # Every saved state is then a refresh point, so a resumed run refreshes to the same cache.
             raise TWNError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of refresh_cache_every ({self.refresh_cache_every})")
@@ -180,8 +183,8 @@ class RLTrainer:
     def update(self, samples: list[tuple[list[dict], dict, torch.Tensor]]) -> dict:
         """One optimiser step on the GRPO loss of the processes' samples together; returns the step's metrics."""
         metrics = self.policy_gradient(samples)
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm))
-        self.optimizer.step()
+        trainable = list(self.parameters.values())
+        metrics["grad_norm"] = finite_optimizer_step(self.optimizer, trainable, self.config.max_grad_norm, self.step_done + 1)
         self.step_done += 1
         return {"step": self.step_done, **metrics}
 

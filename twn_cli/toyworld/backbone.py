@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from twn_cli.recipes import AT_LEAST_ONE, check_ranges
 from twn_cli.toyworld.render import PICTURE_SIZE
 from twn_cli.toyworld.vocabulary import COLOURS, EVERYDAY_WORDS, POSITIONS, SHAPES, SIDES, SIZES, THINK_END, THINK_START
 from twn_cli.toyworld.world import corpus_sentences
@@ -80,6 +81,9 @@ class ToyBackboneSpec:
     min_pixels: int = 28 * 28
     max_pixels: int = PICTURE_SIZE * PICTURE_SIZE
     max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        check_ranges(self, {item.name: AT_LEAST_ONE for item in fields(self)})
 
 
 def train_tokenizer(vocab_size: int, seed: int):

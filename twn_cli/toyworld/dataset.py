@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from twn_cli.data.prepared import MODALITY_OF_META_TASK, check_output_dir, write_prepared
+from twn_cli.locks import lock_output
 from twn_cli.toyworld.render import PICTURE_SIZE
 from twn_cli.toyworld.world import Record, SceneImage, Split, generate_world
 
@@ -69,29 +70,30 @@ def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0
         with open(staging / ANALYSIS_FILE, "w") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in analysis)
 
-    write_prepared(
-        output_dir,
-        queries,
-        candidates,
-        {
-            "source": "synthetic",
-            "tasks": tasks,
-            "skipped": [],
-            "frames_per_video": 0,
-            "cot": {"source": "rules"},
-            "world": {
-                "n": n,
-                "seed": seed,
-                "image_size": image_size,
-                "held_out": {
-                    "combinations": sorted(" ".join(pair) for pair in world.held_out.combinations),
-                    "facts": sorted(fact.answer + ": " + ", ".join(fact.key) for fact in world.held_out.facts),
-                    "phrasings": sorted(world.held_out.templates),
+    with lock_output(output_dir):
+        write_prepared(
+            output_dir,
+            queries,
+            candidates,
+            {
+                "source": "synthetic",
+                "tasks": tasks,
+                "skipped": [],
+                "frames_per_video": 0,
+                "cot": {"source": "rules"},
+                "world": {
+                    "n": n,
+                    "seed": seed,
+                    "image_size": image_size,
+                    "held_out": {
+                        "combinations": sorted(" ".join(pair) for pair in world.held_out.combinations),
+                        "facts": sorted(fact.answer + ": " + ", ".join(fact.key) for fact in world.held_out.facts),
+                        "phrasings": sorted(world.held_out.templates),
+                    },
                 },
             },
-        },
-        write_files=render_pictures,
-    )
+            write_files=render_pictures,
+        )
     return {split: len(rows) for split, rows in queries.items()} | {"candidates": len(candidates)}
 
 

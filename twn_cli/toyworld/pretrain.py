@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from twn_cli.engine.backbone import load_backbone
+from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, Range, check_ranges
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END
 from twn_cli.toyworld.world import (
@@ -64,6 +65,14 @@ class PretrainSettings:
     eval_pictures: int = 120
     eval_explanations: int = 60
     seed: int = 0
+
+    def __post_init__(self):
+        check_ranges(self, {
+            "vision_warmup_steps": NOT_NEGATIVE, "vision_warmup_batch_size": AT_LEAST_ONE, "steps": NOT_NEGATIVE,
+            "batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE, "vision_warmup_learning_rate": POSITIVE,
+            "vision_learning_rate": NOT_NEGATIVE, "warmup_steps": NOT_NEGATIVE, "weight_decay": NOT_NEGATIVE,
+            "max_grad_norm": POSITIVE, "image_size": Range(28), "eval_pictures": AT_LEAST_ONE, "eval_explanations": AT_LEAST_ONE,
+        })
 
 
 @dataclass
