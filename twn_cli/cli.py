@@ -765,3 +765,30 @@ def evaluate(
         return
     print_tables(report)
     print(output)
+
+
+# --------------------------------------------------------------------------------------------- convert-release
+@app.command("convert-release")
+@user_errors
+def convert_release(
+    source: Path = typer.Argument(..., help="Folder laid out like the TWN authors' release: reasoning/, embedding/, gate_mlp.pt, queries.pt."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone directory or hub id (default: the one the release's adapters name)."),
+    setting: list[str] = typer.Option([], "--set", help="A model setting the release does not carry: --set KEY=VALUE (repeatable), e.g. gate_threshold=0.6."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype while converting: float32, bfloat16 or float16 (the checkpoint's tensors are float32)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
+    """Write a TWN release folder as a twn checkpoint (twn.json with the backbone's fingerprint, file hashes).
+
+    Every command also loads a release folder directly with --checkpoint; converting records its settings
+    and lets the checkpoint be checked on every load. K comes from the queries' shape, the gate's width
+    from its weights (mapped onto twn's gate by names and shapes); other settings take twn's defaults
+    unless --set. Written atomically. Prints the checkpoint directory.
+    """
+    _setup_logging(verbose)
+    from twn_cli.engine.release import convert_release as convert
+    from twn_cli.recipes import parse_overrides
+
+    print(convert(source, output, backbone=backbone, overrides=parse_overrides(setting), dtype=dtype, device=device, trust_remote_code=trust_remote_code))
