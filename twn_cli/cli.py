@@ -566,6 +566,7 @@ def embed(
     from twn_cli.data.inputs import read_inputs
     from twn_cli.data.prepared import is_prepared_dir
     from twn_cli.distributed import Distributed, process_device, start_process_group
+    from twn_cli.engine.identity import model_identity
     from twn_cli.engine.model import Sampling
     from twn_cli.stages.embed import EmbedSettings, run_embed
 
@@ -602,6 +603,7 @@ def embed(
         "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed},
         "normalized": True,
         "embedding_dim": model.embedding_dim,
+        "model": model_identity(model),
         "twn_version": _version(),
     }
     if resume and inputs == "-":
@@ -792,3 +794,93 @@ def convert_release(
     from twn_cli.recipes import parse_overrides
 
     print(convert(source, output, backbone=backbone, overrides=parse_overrides(setting), dtype=dtype, device=device, trust_remote_code=trust_remote_code))
+
+
+# ------------------------------------------------------------------------------------------------------ search
+@app.command()
+@user_errors
+def search(
+    queries: str = typer.Argument(..., help="Queries as `twn embed` takes them: an image folder, a JSONL file of records, or - for JSONL on stdin."),
+    index: Path = typer.Option(..., "--index", help="What to search: an embedding file `twn embed` wrote (any format), or a folder `twn index` built."),
+    checkpoint: Optional[Path] = typer.Option(None, help="TWN checkpoint that embedded the index (a twn checkpoint or a release folder)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters."),
+    k: int = typer.Option(10, "-k", min=1, help="Results per query."),
+    output: str = typer.Option("-", "-o", "--output", help="JSONL file to write, or - for stdout."),
+    think: ThinkOption = typer.Option(ThinkOption.never, help="How the queries think: never, always, or auto (the gate decides)."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Same as --think auto."),
+    threshold: Optional[float] = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
+    index_think: ThinkOption = typer.Option(ThinkOption.never, help="The think mode the index must have been embedded with (candidates are embedded without thinking, as in training)."),
+    chunk_size: int = typer.Option(16384, min=1, help="Stored vectors read and scored at a time (bounds memory: about chunk x (dim + 1024) x 4 bytes)."),
+    batch_size: int = typer.Option(16, min=1, help="Queries per forward pass."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty query records (reported on stderr) instead of stopping."),
+    max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
+    """Embed queries and print each one's top-k stored vectors: {"id", "think", "results": [{"id", "score"}]}.
+
+    Exact by default: the stored vectors are read a chunk at a time (memory bounded by --chunk-size however
+    many there are), scores are cosine similarities, equal scores go to the earlier stored row. A folder
+    built by `twn index` is searched with FAISS instead. An index embedded by another model, or in another
+    think mode than --index-think, is refused before any query is embedded. CoTs are decoded greedily.
+    """
+    _setup_logging(verbose)
+    from twn_cli.atomic import atomic_file
+    from twn_cli.data.inputs import read_inputs
+    from twn_cli.stages.embed import EmbedSettings
+    from twn_cli.stages.search import StoredVectors, run_search
+
+    mode = "auto" if adaptive else think.value
+    if adaptive and think is ThinkOption.always:
+        raise TWNError("--adaptive and --think always contradict each other")
+    stored = StoredVectors.open(index)
+    records = read_inputs(queries)
+    model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", dtype=dtype, device=device,
+                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if max_think_tokens is not None:
+        model.config.max_think_tokens = max_think_tokens
+    settings = EmbedSettings(think=mode, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
+    search_into = functools.partial(run_search, model, records, stored, settings, k=k, chunk_rows=chunk_size, index_think=index_think.value)
+    started = time.perf_counter()
+    if output == "-":
+        summary = search_into(sys.stdout)
+    else:
+        with atomic_file(output) as staging, open(staging, "w", encoding="utf-8") as stream:
+            summary = search_into(stream)
+        print(output)
+    print(
+        f"searched {stored.count} stored vectors for {summary.embedded} queries ({summary.thought} thought, "
+        f"{len(summary.skipped)} skipped) in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- index
+class IndexKind(str, enum.Enum):
+    hnsw = "hnsw"
+    flat = "flat"
+
+
+@app.command()
+@user_errors
+def index(
+    embeddings: Path = typer.Argument(..., help="An embedding file `twn embed` wrote (any format)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Index folder to write (index.faiss, ids.parquet, twn-index.json)."),
+    kind: IndexKind = typer.Option(IndexKind.hnsw, help="hnsw: approximate, fast on millions; flat: exact, every vector scored."),
+    hnsw_m: int = typer.Option(32, min=2, help="HNSW: links per vector (more: better recall, more memory)."),
+    ef_search: int = typer.Option(128, min=1, help="HNSW: candidates explored per query (more: better recall, slower)."),
+    chunk_size: int = typer.Option(16384, min=1, help="Vectors read at a time while building."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
+):
+    """Build a FAISS index (inner product) of an embedding file for `twn search --index`; needs faiss-cpu.
+
+    The index keeps the embedding file's metadata, so search refuses it for another model or think mode as
+    it would the file. FAISS holds every vector in memory. Written atomically. Prints the folder written.
+    """
+    _setup_logging(verbose)
+    from twn_cli.stages.search import build_index
+
+    print(build_index(embeddings, output, kind=kind.value, hnsw_m=hnsw_m, ef_search=ef_search, chunk_rows=chunk_size))
