@@ -114,7 +114,7 @@ def setup(toy_backbone_dir, real_image_paths, tmp_path_factory):
 
 @pytest.mark.parametrize("think", ["always", "adaptive"])
 def test_mteb_evaluate_scores_and_ranks_as_twn_eval_does(setup, think, tmp_path):
-    root, checkpoint = setup["root"], setup["checkpoint"]
+    checkpoint = setup["checkpoint"]
     encoder = load_encoder(checkpoint, device="cpu", think=think, threshold=setup["threshold"], instructions={f"{TASK}-query": QUERY_INSTRUCTION})
     results = mteb.evaluate(encoder, tiny_task(setup["pictures"]), cache=None, encode_kwargs={"batch_size": 4},
                             prediction_folder=tmp_path, show_progress_bar=False)

@@ -75,15 +75,26 @@ class _ParquetSource(EmbeddingSource):
         self._group_starts = [0, *accumulate(self._file.metadata.row_group(group).num_rows for group in range(groups))]
 
     def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        start = 0
-        for batch in self._file.iter_batches(batch_size=rows, columns=["embedding"], use_threads=False):
-            flat = batch.column(0).flatten().to_numpy(zero_copy_only=False, writable=True)
-            yield start, flat.reshape(-1, self.dim)
-            start += batch.num_rows
+        # Row group by row group, copied into each chunk: pyarrow's iter_batches over a whole file buffers
+        # every row group it is going to read, and joining the pieces of a chunk would hold it twice.
+        start, chunk, filled = 0, None, 0
+        for group in range(self._file.metadata.num_row_groups):
+            column = self._file.read_row_group(group, columns=["embedding"], use_threads=False).column(0)
+            vectors = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+            taken = 0
+            while taken < len(vectors):
+                if chunk is None:
+                    chunk, filled = np.empty((min(rows, self.count - start), self.dim), dtype=np.float32), 0
+                count = min(len(chunk) - filled, len(vectors) - taken)
+                chunk[filled : filled + count] = vectors[taken : taken + count]
+                filled, taken = filled + count, taken + count
+                if filled == len(chunk):
+                    yield start, chunk
+                    start, chunk = start + filled, None
 
     def ids(self) -> Iterator[str]:
-        for batch in self._file.iter_batches(columns=["id"], use_threads=False):
-            yield from batch.column(0).to_pylist()
+        for group in range(self._file.metadata.num_row_groups):
+            yield from self._file.read_row_group(group, columns=["id"], use_threads=False).column(0).to_pylist()
 
     def ids_at(self, rows: Iterable[int]) -> dict[int, str]:
         by_group: dict[int, list[int]] = {}

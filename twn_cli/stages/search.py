@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from typing import TextIO
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
