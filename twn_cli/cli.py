@@ -810,7 +810,7 @@ def search(
     adaptive: bool = typer.Option(False, "--adaptive", help="Same as --think auto."),
     threshold: Optional[float] = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
     index_think: ThinkOption = typer.Option(ThinkOption.never, help="The think mode the index must have been embedded with (candidates are embedded without thinking, as in training)."),
-    chunk_size: int = typer.Option(16384, min=1, help="Stored vectors read and scored at a time (bounds memory: about chunk x (dim + 1024) x 4 bytes)."),
+    chunk_size: int = typer.Option(16384, min=1, help="Stored vectors read and scored at a time: memory grows with it, not with the number stored."),
     batch_size: int = typer.Option(16, min=1, help="Queries per forward pass."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty query records (reported on stderr) instead of stopping."),
     max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
