@@ -54,6 +54,13 @@ def test_cpu_benchmarks_run_at_tiny_sizes(scripts, toy_backbone_dir, toy_dataset
     assert [row["inputs"] for row in figures["embedding"]["rows"]] == [2]
     assert figures["ranking"]["rows"][0]["pool"] == 50
 
+    figures = scripts("search_memory").main(
+        ["--rows", "300", "--dim", "8", "--queries", "5", "-k", "3", "--chunk-sizes", "7", "1000", "--work", str(tmp_path),
+         "--in-process", "-o", str(tmp_path / "search.json")]
+    )
+    assert [row["chunk_size"] for row in figures["rows_measured"]] == [7, 1000]
+    assert figures["same_answer_for_every_chunk_size"] and all(row["peak_rss_mib"] > 0 for row in figures["rows_measured"])
+
 
 def test_cot_quality_scores_every_task_and_difficulty_with_teacher_cots(scripts, toy_backbone_dir, toy_dataset_dir, tmp_path):
     from twn_cli.data.prepared import load_prepared

@@ -5,6 +5,8 @@
     embedding/             PEFT LoRA adapter dir
     queries.safetensors    the K learnable query embeddings
     gate.safetensors       the routing gate MLP
+
+`load_checkpoint` also loads a folder laid out like the TWN authors' release (twn_cli/engine/release.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from twn_cli.atomic import atomic_directory
 from twn_cli.engine.backbone import Backbone, load_backbone
 from twn_cli.engine.config import ADAPTERS, TWNConfig
 from twn_cli.engine.model import TWNModel
+from twn_cli.engine.release import is_release_layout, load_release
 from twn_cli.errors import TWNError
 
 MANIFEST = "twn.json"
@@ -129,7 +132,10 @@ def read_manifest(checkpoint_dir: str | Path) -> dict:
         raise TWNError(f"checkpoint '{checkpoint_dir}' does not exist")
     manifest_path = checkpoint_dir / MANIFEST
     if not manifest_path.is_file():
-        raise TWNError(f"'{checkpoint_dir}' is not a TWN checkpoint (no {MANIFEST}; an interrupted write leaves none)")
+        raise TWNError(
+            f"'{checkpoint_dir}' is not a TWN checkpoint (no {MANIFEST}; an interrupted write leaves none) nor a TWN "
+            "release (reasoning/ and embedding/ adapters, gate_mlp.pt, queries.pt)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -160,8 +166,15 @@ def load_checkpoint(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> TWNModel:
-    """Load a checkpoint onto its backbone (by default the one it names) and check they belong together."""
+    """Load a checkpoint onto its backbone (by default the one it names) and check they belong together.
+
+    A folder laid out like the TWN authors' release loads too, with its settings read from its tensors.
+    """
     checkpoint_dir = Path(checkpoint_dir)
+    if is_release_layout(checkpoint_dir):
+        return load_release(
+            checkpoint_dir, backbone, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
     manifest = read_manifest(checkpoint_dir)
     config = model_settings(manifest, checkpoint_dir)
     if backbone is None:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from twn_cli.atomic import atomic_file
+from twn_cli.engine.identity import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,5 @@ def model_key(model) -> dict:
     if model.manifest is not None:
         identity = hashlib.sha256(json.dumps(model.manifest["files"], sort_keys=True).encode()).hexdigest()
     else:
-        digest = hashlib.sha256(model.backbone.fingerprint.encode())
-        for part in model.trainable_parameters().values():
-            for name, parameter in sorted(part.items()):
-                digest.update(name.encode())
-                digest.update(parameter.detach().float().cpu().numpy().tobytes())
-        identity = digest.hexdigest()
+        identity = model_identity(model)
     return {"weights": identity, "config": model.config.to_dict(), "max_text_tokens": model.prompts.user_text.max_tokens}
