@@ -31,14 +31,9 @@ from safetensors import safe_open
 import _common as common
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.eval.metrics import auroc
-from twn_cli.stages.train_gate import (
-    LABELS_DIR,
-    LABELS_LOG,
-    TrainGateConfig,
-    heldout_probabilities,
-    out_of_fold_scores,
-    probabilities_of_a_copy_trained_on,
-)
+from twn_cli.stages.gate_fitting import group_rates, heldout_probabilities, out_of_fold_scores, probabilities_of_a_copy_trained_on
+from twn_cli.stages.gate_labelling import LABELS_DIR
+from twn_cli.stages.train_gate import LABELS_LOG, TrainGateConfig
 from twn_cli.training import TRAIN_DIR
 
 LEARNING_CURVE_SHARES = (0.25, 0.5)
@@ -95,17 +90,6 @@ def gate_on_share(cached: dict[str, torch.Tensor], margin_change: torch.Tensor, 
     return predict
 
 
-def group_rate(groups: list[tuple]) -> Predictor:
-    def predict(trained: torch.Tensor, scored: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        members = defaultdict(list)
-        for row in trained.tolist():
-            members[groups[row]].append(float(labels[row]))
-        overall = float(labels[trained].float().mean())
-        return torch.tensor([sum(members[groups[row]]) / len(members[groups[row]]) if members[groups[row]] else overall for row in scored.tolist()])
-
-    return predict
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a checkpoint written by twn train-gate (its train/ folder holds the labels)")
@@ -119,9 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not 2 <= folds <= len(records):
         raise SystemExit(f"--folds must be between 2 and the number of labels ({len(records)}), not {folds}")
     margin_change = cached["margin_think"] - cached["margin_never"]
-    groups = {"task_rate": group_rate([(record["task"],) for record in records])}
+    groups = {"task_rate": group_rates([(record["task"],) for record in records])}
     if any(record["difficulty"] for record in records):
-        groups["task_difficulty_rate"] = group_rate([(record["task"], record["difficulty"]) for record in records])
+        groups["task_difficulty_rate"] = group_rates([(record["task"], record["difficulty"]) for record in records])
 
     by_delta = {}
     for delta in arguments.deltas or [config.delta]:

@@ -297,7 +297,7 @@ def test_control_tokens_in_user_text_are_encoded_as_text_and_long_texts_are_cut(
     assert bool(torch.isfinite(model.embed([ModelInput(text=hostile)]).embeddings).all())
     positions = model.backbone.model.config.get_text_config().max_position_embeddings
     assert model.prompts.encode([ModelInput(text="a red triangle " * 3000)])["input_ids"].shape[1] <= positions
-    assert model.user_text.truncated == 1
+    assert model.prompts.user_text.truncated == 1
 
 
 def test_sixteen_bit_and_exif_rotated_images_load_as_they_look(tmp_path):

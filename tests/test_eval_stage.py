@@ -181,6 +181,29 @@ def test_sweep_endpoints_equal_the_never_and_always_modes(counted_model, toy_dat
     assert without_timings(adaptive["result"]) == without_timings(sweep["result"])
 
 
+def test_a_sweep_reports_routing_against_random_task_level_and_oracle_routing(make_model, toy_dataset, tmp_path):
+    from twn_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = save_checkpoint(make_model(), tmp_path / "gate", stages=[], extra={"gate": {"validation": {"think_tasks": ["t2i"]}}})
+    report = run_eval(load_checkpoint(checkpoint, device="cpu"), toy_dataset, tmp_path / "sweep", mode="sweep", batch_size=4)
+    points, routing = report["sweep"], report["routing"]
+    never, always = points[0]["overall"]["score"], points[-1]["overall"]["score"]
+    assert routing["never"] == pytest.approx(never) and routing["always"] == pytest.approx(always)
+    gate = routing["gate"]["points"]
+    assert [entry["score"] for entry in gate] == [point["overall"]["score"] for point in points[1:-1]]
+    for entry, point in zip(gate, points[1:-1]):
+        share = point["overall"]["reasoning_tokens_per_query"] / points[-1]["overall"]["reasoning_tokens_per_query"]
+        assert entry["token_share"] == pytest.approx(share) and entry["chord_at_token_share"] == pytest.approx(never + share * (always - never))
+    # Task-level routing: the think view's score for t2i, the no-think view's for every other task.
+    tasks = {name: (points[-1] if name == "t2i" else points[0])["tasks"][name]["score"] for name in points[0]["tasks"]}
+    assert routing["task_level"]["score"] == pytest.approx(sum(tasks.values()) / len(tasks))
+    assert routing["task_level"]["tasks"] == ["t2i"]
+    assert routing["oracle"]["score"] >= max(never, always, *(entry["score"] for entry in gate)) - 1e-12
+    assert routing["oracle"]["area"] >= routing["gate"]["area"]
+    markdown = (tmp_path / "sweep" / "report.md").read_text()
+    assert "Routing: the gate's thresholds against random routing" in markdown and "task-level (t2i)" in markdown
+
+
 def test_an_interrupted_evaluation_resumes_without_recomputing_finished_tasks(make_model, counting, toy_dataset, tmp_path):
     uninterrupted_model = counting(make_model())
     uninterrupted = run_eval(uninterrupted_model, toy_dataset, tmp_path / "whole", mode="sweep", batch_size=4)

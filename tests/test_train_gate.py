@@ -20,20 +20,10 @@ from twn_cli.engine.decoding import Sampling
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
-from twn_cli.stages import train_gate
-from twn_cli.stages.train_gate import (
-    TrainGateConfig,
-    best_threshold,
-    candidate_columns,
-    embed_views,
-    label_inputs,
-    labelling_rows,
-    retrieval_margins,
-    run_train_gate,
-    task_weights,
-    thinking_labels,
-    threshold_for_budget,
-)
+from twn_cli.stages import gate_fitting, gate_labelling, gate_threshold
+from twn_cli.stages.gate_labelling import candidate_columns, embed_views, label_inputs, labelling_rows, retrieval_margins, thinking_labels
+from twn_cli.stages.gate_threshold import best_threshold, task_weights, threshold_for_budget
+from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
 
 SMALL = dict(label_queries=12, label_batch_size=6, hard_negatives=2, max_think_tokens=6, epochs=20, batch_size=8, validation_queries=8)
 
@@ -152,7 +142,7 @@ def test_the_gate_keeps_the_epoch_with_the_lowest_loss_on_its_stopping_slice():
     states, labels = torch.randn(200, 16, generator=generator), torch.rand(200, generator=generator) < 0.5
     config = TrainGateConfig(epochs=60, batch_size=32, learning_rate=1e-2, log_every=1)
     torch.manual_seed(0)
-    history = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), config).history
+    history = gate_fitting.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), config).history
     kept = [entry for entry in history if entry["kept"]]
     assert len(history) == 60 and len(kept) == 1
     assert kept[0]["stopping_loss"] == min(entry["stopping_loss"] for entry in history)
@@ -160,13 +150,13 @@ def test_the_gate_keeps_the_epoch_with_the_lowest_loss_on_its_stopping_slice():
 
     torch.manual_seed(0)
     gate = RoutingGate(16, 64)
-    train_gate.fit_gate(gate, states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "epochs": kept[0]["epoch"]}))
+    gate_fitting.fit_gate(gate, states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "epochs": kept[0]["epoch"]}))
     torch.manual_seed(0)
     stopped = RoutingGate(16, 64)
-    train_gate.fit_gate(stopped, states, labels, torch.ones(200), config)
+    gate_fitting.fit_gate(stopped, states, labels, torch.ones(200), config)
     assert torch.allclose(gate(states), stopped(states), atol=1e-6)  # the kept weights are that epoch's
 
-    without = train_gate.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "stopping_fraction": 0.0})).history
+    without = gate_fitting.fit_gate(RoutingGate(16, 64), states, labels, torch.ones(200), TrainGateConfig(**{**vars(config), "stopping_fraction": 0.0})).history
     assert [entry["epoch"] for entry in without if entry["kept"]] == [60] and "stopping_loss" not in without[0]
 
 
@@ -178,6 +168,10 @@ def test_training_changes_every_gate_parameter_and_nothing_else(make_model, toy_
     assert changed == {name for name in before if name.startswith("gate.")} and changed
     assert model.config.gate_threshold == summary["threshold"]
     assert summary["labels"]["inputs"] == 12 and summary["validation"]["queries"] == 8
+    by_task = summary["validation"]["tasks"]
+    assert sum(task["queries"] for task in by_task.values()) == 8
+    assert summary["validation"]["think_tasks"] == [name for name, task in by_task.items() if task["hit@1_always"] > task["hit@1_never"]]
+    assert {"heldout_task_lookup", "heldout_task_difficulty_lookup"} <= summary["auroc"].keys()
     lines = (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines()
     assert len(lines) == 12 and {"label", "margin_never", "margin_think", "cot", "fold", "p_think_heldout", "stopping"} <= set(json.loads(lines[0]))
     records = [json.loads(line) for line in lines]
@@ -195,12 +189,12 @@ def test_heldout_probabilities_come_from_gates_that_never_saw_their_fold():
     states, labels = torch.randn(120, 16, generator=generator), torch.rand(120, generator=generator) < 0.5
     config = TrainGateConfig(epochs=300, stopping_fraction=0.0, learning_rate=1e-2, weight_decay=0.0, heldout_folds=4)
     torch.manual_seed(0)
-    fold_of, p_heldout = train_gate.heldout_probabilities(RoutingGate(16, 64), states, labels, labels.float(), config)
+    fold_of, p_heldout = gate_fitting.heldout_probabilities(RoutingGate(16, 64), states, labels, labels.float(), config)
     assert torch.bincount(fold_of).tolist() == [30, 30, 30, 30]
     thinking = torch.bincount(fold_of[labels]).tolist()  # every fold holds its share of each class
     assert max(thinking) - min(thinking) <= 1
     full = RoutingGate(16, 64)
-    train_gate.fit_gate(full, states, labels, torch.ones(120), config)
+    gate_fitting.fit_gate(full, states, labels, torch.ones(120), config)
     assert auroc(full(states).detach(), labels) > 0.95 and abs(auroc(p_heldout, labels) - 0.5) < 0.15
 
 
@@ -217,7 +211,7 @@ def test_a_reset_gate_is_the_fresh_gate_of_its_seed():
 
 def test_tau_is_chosen_on_held_out_p_think_where_the_gate_trained_on_validation():
     p_validation = torch.tensor([0.9, 0.8, 0.1])
-    chosen_on = train_gate.choosing_probabilities(p_validation, ["a", "b", "c"], ["b", "x"], torch.tensor([0.2, 0.7]))
+    chosen_on = gate_threshold.choosing_probabilities(p_validation, ["a", "b", "c"], ["b", "x"], torch.tensor([0.2, 0.7]))
     assert chosen_on.tolist() == pytest.approx([0.9, 0.2, 0.1])  # only b was labelled (and so trained on)
 
 
@@ -234,7 +228,7 @@ def test_tau_comes_from_the_held_out_p_think_of_labelled_validation_inputs(make_
 def test_validation_weighs_each_query_by_its_task(make_model, toy_dataset_dir):
     dataset = load_prepared(toy_dataset_dir)
     config = TrainGateConfig(**{**SMALL, "validation_queries": 30})
-    validation = train_gate.validation_views(make_model(), dataset, config)
+    validation = gate_threshold.validation_views(make_model(), dataset, config)
     tasks = [dataset.queries["validation"][i]["task"] for i in range(len(validation.hit_never))]
     assert len(set(tasks)) > 1 and torch.equal(validation.weights, task_weights(tasks))
 
@@ -248,6 +242,14 @@ def test_think_budget_is_the_quantile_of_validation_p_think(make_model, toy_data
     summary = run_train_gate(make_model(), load_prepared(toy_dataset_dir), tmp_path / "run", config)
     assert summary["validation"]["queries"] == 56
     assert summary["validation"]["think_rate"] == pytest.approx(0.3, abs=0.03)
+
+
+def test_within_noise_is_chosen_on_the_stage_validation_and_recorded(make_model, toy_dataset_dir, tmp_path):
+    config = TrainGateConfig(**{**SMALL, "target": "within_noise", "bootstrap_samples": 50})
+    summary = run_train_gate(make_model(), load_prepared(toy_dataset_dir), tmp_path / "run", config)
+    choice = summary["threshold_choice"]
+    assert summary["threshold"] >= choice["best_threshold"] and choice["shortfall"] <= choice["standard_error"] + 1e-12
+    assert summary["validation"]["hit@1_adaptive"] == pytest.approx(choice["score"])
 
 
 def test_best_threshold_takes_the_best_hit_at_1_and_thinks_less_on_ties():
@@ -297,13 +299,13 @@ def test_label_cache_resumes_with_only_the_missing_inputs(make_model, toy_datase
     with pytest.raises(KeyboardInterrupt):
         label_inputs(model, dataset, rows, tmp_path / "resumed", config, progress=stop_after_the_first_batch)
     labelled_inputs = []
-    original = train_gate.embed_views
+    original = gate_labelling.embed_views
 
     def counting(model, inputs, sampling):
         labelled_inputs.append(len(inputs))
         return original(model, inputs, sampling)
 
-    monkeypatch.setattr(train_gate, "embed_views", counting)
+    monkeypatch.setattr(gate_labelling, "embed_views", counting)
     resumed = label_inputs(model, dataset, rows, tmp_path / "resumed", config)
     assert labelled_inputs == [4, 4]
     assert resumed.ids == straight.ids and resumed.cots == straight.cots

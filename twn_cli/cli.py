@@ -53,6 +53,7 @@ class EvalMode(str, enum.Enum):
 
 class GateTarget(str, enum.Enum):
     best = "best"
+    within_noise = "within_noise"
     budget = "budget"
 
 
@@ -457,7 +458,7 @@ def train_gate(
     backbone: str | None = LOCAL_BACKBONE,
     recipe: Path | None = typer.Option(None, help="YAML of hyper-parameters, e.g. recipes/toy/train-gate.yaml."),
     think_budget: float | None = typer.Option(None, min=0.0, max=1.0, help="Pick τ so that this share of validation inputs thinks."),
-    target: GateTarget | None = typer.Option(None, help="best: the τ with the best validation Hit@1 (mean over tasks); budget: see --think-budget."),
+    target: GateTarget | None = typer.Option(None, help="best: the τ with the best validation Hit@1 (mean over tasks); within_noise: the least thinking that validation cannot tell from the best; budget: see --think-budget."),
     delta: float | None = typer.Option(None, help="Override: label 'think' only if thinking raises the retrieval margin by more than this."),
     negatives_cache: Path | None = typer.Option(
         None, help="Also score labels against every entry of this global negatives cache (`twn embed DATA -o cache.pt`) but the input's positives."
@@ -492,8 +493,8 @@ def train_gate(
     from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
     from twn_cli.training import claim_run_directory
 
-    if think_budget is not None and target is GateTarget.best:
-        raise TWNError("--think-budget and --target best contradict each other: give one")
+    if think_budget is not None and target not in (None, GateTarget.budget):
+        raise TWNError(f"--think-budget and --target {target.value} contradict each other: give one")
     chosen_target = GateTarget.budget.value if think_budget is not None else target.value if target else None
     overrides = parse_overrides(setting, target=chosen_target, think_budget=think_budget, delta=delta)
     config = load_recipe(recipe, TrainGateConfig, **overrides)
@@ -517,7 +518,10 @@ def train_gate(
         return
 
     labels, scores, validation = summary["labels"], summary["auroc"], summary["validation"]
-    rule = f"{summary['think_budget']:.0%} think budget" if summary["target"] == "budget" else "best validation Hit@1, task mean"
+    rule = {
+        "best": "best validation Hit@1, task mean",
+        "within_noise": "least thinking within the validation noise of the best Hit@1, task mean",
+    }.get(summary["target"]) or f"{summary['think_budget']:.0%} think budget"
     table = Table("", "value", title="train-gate")
     table.add_row("threshold τ", f"{summary['threshold']:.6g} ({rule})")
     table.add_row("labels", f"{labels['inputs']} {labels['split']} inputs, thinking helps {labels['think_helps']} ({labels['think_helps_rate']:.1%}) at δ = {summary['delta']:g}")
@@ -526,6 +530,10 @@ def train_gate(
         table.add_row(f"  thinking helps, {name}", f"{rate:.1%}")
     heldout = "n/a (one class)" if scores["heldout"] is None else f"{scores['heldout']:.3f}"
     table.add_row("gate AUROC", f"{heldout} on {scores['heldout_inputs']} held-out labels ({scores['heldout_folds']}-fold)")
+    for name in ("task", "task_difficulty"):
+        if f"heldout_{name}_lookup" in scores:
+            value = scores[f"heldout_{name}_lookup"]
+            table.add_row(f"  routing by {name.replace('_', ' x ')} alone", "n/a (one class)" if value is None else f"{value:.3f} (the same folds)")
     table.add_row("gate epoch kept", f"{summary['gate_epoch']} (lowest loss on the stopping slice)")
     table.add_row(f"{validation['split']} think rate", f"{validation['think_rate']:.1%} of {validation['queries']} queries")
     table.add_row(

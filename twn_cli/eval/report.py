@@ -62,7 +62,34 @@ def report_tables(report: dict, compact: bool = False) -> list[Table]:
                  for point in report["sweep"]],
             )
         )
+    if report.get("routing"):
+        tables += _routing_tables(report["routing"])
     return tables
+
+
+def _routing_tables(routing: dict) -> list[Table]:
+    """The gate's sweep against random routing, and every routing's area above the random chord."""
+    chord = "random (chord)"
+    points = Table(
+        "Routing: the gate's thresholds against random routing",
+        ["threshold", "think rate", "share of always' tokens", "gate", "random at that think rate", f"{chord} at that share", "above the chord"],
+        [[f"{entry['threshold']:.4g}", _rate(entry["think_rate"]), _rate(entry["token_share"]), _score(entry["score"]),
+          _score(entry["random_at_think_rate"]), _score(entry["chord_at_token_share"]), "yes" if entry["above_chord"] else "no"]
+         for entry in routing["gate"]["points"]],
+    )
+    rows = [["gate (the sweep)", "-", "-", "-", f"{100 * routing['gate']['area']:.2f}"]]
+    oracle = routing["oracle"]
+    rows.append(["per-input oracle (thinks where it helps)", _rate(oracle["think_rate"]), _rate(oracle["token_share"]), _score(oracle["score"]),
+                 f"{100 * oracle['area']:.2f}"])
+    if routing["task_level"]:
+        task = routing["task_level"]
+        rows.append([f"task-level ({', '.join(task['tasks']) or 'no task'})", _rate(task["think_rate"]), _rate(task["token_share"]),
+                     _score(task["score"]), f"{100 * task['area']:.2f}"])
+    share = routing["gate"]["share_of_oracle_area"]
+    title = "Routing: area above the random chord (score x100 over the token share)" + (
+        f"; the gate has {share:.0%} of the oracle's" if share is not None else "")
+    areas = Table(title, ["routing", "think rate", "share of always' tokens", "score", "area above the chord"], rows)
+    return [points, areas]
 
 
 def markdown_report(report: dict) -> str:
@@ -93,7 +120,7 @@ def markdown_report(report: dict) -> str:
         lines += [f"## {table.title}", "", _markdown_row(table.headers), _markdown_row(["---"] * len(table.headers))]
         lines += [_markdown_row(row) for row in table.rows]
         lines.append("")
-    lines += ["![overall score against reasoning tokens per query](quality_vs_tokens.png)", ""]
+    lines += ["![overall score against reasoning tokens](quality_vs_tokens.png)", ""]
     return "\n".join(lines)
 
 

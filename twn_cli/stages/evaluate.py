@@ -51,6 +51,7 @@ from twn_cli.eval.leaderboard import leaderboard
 from twn_cli.eval.metrics import TOP_K, query_metrics, rank_in_chunks
 from twn_cli.eval.plot import plot_quality_vs_tokens
 from twn_cli.eval.report import markdown_report
+from twn_cli.eval.routing import RoutingInputs, routing_inputs, routing_report
 from twn_cli.types import ModelInput
 
 MODES = ("never", "always", "adaptive", "sweep")
@@ -218,6 +219,8 @@ def run_eval(
     }
     if report["dataset"]["benchmark"]:
         report["leaderboard"] = leaderboard(report)
+    if sweep:
+        report["routing"] = routing_report(_routing_inputs(results), sweep, tau, _think_tasks(model.manifest))
     if distributed.is_main:
         _write_outputs(report_dir, report, _predictions(results, chosen))
     return report
@@ -470,6 +473,26 @@ def _point(results: Mapping[str, TaskResult], mode: str, threshold: float | None
         # Hit@1 pooled over the queries of each difficulty tag (an analysis tag, e.g. the toy world's).
         "by_difficulty": dict(sorted(by_difficulty.items())),
     }
+
+
+def _routing_inputs(results: Mapping[str, TaskResult]) -> RoutingInputs:
+    """Each query's headline score in both views and its CoT's tokens, per task (a sweep ranks both views)."""
+    per_task = {}
+    for name, result in results.items():
+        metric = HEADLINE_METRIC[result.modality]
+        rows = range(len(result.query_ids))
+        per_task[name] = (
+            [result.ranked["no_think"][row]["metrics"][metric] for row in rows],
+            [result.ranked["think"][row]["metrics"][metric] for row in rows],
+            result.reasoning_tokens.tolist(),
+        )
+    return routing_inputs(per_task)
+
+
+def _think_tasks(manifest: dict | None) -> list[str] | None:
+    """The tasks in which thinking beat not thinking on train-gate's validation (None: not recorded)."""
+    validation = ((manifest or {}).get("gate") or {}).get("validation") or {}
+    return validation.get("think_tasks")
 
 
 def _default_thresholds(results: Mapping[str, TaskResult]) -> list[float]:

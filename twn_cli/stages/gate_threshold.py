@@ -1,0 +1,210 @@
+"""train-gate's threshold τ, chosen on the validation split: for a think budget, the best Hit@1, or the
+least thinking that validation cannot tell from the best."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from twn_cli.data.prepared import PreparedDataset, prepared_input
+from twn_cli.distributed import Distributed
+from twn_cli.engine.decoding import Sampling
+from twn_cli.engine.gate import thinks
+from twn_cli.engine.model import TWNModel
+from twn_cli.errors import TWNError
+from twn_cli.eval.metrics import hit_at_1
+from twn_cli.stages.common import CandidateEmbedder
+from twn_cli.stages.gate_labelling import Progress, embed_views
+from twn_cli.types import ModelInput
+
+if TYPE_CHECKING:
+    from twn_cli.stages.train_gate import TrainGateConfig
+
+
+# ----------------------------------------------------------------------------------------- the threshold
+def choosing_probabilities(p_validation: torch.Tensor, validation_ids: list[str], labelled_ids: list[str], p_heldout: torch.Tensor) -> torch.Tensor:
+    """The p_think that τ is chosen on: a validation input the gate trained on carries its held-out p_think instead.
+
+    On inputs it learnt from, the gate ranks where thinking helped better than it will on new inputs, so a
+    τ chosen on them thinks where it happened to pay there (the toy recipe labels the validation split).
+    """
+    heldout = dict(zip(labelled_ids, p_heldout.tolist()))
+    return torch.tensor([heldout.get(input_id, float(p)) for input_id, p in zip(validation_ids, p_validation)])
+
+
+@dataclass
+class ValidationViews:
+    """Each validation query's gate input, whether each view ranks a gold first, its CoT length, and its
+    weight in the validation score."""
+
+    ids: list[str]
+    tasks: list[str]
+    features: torch.Tensor
+    hit_never: torch.Tensor
+    hit_think: torch.Tensor
+    reasoning_tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+def task_weights(tasks: list[str]) -> torch.Tensor:
+    """Weights that make a weighted mean of per-query hits the mean over tasks of each task's Hit@1: the
+    MMEB-style score `twn eval` reports for image and video tasks, in which a task of 25 queries counts as
+    much as one of 300."""
+    sizes = Counter(tasks)
+    return torch.tensor([1.0 / (len(sizes) * sizes[task]) for task in tasks], dtype=torch.float64)
+
+
+def validation_views(model: TWNModel, dataset: PreparedDataset, config: TrainGateConfig, progress: Progress = lambda phase, done, total: None) -> ValidationViews:
+    """Both views of up to `validation_queries` validation queries, judged against their candidate pools.
+
+    Under several processes each embeds its share of the candidate and query batches, and every process
+    receives all of them in order.
+    """
+    split = dataset.queries[config.validation_split]
+    rows = [split[i] for i in range(min(config.validation_queries, len(split)))]
+    if not rows:
+        raise TWNError(f"the '{config.validation_split}' split is empty: τ is chosen on it")
+    distributed = Distributed()
+    pools = [dataset.candidate_pool(row) for row in rows]
+    needed = sorted({candidate for pool in pools for candidate in pool})
+    embeddings = dict(zip(needed, CandidateEmbedder(model, dataset.candidates, config.label_batch_size).shared_by(distributed, needed)))
+    sampling = Sampling(max_new_tokens=config.max_think_tokens)
+
+    def judge(read_batch: tuple[int, list[dict], list[ModelInput]]) -> tuple[torch.Tensor, list[int], list[bool], list[bool]]:
+        """The batch's gate inputs, reasoning tokens, and whether each view ranks a positive first."""
+        start, batch, inputs = read_batch
+        views = embed_views(model, inputs, sampling)
+        hits_never, hits_think = [], []
+        for offset, row in enumerate(batch):
+            pool = pools[start + offset]
+            pool_embeddings = torch.stack([embeddings[c] for c in pool])
+            gold = torch.tensor([c in row["positive_ids"] for c in pool])
+            hits_never.append(hit_at_1(pool_embeddings @ views.never[offset], gold))
+            hits_think.append(hit_at_1(pool_embeddings @ views.think[offset], gold))
+        return views.last_prompt_state, views.reasoning_tokens, hits_never, hits_think
+
+    def read(start: int) -> tuple[int, list[dict], list[ModelInput]]:
+        batch = rows[start : start + config.label_batch_size]
+        return start, batch, [prepared_input(row) for row in batch]
+
+    features, hit_never, hit_think, tokens = [], [], [], []
+    progress("validation", 0, len(rows))
+    for state, reasoning_tokens, never, think in distributed.map_in_order(judge, range(0, len(rows), config.label_batch_size), prepare=read):
+        features.append(state)
+        tokens.extend(reasoning_tokens)
+        hit_never += never
+        hit_think += think
+        progress("validation", len(hit_never), len(rows))
+    return ValidationViews(
+        [row["id"] for row in rows],
+        [row["task"] for row in rows],
+        torch.cat(features),
+        torch.tensor(hit_never),
+        torch.tensor(hit_think),
+        torch.tensor(tokens, dtype=torch.int64),
+        task_weights([row["task"] for row in rows]),
+    )
+
+
+def threshold_for_budget(p_think: torch.Tensor, budget: float) -> float:
+    """The highest τ at which a share `budget` of these inputs think (p_think ≥ τ): their (1 - budget) quantile."""
+    ordered = p_think.float().sort(descending=True).values
+    thinking = round(budget * len(ordered))
+    if thinking == 0:
+        return float(torch.nextafter(ordered[0], torch.tensor(float("inf"))))  # just above every p_think
+    return float(ordered[thinking - 1])
+
+
+def candidate_thresholds(p_think: torch.Tensor) -> torch.Tensor:
+    """Every τ that routes these inputs differently, highest (no input thinks) first."""
+    p_think = p_think.float()
+    above_all = torch.nextafter(p_think.max(), torch.tensor(float("inf")))
+    return torch.cat([above_all[None], p_think.unique().flip(0)])
+
+
+def routed_hits(p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """[inputs, thresholds]: whether each input hits when the gate routes it at each τ."""
+    return torch.where(thinks(p_think.float()[:, None], taus[None]), hit_think[:, None], hit_never[:, None]).double()
+
+
+def best_threshold(
+    p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor, weights: torch.Tensor, tolerance: float = 0.0
+) -> float:
+    """The highest τ whose score (the `weights`-weighted Hit@1, inputs with p_think ≥ τ using their think
+    view) is within `tolerance` of the best.
+
+    With no tolerance, ties go to the higher τ, which thinks less; a tolerance (a share of Hit@1, 0.005 for
+    half a point) trades that much validation score for fewer reasoning tokens.
+    """
+    taus = candidate_thresholds(p_think)
+    weights = weights.double()
+    scores = weights @ routed_hits(p_think, hit_never, hit_think, taus) / weights.sum()
+    return float(taus[int((scores >= scores.max() - tolerance - 1e-9).nonzero()[0])])
+
+
+def threshold_within_noise(
+    p_think: torch.Tensor, hit_never: torch.Tensor, hit_think: torch.Tensor, tasks: list[str],
+    standard_errors: float = 1.0, samples: int = 200, seed: int = 0,
+) -> tuple[float, dict]:
+    """The highest τ (the least thinking) whose validation score validation cannot tell from the best's.
+
+    The score is Hit@1 averaged over tasks. Its noise is estimated by the bootstrap: the queries of each task
+    are drawn again with replacement `samples` times, and for every τ the standard error of its score's
+    shortfall from the best τ's (paired, on the same draws) is their spread. τ is the highest whose shortfall
+    is at most `standard_errors` of those (the one-standard-error rule). On few noisy queries the best τ
+    is often a lucky one, and thinks where it happened to pay; the rule keeps only what the data can show.
+    Returns τ and what chose it.
+    """
+    taus = candidate_thresholds(p_think)
+    hits = routed_hits(p_think, hit_never, hit_think, taus)
+    weights = task_weights(tasks)
+    scores = weights @ hits
+    best = int(torch.nonzero(scores >= scores.max() - 1e-12)[0])
+    generator = torch.Generator().manual_seed(seed)
+    members = {task: torch.tensor([row for row, name in enumerate(tasks) if name == task]) for task in dict.fromkeys(tasks)}
+    draws = torch.zeros(samples, len(tasks), dtype=torch.float64)
+    for rows in members.values():
+        picked = rows[torch.randint(len(rows), (samples, len(rows)), generator=generator)]
+        draws.scatter_add_(1, picked, torch.ones_like(picked, dtype=torch.float64))
+    resampled = (draws * weights) @ hits  # [samples, thresholds]
+    shortfall = scores[best] - scores
+    noise = (resampled[:, best : best + 1] - resampled).std(0)
+    chosen = int(torch.nonzero(shortfall <= standard_errors * noise + 1e-12)[0])
+    return float(taus[chosen]), {
+        "best_threshold": float(taus[best]), "best_score": float(scores[best]), "score": float(scores[chosen]),
+        "shortfall": float(shortfall[chosen]), "standard_error": float(noise[chosen]),
+    }
+
+
+def weighted_hit_rate(hits: torch.Tensor, weights: torch.Tensor) -> float:
+    return float((hits.double() * weights).sum() / weights.sum())
+
+
+def adaptive_outcome(p_think: torch.Tensor, tau: float, validation: ValidationViews) -> dict:
+    """Think rate, Hit@1 (mean over tasks) and reasoning tokens per query on validation at τ, beside never and
+    always; each task's Hit@1 never and always, and the tasks in which thinking won (task-level routing)."""
+    thinking = thinks(p_think.float(), tau)
+    count = len(thinking)
+    by_task = {}
+    for task in dict.fromkeys(validation.tasks):
+        rows = torch.tensor([name == task for name in validation.tasks])
+        by_task[task] = {
+            "queries": int(rows.sum()),
+            "hit@1_never": float(validation.hit_never[rows].double().mean()),
+            "hit@1_always": float(validation.hit_think[rows].double().mean()),
+        }
+    return {
+        "queries": count,
+        "think_rate": float(thinking.double().mean()),
+        "hit@1_never": weighted_hit_rate(validation.hit_never, validation.weights),
+        "hit@1_always": weighted_hit_rate(validation.hit_think, validation.weights),
+        "hit@1_adaptive": weighted_hit_rate(torch.where(thinking, validation.hit_think, validation.hit_never), validation.weights),
+        "reasoning_tokens_per_query": float((validation.reasoning_tokens * thinking).sum()) / count,
+        "reasoning_tokens_per_query_always": float(validation.reasoning_tokens.sum()) / count,
+        "tasks": by_task,
+        "think_tasks": [task for task, hits in by_task.items() if hits["hit@1_always"] > hits["hit@1_never"]],
+    }
+
