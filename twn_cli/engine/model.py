@@ -28,6 +28,8 @@ from twn_cli.engine.backbone import Backbone
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.engine.kv_cache import concatenate_left_padded, detached_copy, select_rows
 from twn_cli.engine.positions import PositionScheme
+from twn_cli.engine.processors import process, vision_token_count
+from twn_cli.engine.video import Video
 from twn_cli.errors import TWNError
 
 ADAPTERS = ("reasoning", "embedding")
@@ -82,11 +84,12 @@ class TWNConfig:
 
 @dataclass
 class ModelInput:
-    """One input: an optional task instruction, text, and images (video = its frames)."""
+    """One input: an optional task instruction, text, images, and a video (encoded by the backbone's video path)."""
 
     text: str = ""
     images: list[Image.Image] = field(default_factory=list)
     instruction: str | None = None
+    video: Video | None = None
 
 
 @dataclass
@@ -312,10 +315,11 @@ class TWNModel(nn.Module):
         self.peft.base_model.active_adapter = name
 
     def encode(self, inputs: list[ModelInput]) -> dict:
-        """Tokenise a batch of inputs into left-padded prompts (with image placeholders) on the device."""
+        """Tokenise a batch of inputs into left-padded prompts (with image and video placeholders) on the device."""
         prompts = [self._prompt(item) for item in inputs]
         images = [image for item in inputs for image in item.images]
-        encoded = self.backbone.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+        videos = [item.video for item in inputs if item.video is not None]
+        encoded = process(self.backbone.processor, prompts, images, videos)
         encoded = {key: value.to(self.device) for key, value in encoded.items()}
         for key in ("pixel_values", "pixel_values_videos"):
             if key in encoded:
@@ -518,21 +522,14 @@ class TWNModel(nn.Module):
         return batch_size * BLOCK_BATCHES
 
     def prompt_length(self, item: ModelInput) -> int:
-        """About how many tokens `item`'s prompt holds: its text and instruction, and its images' placeholders.
+        """About how many tokens `item`'s prompt holds: its text and instruction, and its images' and video's placeholders.
 
-        Counted without building the prompt or processing the images (the image processor's count of patches
-        from the image size, merged as the model merges them); the chat template's few tokens are left out.
+        Counted without building the prompt or processing the pictures (`processors.vision_token_count`, from
+        their sizes); the chat template's few tokens are left out.
         """
         instruction = item.instruction if item.instruction is not None else self.config.default_instruction
         length = len(self.tokenizer(f"{instruction} {item.text}", add_special_tokens=False)["input_ids"])
-        image_processor = self.backbone.processor.image_processor
-        if item.images and hasattr(image_processor, "get_number_of_image_patches"):
-            merged = getattr(image_processor, "merge_size", 1) ** 2
-            for image in item.images:
-                patches = image_processor.get_number_of_image_patches(image.height, image.width, {})
-                # Some processors (tiling ones) answer with a tuple; their images then count only as present.
-                length += patches // merged if isinstance(patches, int) else 1
-        return length
+        return length + vision_token_count(self.backbone.processor, item.images, item.video)
 
     @torch.no_grad()
     def embed_block(
@@ -617,7 +614,8 @@ class TWNModel(nn.Module):
     def _prompt(self, item: ModelInput) -> str:
         instruction = item.instruction if item.instruction is not None else self.config.default_instruction
         text = "\n".join(part for part in (instruction, item.text) if part)
-        content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
+        content = [{"type": "image"} for _ in item.images] + [{"type": "video"}] * (item.video is not None)
+        content.append({"type": "text", "text": text})
         messages = [{"role": "user", "content": content}]
         if self.config.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})
