@@ -34,6 +34,14 @@ app = typer.Typer(
 )
 
 
+# The pixel bounds of every command that loads a backbone (`Backbone.bound_pixels`); a checkpoint keeps its own.
+PIXELS_HELP = (
+    "The {bound} pixels of an image or video frame (a Qwen3-VL video's fewest: of the whole clip); default: the "
+    "checkpoint's, else the backbone's own."
+)
+FRAMES_HELP = "Frames sampled uniformly from each video of a record that gives no num_frames (MMEB-V2: 8)."
+
+
 class ThinkOption(str, enum.Enum):
     never = "never"
     always = "always"
@@ -164,7 +172,7 @@ def prepare(
     source: str = typer.Argument(..., help="JSONL/CSV/Parquet file, `datasets` directory, image folder (one sub-folder per class), MMEB-train or MMEB-V2-eval parquet, or `synthetic`."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory of the prepared dataset to write."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (each listed in manifest.json) instead of failing."),
-    frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video frame folder."),
+    frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video: a folder of frames or a video file (MMEB-V2: 8)."),
     cot_column: Optional[str] = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
     instruction: Optional[str] = typer.Option(None, help="Task instruction for records that carry none."),
     split: Optional[str] = typer.Option(None, help="Split for records that name none (default: train; test for MMEB-V2 eval files)."),
@@ -258,6 +266,8 @@ def train_embed(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -293,7 +303,8 @@ def train_embed(
     shard = config.shard_backbone and distributed.world_size > 1
     # A backbone to shard is loaded on the CPU first, so that no device ever holds all of it.
     load_device = "cpu" if shard else process_device(device)
-    load_options = dict(dtype=dtype, device=load_device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    load_options = dict(dtype=dtype, device=load_device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     dataset = load_prepared(data)
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
@@ -357,6 +368,8 @@ def train_gate(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (the gate trains in float32)."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -391,7 +404,8 @@ def train_gate(
     config = load_recipe(recipe, TrainGateConfig, **overrides)
     start_process_group()
     distributed = Distributed()
-    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
     negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
@@ -456,6 +470,8 @@ def train_rl(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -484,7 +500,8 @@ def train_rl(
     config = load_recipe(recipe, TrainRLConfig, **parse_overrides(setting, steps=steps, seed=seed))
     start_process_group()
     distributed = Distributed()
-    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    load_options = dict(dtype=dtype, device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     dataset = load_prepared(data)
     model = load_checkpoint(checkpoint, load_backbone(backbone, **load_options) if backbone else None, **load_options)
     cache = load_negatives_cache(negatives_cache, model.embedding_dim)
@@ -537,6 +554,7 @@ def embed(
     adaptive: bool = typer.Option(False, "--adaptive", help="Same as --think auto: think where the checkpoint's gate says it helps."),
     threshold: Optional[float] = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
+    frames: int = typer.Option(8, min=1, help=FRAMES_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same .parquet output after the records it finished."),
     max_think_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
@@ -546,6 +564,8 @@ def embed(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice."),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details on stderr."),
 ):
@@ -578,9 +598,10 @@ def embed(
     distributed = Distributed()
     if inputs == "-" and distributed.world_size > 1:
         raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
-    records = read_inputs(inputs)
+    records = read_inputs(inputs, frames=frames)
     model = _load_model(checkpoint, backbone, uses_gate=mode == "auto", seed=seed, dtype=dtype, device=process_device(device),
-                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -596,6 +617,8 @@ def embed(
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
         "backbone": model.backbone.source,
         "dtype": dtype,
+        "pixels": model.backbone.pixels,
+        "frames_per_video": frames,
         "think_mode": mode,
         "threshold": (model.config.gate_threshold if threshold is None else threshold) if mode == "auto" else None,
         "max_think_tokens": model.config.max_think_tokens,
@@ -670,10 +693,13 @@ def route(
     output: str = typer.Option("-", "-o", "--output", help="JSONL file to write, or - for stdout."),
     threshold: Optional[float] = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
     batch_size: int = typer.Option(32, min=1, help="Inputs per prefill."),
+    frames: int = typer.Option(8, min=1, help=FRAMES_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -687,9 +713,10 @@ def route(
     from twn_cli.data.inputs import read_inputs
     from twn_cli.stages.route import run_route
 
-    records = read_inputs(inputs)
+    records = read_inputs(inputs, frames=frames)
     model = _load_model(checkpoint, backbone, uses_gate=True, dtype=dtype, device=device,
-                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     threshold = model.config.gate_threshold if threshold is None else threshold
     route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
     if output == "-":
@@ -719,6 +746,8 @@ def evaluate(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -746,7 +775,8 @@ def evaluate(
     start_process_group()
     distributed = Distributed()
     model = _load_model(checkpoint, backbone, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep), dtype=dtype,
-                        device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                        device=process_device(device), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     with Progress(
