@@ -35,10 +35,8 @@ app = typer.Typer(
 
 
 # The pixel bounds of every command that loads a backbone (`Backbone.bound_pixels`); a checkpoint keeps its own.
-PIXELS_HELP = (
-    "The {bound} pixels of an image or video frame (a Qwen3-VL video's fewest: of the whole clip); default: the "
-    "checkpoint's, else the backbone's own."
-)
+MIN_PIXELS_HELP = "The fewest pixels of an image or video frame (for Qwen3-VL: of a whole video); default: the checkpoint's, else the backbone's."
+MAX_PIXELS_HELP = "The most pixels of an image or video frame; default: the checkpoint's, else the backbone's own."
 FRAMES_HELP = "Frames sampled uniformly from each video of a record that gives no num_frames (MMEB-V2: 8)."
 
 
@@ -266,8 +264,8 @@ def train_embed(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
-    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=MAX_PIXELS_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -368,8 +366,8 @@ def train_gate(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (the gate trains in float32)."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
-    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=MAX_PIXELS_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -470,8 +468,8 @@ def train_rl(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32 or bfloat16 (adapters train in float32)."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
-    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=MAX_PIXELS_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -564,8 +562,8 @@ def embed(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice."),
-    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
-    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=MAX_PIXELS_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details on stderr."),
 ):
@@ -698,8 +696,8 @@ def route(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
-    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=MAX_PIXELS_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):
@@ -746,8 +744,8 @@ def evaluate(
     device: str = typer.Option("auto", help="cpu, cuda, ... (auto: cuda if available; under torchrun each process takes its local GPU)."),
     dtype: str = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2)."),
-    min_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="fewest")),
-    max_pixels: Optional[int] = typer.Option(None, min=1, help=PIXELS_HELP.format(bound="most")),
+    min_pixels: Optional[int] = typer.Option(None, min=1, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help=MAX_PIXELS_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow a hub backbone to run its own code."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
 ):

@@ -112,4 +112,7 @@ def model_key(model) -> dict:
                 digest.update(name.encode())
                 digest.update(parameter.detach().float().cpu().numpy().tobytes())
         identity = digest.hexdigest()
-    return {"weights": identity, "config": model.config.to_dict()}
+    key = {"weights": identity, "config": model.config.to_dict()}
+    if any(model.backbone.pixels.values()):  # pictures bounded otherwise than the backbone bounds them
+        key["pixels"] = model.backbone.pixels
+    return key
