@@ -291,7 +291,7 @@ def build_backbone(name: str, sizes: Sizes, tokenizer, device, dtype, attn: str)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from twn_cli.engine.backbone import Backbone, config_fingerprint
-    from twn_cli.engine.processors import Qwen2VLImageOnlyProcessor
+    from twn_cli.engine.processors import qwen_processor_classes
     from twn_cli.toyworld.backbone import CHAT_TEMPLATE
 
     published, tiny, _, _ = BACKBONES[name]
@@ -316,11 +316,11 @@ def build_backbone(name: str, sizes: Sizes, tokenizer, device, dtype, attn: str)
     model.requires_grad_(False)
     model.eval()
     vision = config.vision_config
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
-        min_pixels=sizes.image_side**2, max_pixels=sizes.image_side**2,
-    )
-    processor = Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processing = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
+                      min_pixels=sizes.image_side**2, max_pixels=sizes.image_side**2)
+    processor_class, video_processor_class = qwen_processor_classes(config.model_type)
+    processor = processor_class(image_processor=Qwen2VLImageProcessorPil(**processing), tokenizer=tokenizer,
+                                video_processor=video_processor_class(**processing), chat_template=CHAT_TEMPLATE)
     return Backbone(model=model, processor=processor, source=f"random-weights {name}{' (tiny)' if sizes.tiny else ''}",
                     fingerprint=config_fingerprint(config))
 

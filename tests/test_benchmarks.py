@@ -111,3 +111,11 @@ def test_gate_labels_scores_a_train_gate_runs_labels_without_a_model(scripts, ma
     assert {"gate", "gate_on_0.25_of_labels", "gate_on_0.5_of_labels", "task_rate", "task_difficulty_rate"} <= set(at_zero)
     assert all(0 <= at_zero[name] <= 1 for name in at_zero)
     assert json.loads((tmp_path / "labels.json").read_text())["auroc_by_delta"] == figures["auroc_by_delta"]
+
+
+def test_hub_backbones_counts_video_tokens_and_computes_memory(scripts, tmp_path):
+    figures = scripts("hub_backbones").main(["--frames", "4", "-o", str(tmp_path / "hub.json")])
+    assert [row["ratio"] for row in figures["video_tokens"]] == [2.0] * 4  # a temporal patch holds two frames
+    assert 4.3e9 < figures["memory"]["qwen3-vl-4b"]["parameters"] < 4.5e9
+    assert figures["memory"]["qwen3-vl-30b-a3b language model"]["adapted_percent"] < 5
+    assert json.loads((tmp_path / "hub.json").read_text())["video_tokens"] == figures["video_tokens"]

@@ -117,7 +117,7 @@ def test_jsonl_records_become_the_prepared_schema(data_dir, tmp_path, capsys):
     assert capsys.readouterr().out == ""  # stdout is for the command's result only
 
     manifest = prepared.manifest
-    assert manifest["format"] == "twn-prepared" and manifest["schema_version"] == 1
+    assert manifest["format"] == "twn-prepared" and manifest["schema_version"] == 2
     assert manifest["source"] == str(source)
     assert manifest["splits"] == {
         "train": {"queries": 2, "tasks": {"pets": 2}},
@@ -320,7 +320,13 @@ def test_frame_folder_is_a_video_of_uniformly_sampled_frames(frames, expected, d
     prepare(source, tmp_path / "out", frames=frames)
     prepared = load_prepared(tmp_path / "out")
     video = query(prepared, "train", "v1")
-    assert video["images"] == [str(clip / f"frame_{index}.png") for index in expected]
+    assert video["images"] == []
+    assert video["video"] == {
+        "paths": [str(clip / f"frame_{index}.png") for index in expected],
+        "frame_indices": [index - 1 for index in expected],
+        "total_frames": 20,
+        "fps": 0.0,
+    }
     assert (video["meta_task"], video["modality"]) == ("video_retrieval", "video")
     assert prepared.manifest["frames_per_video"] == frames
 
@@ -331,7 +337,7 @@ def test_frame_folders_in_an_image_folder_are_video_classification(tmp_path):
     prepared = load_prepared(tmp_path / "out")
     clip = query(prepared, "train", "actions/filming/clip-1")
     assert (clip["meta_task"], clip["modality"]) == ("video_classification", "video")
-    assert [Path(frame).name for frame in clip["images"]] == [f"frame_{index}.png" for index in (2, 4, 6, 8, 10)]
+    assert [Path(frame).name for frame in clip["video"]["paths"]] == [f"frame_{index}.png" for index in (2, 4, 6, 8, 10)]
 
 
 def test_document_pages_graded_relevance_and_cot_column(data_dir, tmp_path):
@@ -477,7 +483,7 @@ def corrupt_manifest(path: Path) -> None:
 
 def other_version(path: Path) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    (path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 3}))
 
 
 def other_format(path: Path) -> None:
@@ -501,7 +507,7 @@ def interrupted(path: Path) -> None:
     "damage, message",
     [
         (corrupt_manifest, "manifest.json is corrupt"),
-        (other_version, "schema version 2; this twn reads version 1"),
+        (other_version, "schema version 3; this twn reads versions 1, 2"),
         (other_format, "is not a prepared dataset"),
         (lost_candidates, "is corrupt"),
         (garbled_arrow, "is corrupt"),

@@ -66,15 +66,20 @@ VERBOSE = typer.Option(False, "-v", "--verbose", help="Log details on stderr.")
 MAX_TEXT = typer.Option(
     None, min=1, help="Most tokens of an input's text and instruction; longer ones are cut, and counted (default: what the backbone's positions leave room for)."
 )
+MIN_PIXELS = typer.Option(
+    None, min=1, help="The fewest pixels of an image or video frame (for Qwen3-VL: of a whole video); default: the checkpoint's, else the backbone's."
+)
+MAX_PIXELS = typer.Option(None, min=1, help="The most pixels of an image or video frame; default: the checkpoint's, else the backbone's own.")
+FRAMES = typer.Option(8, min=1, help="Frames sampled uniformly from each video of a record that gives no num_frames (MMEB-V2: 8).")
 LOCAL_BACKBONE = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto.")
 ANY_BACKBONE = typer.Option(None, help="Backbone directory or hub id: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters.")
 
 
-def _load_options(device: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool):
+def _load_options(device: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool, min_pixels: int | None = None, max_pixels: int | None = None):
     from twn_cli.distributed import process_device
     from twn_cli.engine.factory import LoadOptions
 
-    return LoadOptions(process_device(device), dtype, attn_implementation, trust_remote_code)
+    return LoadOptions(process_device(device), dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels)
 
 
 def _load_model(checkpoint: Path | None, backbone: str | None, options, *, uses_gate: bool = False, seed: int = 0):
@@ -263,7 +268,7 @@ def prepare(
     output: Path = typer.Option(..., "-o", "--output", help="Directory of the prepared dataset to write."),
     tasks: str | None = typer.Option(None, help="mmeb-v2: tasks, modalities (image, video, visdoc) or leaderboard columns (I-CLS, V-RET, ViDoRe-V1, ...) to prepare, comma-separated (default: all 78)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (each listed in manifest.json) instead of failing."),
-    frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video frame folder."),
+    frames: int = typer.Option(8, min=1, help="Frames sampled uniformly from each video: a folder of frames or a video file (MMEB-V2: 8)."),
     cot_column: str | None = typer.Option(None, help="Column holding teacher CoT (default: `cot` when present)."),
     instruction: str | None = typer.Option(None, help="Task instruction for records that carry none."),
     split: str | None = typer.Option(None, help="Split for records that name none (default: train; test for MMEB-V2 eval files)."),
@@ -379,6 +384,8 @@ def train_embed(
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
 ):
@@ -415,7 +422,7 @@ def train_embed(
     distributed = Distributed()
     claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     shard = config.shard_backbone and distributed.world_size > 1
-    options = _load_options(device, dtype, attn_implementation, trust_remote_code)
+    options = _load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels)
     if shard:  # a backbone to shard is loaded on the CPU first, so that no device ever holds all of it
         options.device = "cpu"
     dataset = load_prepared(data)
@@ -467,6 +474,8 @@ def train_gate(
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
 ):
@@ -502,7 +511,7 @@ def train_gate(
     distributed = Distributed()
     claim_run_directory(output, first_process=distributed.is_main, training_states=False)  # locked until the command ends
     dataset = load_prepared(data)
-    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code))
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels))
     negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
     with _progress(
         TextColumn("train-gate {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -563,6 +572,8 @@ def train_rl(
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
 ):
@@ -592,7 +603,7 @@ def train_rl(
     distributed = Distributed()
     claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     dataset = load_prepared(data)
-    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code))
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels))
     cache = load_negatives_cache(negatives_cache, model.embedding_dim)
     with _progress(
         TextColumn("train-rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -638,6 +649,7 @@ def embed(
     adaptive: bool = typer.Option(False, "--adaptive", help="Same as --think auto: think where the checkpoint's gate says it helps."),
     threshold: float | None = typer.Option(None, help="Gate threshold for --adaptive (default: the checkpoint's)."),
     batch_size: int = typer.Option(16, min=1, help="Inputs per forward pass."),
+    frames: int = FRAMES,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr and in the output) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same .parquet output after the records it finished."),
     max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
@@ -648,6 +660,8 @@ def embed(
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
 ):
@@ -682,8 +696,8 @@ def embed(
     if inputs == "-" and distributed.world_size > 1:
         raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
     check_output_is_not_input(output, inputs)
-    records = read_inputs(inputs)
-    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=mode == "auto", seed=seed)
+    records = read_inputs(inputs, frames=frames)
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels), uses_gate=mode == "auto", seed=seed)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     model.prompts.user_text.max_tokens = max_text_tokens
@@ -700,6 +714,8 @@ def embed(
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
         "backbone": model.backbone.source,
         "dtype": dtype,
+        "pixels": model.backbone.pixels,
+        "frames_per_video": frames,
         "think_mode": mode,
         "threshold": (model.config.gate_threshold if threshold is None else threshold) if mode == "auto" else None,
         "max_think_tokens": model.config.max_think_tokens,
@@ -762,10 +778,13 @@ def route(
     threshold: float | None = typer.Option(None, help="Think iff p_think >= threshold (default: the checkpoint's)."),
     batch_size: int = typer.Option(32, min=1, help="Inputs per prefill."),
     max_text_tokens: int | None = MAX_TEXT,
+    frames: int = FRAMES,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
 ):
@@ -780,8 +799,8 @@ def route(
     from twn_cli.stages.route import run_route
 
     check_output_is_not_input(output, inputs)
-    records = read_inputs(inputs)
-    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=True)
+    records = read_inputs(inputs, frames=frames)
+    model = _load_model(checkpoint, backbone, _load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels), uses_gate=True)
     model.prompts.user_text.max_tokens = max_text_tokens
     threshold = model.config.gate_threshold if threshold is None else threshold
     route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
@@ -814,6 +833,8 @@ def evaluate(
     device: str = DEVICE,
     dtype: str = DTYPE,
     attn_implementation: str | None = ATTENTION,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
 ):
@@ -840,7 +861,7 @@ def evaluate(
         raise TWNError(f"--thresholds takes numbers separated by commas, not '{thresholds}'") from None
     start_process_group()
     distributed = Distributed()
-    options = _load_options(device, dtype, attn_implementation, trust_remote_code)
+    options = _load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels)
     model = _load_model(checkpoint, backbone, options, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep))
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens

@@ -2,8 +2,11 @@
 candidates of a prepared dataset (what `twn embed DATA -o cache.pt` turns into train-rl's negatives cache).
 
 A JSONL record is an object with any of `id`, `text`, `image` (one path) or `images` (a list of paths),
-and `instruction`. Relative image paths are relative to the JSONL file (to the working directory on stdin).
-Records are read lazily and their images opened batch by batch, so inputs of any size stream through.
+`video` (a folder of frames, a list of frame paths, or a video file) with `num_frames` (frames sampled from
+it, default 8) and `fps` (the frame rate of a folder's or list's frames), and `instruction`. An image path
+naming a folder or a video file is that video, as in `twn prepare`. Relative paths are relative to the JSONL
+file (to the working directory on stdin). Records are read lazily and their pictures opened batch by batch,
+so inputs of any size stream through.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TextIO
 
 from twn_cli.data.images import IMAGE_SUFFIXES, load_image
 from twn_cli.data.unicode import first_unicode_problem, standard_input, unicode_problem
+from twn_cli.data.videos import DEFAULT_NUM_FRAMES, VideoClip, is_video_file, sample_clip
 from twn_cli.distributed import batched, prepared_in_order
 from twn_cli.errors import BadRecordError, TWNError
 from twn_cli.types import ModelInput
@@ -34,6 +38,7 @@ class InputRecord:
     text: str = ""
     image_paths: list[Path] = field(default_factory=list)
     instruction: str | None = None
+    video: VideoClip | None = None
     # Why the record could not be parsed; reported when it is loaded, so --skip-bad treats all problems alike.
     problem: str | None = None
 
@@ -41,8 +46,8 @@ class InputRecord:
         """The model input with its images opened; BadRecordError if it is unusable, naming the record."""
         if self.problem is not None:
             raise BadRecordError(self.where, self.problem)
-        if not self.text.strip() and not self.image_paths:
-            raise BadRecordError(self.where, f"record '{self.id}' has neither text nor images")
+        if not self.text.strip() and not self.image_paths and self.video is None:
+            raise BadRecordError(self.where, f"record '{self.id}' has neither text nor images nor a video")
         images = []
         for path in self.image_paths:
             try:
@@ -51,13 +56,22 @@ class InputRecord:
                 # An image folder's record is named by its path already.
                 subject = "" if self.where == str(path) else f"record '{self.id}': image '{path}' "
                 raise BadRecordError(self.where, f"{subject}{error}") from None
-        return ModelInput(text=self.text, images=images, instruction=self.instruction)
+        try:
+            video = self.video.load() if self.video is not None else None
+        except ValueError as error:
+            raise BadRecordError(self.where, f"record '{self.id}': video: {error}") from None
+        return ModelInput(text=self.text, images=images, instruction=self.instruction, video=video)
 
 
-def read_inputs(source: str, stdin: TextIO | None = None) -> Iterator[InputRecord]:
-    """Records from `source`: '-' (JSONL on stdin), a prepared dataset's candidates, a directory of images, or a .jsonl file."""
+def read_inputs(source: str, stdin: TextIO | None = None, frames: int = DEFAULT_NUM_FRAMES) -> Iterator[InputRecord]:
+    """Records from `source`: '-' (JSONL on stdin), a prepared dataset's candidates, a directory of images, or a .jsonl file.
+
+    `frames`: frames sampled from each video of a record that does not say (`num_frames`).
+    """
+    if frames < 1:
+        raise TWNError(f"frames per video must be at least 1, not {frames}")
     if source == "-":
-        yield from _unique(_read_jsonl(stdin or standard_input(), "<stdin>", Path.cwd()))
+        yield from _unique(_read_jsonl(stdin or standard_input(), "<stdin>", Path.cwd(), frames))
         return
     from twn_cli.data.prepared import is_prepared_dir  # imports `datasets`: only when a directory is given
 
@@ -68,7 +82,7 @@ def read_inputs(source: str, stdin: TextIO | None = None) -> Iterator[InputRecor
         yield from _read_image_folder(path)
     elif path.is_file() and path.suffix in {".jsonl", ".json", ".ndjson"}:
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            yield from _unique(_read_jsonl(handle, str(path), path.parent))
+            yield from _unique(_read_jsonl(handle, str(path), path.parent, frames))
     elif path.exists():
         raise TWNError(f"cannot read inputs from '{source}': give an image folder, a .jsonl file, or - for stdin")
     else:
@@ -104,10 +118,11 @@ def _read_prepared_candidates(folder: Path) -> Iterator[InputRecord]:
             text=row["text"],
             image_paths=[Path(image) for image in row["images"]],
             instruction=row["instruction"] or None,  # empty: the model's default, as prepared_input reads it
+            video=VideoClip.from_row(row["video"]),
         )
 
 
-def _read_jsonl(lines: Iterable[str], name: str, base: Path) -> Iterator[InputRecord]:
+def _read_jsonl(lines: Iterable[str], name: str, base: Path, frames: int) -> Iterator[InputRecord]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -120,10 +135,10 @@ def _read_jsonl(lines: Iterable[str], name: str, base: Path) -> Iterator[InputRe
         if not isinstance(fields, dict):
             yield InputRecord(id=f"line-{number}", where=where, problem="a record must be a JSON object")
             continue
-        yield _record(fields, where, base, default_id=str(number))
+        yield _record(fields, where, base, default_id=str(number), frames=frames)
 
 
-def _record(fields: dict, where: str, base: Path, default_id: str) -> InputRecord:
+def _record(fields: dict, where: str, base: Path, default_id: str, frames: int) -> InputRecord:
     record_id = str(fields.get("id", default_id))
     images = fields.get("images", [])
     if "image" in fields:
@@ -138,13 +153,37 @@ def _record(fields: dict, where: str, base: Path, default_id: str) -> InputRecor
         return InputRecord(id=record_id, where=where, problem=f"its 'id' {problem}")
     if problem := first_unicode_problem([("'text'", text), ("'instruction'", instruction), ("'images'", images)]):
         return InputRecord(id=record_id, where=where, problem=f"record '{record_id}': {problem}")
+    paths = [base / image for image in images]
+    try:
+        video = _video(fields, base, frames, [path for path in paths if path.is_dir() or is_video_file(path)])
+    except ValueError as error:
+        return InputRecord(id=record_id, where=where, problem=f"video: {error}")
     return InputRecord(
         id=record_id,
         where=where,
         text=text,
-        image_paths=[base / image for image in images],
+        image_paths=[path for path in paths if not (path.is_dir() or is_video_file(path))],
         instruction=instruction,
+        video=video,
     )
+
+
+def _video(fields: dict, base: Path, frames: int, in_images: list[Path]) -> VideoClip | None:
+    """The record's video, sampled: its `video` field, or a folder or video file among its images."""
+    source = fields.get("video")
+    num_frames, fps = fields.get("num_frames", frames), fields.get("fps")
+    if not (isinstance(num_frames, int) and not isinstance(num_frames, bool)) or not (fps is None or isinstance(fps, (int, float))):
+        raise ValueError("'num_frames' must be a whole number and 'fps' a number")
+    if isinstance(source, list) and all(isinstance(frame, str) for frame in source):
+        source = [str(base / frame) for frame in source]
+    elif isinstance(source, str):
+        source = base / source
+    elif source is not None:
+        raise ValueError("'video' must be a path (a folder of frames or a video file) or a list of frame paths")
+    sources = in_images + ([source] if source is not None else [])
+    if len(sources) > 1:
+        raise ValueError(f"a record holds one video, not {len(sources)}")
+    return sample_clip(sources[0], num_frames, fps) if sources else None
 
 
 def _unique(records: Iterable[InputRecord]) -> Iterator[InputRecord]:

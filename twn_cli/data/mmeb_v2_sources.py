@@ -40,10 +40,10 @@ from twn_cli.data.sources import (
     SourceCandidate,
     SourceItem,
     SourceRecord,
-    natural_key,
     read_record_file,
     read_rows,
 )
+from twn_cli.data.videos import natural_key
 from twn_cli.errors import BadRecordError, TWNError
 
 logger = logging.getLogger(__name__)

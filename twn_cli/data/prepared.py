@@ -6,7 +6,10 @@
 
 A query's gold targets and hard negatives are candidates referenced by id. `candidate_ids` is the query's own
 pool; an empty list means the task's global pool (every candidate of that task). Images are absolute paths;
-a video is the ordered list of its sampled frames.
+a video is its sampled clip (`video`: the frame images or the video file, which frames of the video they are,
+how many it has and its frame rate; no paths: no video), encoded by the backbone's video path. Datasets of
+schema version 1 (before videos had a column of their own, when a video's frames were its images) are read
+with an empty `video` column.
 
 Candidates of identical content (instruction, text and image paths) under different ids are copies: a class
 name or an answer recurs across tasks and splits. Training never uses a copy of a query's positive as one of
@@ -30,7 +33,9 @@ from twn_cli.data.mmeb_v2_tasks import MODALITY_OF_META_TASK
 from twn_cli.errors import BadRecordError, TWNError
 
 FORMAT = "twn-prepared"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this twn reads: version 1 lacks the `video` column, which is read as empty.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 QUERIES_DIR = "queries"
 CANDIDATES_DIR = "candidates"
@@ -41,6 +46,13 @@ POOLS = ("per_query", "global")
 
 _STRING = datasets.Value("string")
 _STRINGS = datasets.List(_STRING)
+VIDEO_FEATURE = {
+    "paths": _STRINGS,
+    "frame_indices": datasets.List(datasets.Value("int64")),
+    "total_frames": datasets.Value("int64"),
+    "fps": datasets.Value("float64"),
+}
+NO_VIDEO = {"paths": [], "frame_indices": [], "total_frames": 0, "fps": 0.0}
 QUERY_FEATURES = datasets.Features(
     {
         "id": _STRING,
@@ -50,6 +62,7 @@ QUERY_FEATURES = datasets.Features(
         "instruction": _STRING,
         "text": _STRING,
         "images": _STRINGS,
+        "video": VIDEO_FEATURE,
         "positive_ids": _STRINGS,
         "positive_relevance": datasets.List(datasets.Value("float64")),
         "negative_ids": _STRINGS,
@@ -59,7 +72,7 @@ QUERY_FEATURES = datasets.Features(
     }
 )
 CANDIDATE_FEATURES = datasets.Features(
-    {"id": _STRING, "task": _STRING, "instruction": _STRING, "text": _STRING, "images": _STRINGS}
+    {"id": _STRING, "task": _STRING, "instruction": _STRING, "text": _STRING, "images": _STRINGS, "video": VIDEO_FEATURE}
 )
 # A split names a folder of the dataset (queries/<split>/): the `datasets` library's rule for split names.
 SPLIT_NAME = re.compile(r"\w+(\.\w+)*", re.ASCII)
@@ -71,6 +84,9 @@ _NAME_RULES = {
     "split": (SPLIT_NAME, "letters, digits and '_', parts joined by '.'"),
     "task": (TASK_NAME, "letters, digits, spaces and _ . , : ; + = ( ) [ ] { } & # @ ! ~ ' -, beginning with a letter, digit or '_'"),
 }
+
+# Columns a row given to write_prepared may leave out, and what they then hold.
+OPTIONAL_COLUMNS = {"video": NO_VIDEO}
 # What the caller of write_prepared supplies; the writer adds format, version, time and counts.
 MANIFEST_EXTRA_KEYS = ("source", "tasks", "skipped", "frames_per_video")
 
@@ -102,10 +118,11 @@ class PreparedDataset:
         if self._copies is None:
             # Keyed by a digest, not the content: millions of document texts would not fit in memory twice.
             by_content: dict[bytes, list[str]] = {}
-            columns = self.candidates.select_columns(["id", "instruction", "text", "images"])
+            columns = self.candidates.select_columns(["id", "instruction", "text", "images", "video"])
             for batch in columns.iter(batch_size=10_000):
-                for candidate_id, instruction, text, images in zip(batch["id"], batch["instruction"], batch["text"], batch["images"]):
-                    content = json.dumps([instruction, text, images]).encode()
+                contents = zip(batch["id"], batch["instruction"], batch["text"], batch["images"], batch["video"])
+                for candidate_id, instruction, text, images, video in contents:
+                    content = json.dumps([instruction, text, images, video], sort_keys=True).encode()
                     by_content.setdefault(hashlib.blake2b(content, digest_size=16).digest(), []).append(candidate_id)
             self._copies = {member: group for group in by_content.values() if len(group) > 1 for member in group}
         return {copy for item in ids for copy in self._copies.get(item, (item,))}
@@ -127,7 +144,8 @@ def write_prepared(
     written last, so an interrupted run never leaves a directory that looks complete. An existing prepared
     dataset (or empty directory) at `output_dir` is replaced only once the new one is complete; any other
     existing directory is refused. Rows must match QUERY_FEATURES / CANDIDATE_FEATURES and reference only
-    existing candidates (ValueError otherwise: that is a bug in the caller, not bad user data).
+    existing candidates (ValueError otherwise: that is a bug in the caller, not bad user data); a row may leave
+    out the OPTIONAL_COLUMNS.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
@@ -173,11 +191,16 @@ def load_prepared(path: str | Path) -> PreparedDataset:
         raise TWNError(
             f"prepared dataset '{path}' is corrupt: its splits {sorted(queries)} differ from the manifest's"
         )
+    version = manifest["schema_version"]
     tables = {f"queries/{split}": (queries[split], QUERY_FEATURES) for split in queries}
     tables["candidates"] = (candidates, CANDIDATE_FEATURES)
     for name, (table, features) in tables.items():
-        if table.features != features:
-            raise TWNError(f"prepared dataset '{path}' is corrupt: {name} lacks the schema-{SCHEMA_VERSION} columns")
+        expected = features if version == SCHEMA_VERSION else datasets.Features({key: value for key, value in features.items() if key != "video"})
+        if table.features != expected:
+            raise TWNError(f"prepared dataset '{path}' is corrupt: {name} lacks the schema-{version} columns")
+    if version == 1:
+        queries = datasets.DatasetDict({split: _with_empty_video(table, QUERY_FEATURES) for split, table in queries.items()})
+        candidates = _with_empty_video(candidates, CANDIDATE_FEATURES)
     return PreparedDataset(path=path, manifest=manifest, queries=queries, candidates=candidates)
 
 
@@ -187,6 +210,12 @@ def name_problem(kind: str, name: str) -> str | None:
     if len(name) <= LONGEST_NAME and pattern.fullmatch(name):
         return None
     return f"{kind} name {name[:LONGEST_NAME + 1]!r} is not allowed: use {rule} (at most {LONGEST_NAME} characters)"
+
+
+def _with_empty_video(table: datasets.Dataset, features: datasets.Features) -> datasets.Dataset:
+    """A schema-1 table with the `video` column of schema 2, empty (in memory: the dataset on disk is not touched)."""
+    table = table.add_column("video", [NO_VIDEO] * len(table), feature=VIDEO_FEATURE)
+    return table.cast(features) if table.features != features else table
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -224,10 +253,10 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise TWNError(f"'{path}' is not a prepared dataset ({MANIFEST} does not say format '{FORMAT}')")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise TWNError(
-            f"prepared dataset '{path}' has schema version {version}; this twn reads version "
-            f"{SCHEMA_VERSION}: run `twn prepare` again"
+            f"prepared dataset '{path}' has schema version {version}; this twn reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}: run `twn prepare` again"
         )
     return manifest
 
@@ -277,9 +306,9 @@ def split_counts(rows: Sequence[Mapping]) -> dict:
 def _to_dataset(rows: Sequence[Mapping], features: datasets.Features) -> datasets.Dataset:
     # Built column by column: from_list cannot build an empty table, and this names a wrong row's keys.
     for row in rows:
-        if set(row) != set(features):
+        if not set(features) - set(OPTIONAL_COLUMNS) <= set(row) <= set(features):
             raise ValueError(f"row {row.get('id')!r} has keys {sorted(row)}, expected {sorted(features)}")
-    columns = {name: [row[name] for row in rows] for name in features}
+    columns = {name: [row.get(name, OPTIONAL_COLUMNS.get(name)) for row in rows] for name in features}
     return datasets.Dataset.from_dict(columns, features=features)
 
 
@@ -291,6 +320,7 @@ def _first_line(error: BaseException) -> str:
 def prepared_input(row: Mapping):
     """The model input of a prepared query or candidate row; an empty instruction means the model's default."""
     from twn_cli.data.images import load_image
+    from twn_cli.data.videos import VideoClip
     from twn_cli.types import ModelInput
 
     images = []
@@ -299,6 +329,11 @@ def prepared_input(row: Mapping):
             images.append(load_image(path))
         except ValueError as error:
             raise BadRecordError(f"record '{row['id']}'", f"image '{path}' {error}") from None
-    return ModelInput(text=row["text"], images=images, instruction=row["instruction"] or None)
+    clip = VideoClip.from_row(row.get("video"))
+    try:
+        video = clip.load() if clip is not None else None
+    except ValueError as error:
+        raise BadRecordError(f"record '{row['id']}'", f"video: {error}") from None
+    return ModelInput(text=row["text"], images=images, instruction=row["instruction"] or None, video=video)
 
 

@@ -11,7 +11,8 @@ Layouts, told apart by the path and by column names:
   the gold one and all targets the query's own candidate pool; the instruction is written into the text
   (TIGER-Lab/MMEB-eval) or given in `qry_inst` / `tgt_inst` columns of its own (MMEB-V2's eval files);
 - an image folder with one sub-folder per class (optionally under train/ validation/ test/ folders).
-Any image path naming a directory is a video whose frames are the images in it (see `sample_frames`).
+Any image path naming a directory is a video whose frames are the images in it, and one naming a video file
+(.mp4, ...) is that video (see `expand_media`).
 
 Readers do not open images; `twn prepare` validates every record. A record that cannot even be parsed is
 yielded as a `BadRecordError`, so that the caller can report it with the others instead of stopping.
@@ -33,8 +34,8 @@ import datasets
 import pyarrow
 import pyarrow.parquet
 
-from twn_cli.data.images import IMAGE_SUFFIXES
 from twn_cli.data.prepared import is_prepared_dir
+from twn_cli.data.videos import VideoClip, is_image_file, is_video_file, natural_key, sample_clip
 from twn_cli.errors import BadRecordError, TWNError
 
 logger = logging.getLogger(__name__)
@@ -145,33 +146,19 @@ def find_record_files(directory: Path) -> list[Path]:
 
 
 def sample_frames(directory: Path, count: int) -> list[str]:
-    """`count` frames spread uniformly over the video in `directory` (all if it has fewer), in filename order.
-
-    Filename order is natural order (frame_2 before frame_10); each sampled frame is the middle one of
-    `count` equal segments, so that the first and last moments of the video are covered alike.
-    """
-    frames = sorted(
-        (path for path in directory.iterdir() if _is_image_file(path)),
-        key=lambda path: natural_key(path.name),
-    )
-    if not frames:
-        raise ValueError(f"video folder '{directory}' has no frame images")
-    if len(frames) <= count:
-        return [str(path) for path in frames]
-    return [str(frames[int((index + 0.5) * len(frames) / count)]) for index in range(count)]
+    """`count` frames spread uniformly over the video in `directory` (all if it has fewer), in natural
+    filename order (frame_2 before frame_10): the frame images of its `VideoClip`."""
+    return list(sample_clip(directory, count).paths)
 
 
-def expand_media(paths: tuple[str, ...], frames: int) -> tuple[list[str], bool]:
-    """The image files behind `paths` (video folders become their sampled frames), and whether any was a video."""
-    images: list[str] = []
-    is_video = False
-    for path in paths:
-        if Path(path).is_dir():
-            images.extend(sample_frames(Path(path), frames))
-            is_video = True
-        else:
-            images.append(path)
-    return images, is_video
+def expand_media(paths: tuple[str, ...], frames: int) -> tuple[list[str], VideoClip | None]:
+    """The image files among `paths`, and the video among them (a folder of frames or a video file), sampled
+    to `frames` frames; ValueError if a path names more than one video."""
+    videos = [sample_clip(path, frames) for path in paths if Path(path).is_dir() or is_video_file(path)]
+    images = [path for path in paths if not (Path(path).is_dir() or is_video_file(path))]
+    if len(videos) > 1:
+        raise ValueError(f"{len(videos)} videos in one query or target: give each its own record")
+    return images, videos[0] if videos else None
 
 
 # ---------------------------------------------------------------------------------------------- record files
@@ -490,11 +477,6 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def natural_key(name: str) -> list:
-    """A sort key that puts frame_2 before frame_10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
 def _chain(readers: Iterator[Iterator[SourceItem]]) -> Iterator[SourceItem]:
     for reader in readers:
         yield from reader
@@ -508,7 +490,7 @@ def read_image_folder(root: Path, options: ReadOptions) -> Iterator[SourceItem]:
 
     The task is named after the root folder; its candidates are the class names (underscores read as
     spaces) and form one global pool; each image's gold candidate is its class. A sub-folder inside a
-    class folder is a video (its frames), which makes a video-classification record.
+    class folder (its frames) or a video file is a video, which makes a video-classification record.
     """
     task = options.task or root.name
     for split, split_dir in _image_folder_splits(root, options.split).items():
@@ -516,7 +498,7 @@ def read_image_folder(root: Path, options: ReadOptions) -> Iterator[SourceItem]:
             label = Side(text=class_dir.name.replace("_", " "))
             yield SourceCandidate(label=class_dir.relative_to(root).as_posix(), task=task, side=label)
             for item in _class_media(class_dir):
-                meta_task = "video_classification" if item.is_dir() else "classification"
+                meta_task = "video_classification" if item.is_dir() or is_video_file(item) else "classification"
                 relative = item.relative_to(root).as_posix()
                 yield SourceRecord(
                     label=relative,
@@ -554,12 +536,8 @@ def _class_media(class_dir: Path) -> list[Path]:
 def _is_media(path: Path) -> bool:
     # Only a folder that holds images is a video: other folders (a prepared output, say) are not records.
     if path.is_dir():
-        return any(_is_image_file(frame) for frame in path.iterdir())
-    return _is_image_file(path)
-
-
-def _is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        return any(is_image_file(frame) for frame in path.iterdir())
+    return is_image_file(path) or is_video_file(path)
 
 
 def _visible_subfolders(folder: Path) -> list[Path]:

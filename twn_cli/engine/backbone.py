@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class Backbone:
     processor: Any
     source: str
     fingerprint: str
+    # Bounds on the pixels of each image and video frame the processor makes; None: the backbone's own.
+    pixels: dict = field(default_factory=lambda: {"min_pixels": None, "max_pixels": None})
 
     @property
     def tokenizer(self):
@@ -58,6 +60,16 @@ class Backbone:
 
     def parameter_count(self) -> int:
         return sum(parameter.numel() for parameter in self.model.parameters())
+
+    def bound_pixels(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Bound the pixels of each image and video frame (see `processors.bound_pixels`); None keeps a bound as it is."""
+        from twn_cli.engine.processors import bound_pixels
+
+        bound_pixels(self.processor, self.model.config.model_type, min_pixels, max_pixels)
+        self.pixels = {
+            "min_pixels": self.pixels["min_pixels"] if min_pixels is None else min_pixels,
+            "max_pixels": self.pixels["max_pixels"] if max_pixels is None else max_pixels,
+        }
 
 
 def config_fingerprint(config) -> str:
@@ -87,24 +99,27 @@ def load_backbone(
     device: str = "auto",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> Backbone:
     """Load `source` (a directory or hub id) frozen and in eval mode.
 
     `attn_implementation` is passed through to transformers (`sdpa`, `eager`, `flash_attention_2`, ...); the
-    default lets transformers choose. Remote code runs only with `trust_remote_code=True`.
+    default lets transformers choose. Remote code runs only with `trust_remote_code=True`. `min_pixels` and
+    `max_pixels` bound each image and video frame (None: the backbone's own bounds).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from twn_cli.engine.hub import hub_load_options
-    from twn_cli.engine.processors import register_image_only_processors
+    from twn_cli.engine.processors import load_processor
 
     if dtype not in DTYPES:
         raise TWNError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    register_image_only_processors()
     hub_options = hub_load_options(source)
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options).model_type
+        processor = load_processor(source, model_type, trust_remote_code=trust_remote_code, **hub_options)
         model = AutoModelForImageTextToText.from_pretrained(
             source,
             dtype=DTYPES[dtype],
@@ -122,4 +137,6 @@ def load_backbone(
     model.to(resolve_device(device))
     # A local directory is recorded absolute, so a checkpoint made from it loads from any working directory.
     recorded = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
-    return Backbone(model=model, processor=processor, source=recorded, fingerprint=config_fingerprint(model.config))
+    backbone = Backbone(model=model, processor=processor, source=recorded, fingerprint=config_fingerprint(model.config))
+    backbone.bound_pixels(min_pixels, max_pixels)
+    return backbone

@@ -1,6 +1,7 @@
 """Checkpoint directories, written atomically and checked on load.
 
-    twn.json               manifest: backbone + fingerprint, model settings, stages run, versions, file hashes
+    twn.json               manifest: backbone + fingerprint + pixel bounds, model settings, what the adapters
+                           cover, stages run, versions, file hashes
     reasoning/             PEFT LoRA adapter dir (loadable by peft alone)
     embedding/             PEFT LoRA adapter dir
     queries.safetensors    the K learnable query embeddings
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from twn_cli.atomic import atomic_directory
+from twn_cli.engine.adapter_coverage import adapter_coverage
 from twn_cli.engine.backbone import Backbone, load_backbone
 from twn_cli.engine.config import ADAPTERS, TWNConfig
 from twn_cli.engine.model import TWNModel
@@ -88,8 +90,10 @@ def save_checkpoint(
                 "source": model.backbone.source,
                 "fingerprint": model.backbone.fingerprint,
                 "model_type": model.backbone.model.config.model_type,
+                "pixels": model.backbone.pixels,
             },
             "model": model.config.to_dict(),
+            "adapters": adapter_coverage(model.backbone.model.get_decoder()),
             "embedding_dim": model.embedding_dim,
             "parameters": model.parameter_overhead(),
             "stages": stages,
@@ -117,7 +121,7 @@ def check_checkpoint_output(output_dir: Path) -> None:
 
 
 # What save_checkpoint writes into every manifest; any other top-level key is a stage's result (`extra`).
-_MANIFEST_KEYS = {"format", "format_version", "backbone", "model", "embedding_dim", "parameters", "stages", "versions", "saved", "files"}
+_MANIFEST_KEYS = {"format", "format_version", "backbone", "model", "adapters", "embedding_dim", "parameters", "stages", "versions", "saved", "files"}
 
 
 def stage_results(manifest: dict) -> dict:
@@ -165,18 +169,27 @@ def load_checkpoint(
     device: str = "auto",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> TWNModel:
     """Load a checkpoint onto its backbone (by default the one it names) and check they belong together.
 
     A folder laid out like the TWN authors' release loads too, with its settings read from its tensors.
+    Images and video frames are bounded to `min_pixels` / `max_pixels`, by default to the bounds the
+    checkpoint was trained with (twn.json), so that a model sees pictures at the resolution it learnt them.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if is_release_layout(checkpoint_dir):
-        return load_release(
+        model = load_release(
             checkpoint_dir, backbone, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
+        model.backbone.bound_pixels(min_pixels, max_pixels)
+        return model
     manifest = read_manifest(checkpoint_dir)
     config = model_settings(manifest, checkpoint_dir)
+    recorded = manifest["backbone"].get("pixels") or {}
+    min_pixels = recorded.get("min_pixels") if min_pixels is None else min_pixels
+    max_pixels = recorded.get("max_pixels") if max_pixels is None else max_pixels
     if backbone is None:
         try:
             backbone = load_backbone(
@@ -185,9 +198,13 @@ def load_checkpoint(
                 device=device,
                 attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
             )
         except TWNError as error:
             raise TWNError(f"checkpoint '{checkpoint_dir}' names its backbone, but: {error} (give a local copy with --backbone DIR)") from None
+    else:
+        backbone.bound_pixels(min_pixels, max_pixels)
     expected = manifest["backbone"]["fingerprint"]
     if backbone.fingerprint != expected:
         raise TWNError(

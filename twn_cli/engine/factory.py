@@ -14,15 +14,19 @@ from twn_cli.errors import TWNError
 
 @dataclass
 class LoadOptions:
-    """How a backbone is loaded: where, in which dtype and attention kernel, and whether its own code may run."""
+    """How a backbone is loaded: where, in which dtype and attention kernel, whether its own code may run, and
+    the pixel bounds of its pictures (None: a checkpoint's, else the backbone's own)."""
 
     device: str = "auto"
     dtype: str = "float32"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def as_kwargs(self) -> dict:
-        return dict(device=self.device, dtype=self.dtype, attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
+        return dict(device=self.device, dtype=self.dtype, attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code,
+                    min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
 
 def load_model(

@@ -2,9 +2,9 @@
 
 The engine appends CoT tokens and query tokens to cached prefixes whose rows have different lengths and,
 after decoding, masked holes. Positions therefore cannot be inferred from cache length: each row carries its
-own next position. Qwen-VL backbones use multimodal RoPE (3 position axes, image tokens laid out on a grid)
-and keep `rope_deltas` as state between calls; passing positions explicitly also keeps that state out of
-the way.
+own next position. Qwen-VL backbones use multimodal RoPE (3 position axes, image tokens laid out on a grid,
+a video's temporal patches along the first axis) and keep `rope_deltas` as state between calls; passing
+positions explicitly also keeps that state out of the way.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class PositionScheme:
                 mm_token_type_ids=encoded["mm_token_type_ids"],
                 image_grid_thw=encoded.get("image_grid_thw"),
                 video_grid_thw=encoded.get("video_grid_thw"),
+                # Qwen2.5-VL spaces a video's temporal positions by the seconds between its temporal patches.
+                second_per_grid_ts=encoded.get("second_per_grid_ts"),
                 attention_mask=mask,
             )
             next_position = positions.amax(dim=(0, 2)) + 1

@@ -6,6 +6,7 @@ import torch
 
 from twn_cli.engine.backbone import Backbone
 from twn_cli.engine.config import TWNConfig
+from twn_cli.engine.processors import process, vision_token_count
 from twn_cli.engine.user_text import UserText
 from twn_cli.types import ModelInput
 
@@ -28,10 +29,11 @@ class Prompts:
 
     # ----------------------------------------------------------------- prompts
     def encode(self, inputs: list[ModelInput]) -> dict:
-        """Tokenise a batch of inputs into left-padded prompts (with image placeholders) on the device."""
+        """Tokenise a batch of inputs into left-padded prompts (with image and video placeholders) on the device."""
         prompts = [self._prompt(item) for item in inputs]
         images = [image for item in inputs for image in item.images]
-        encoded = self.backbone.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+        videos = [item.video for item in inputs if item.video is not None]
+        encoded = process(self.backbone.processor, prompts, images, videos)
         encoded = {key: value.to(self.backbone.device) for key, value in encoded.items()}
         for key in ("pixel_values", "pixel_values_videos"):
             if key in encoded:
@@ -39,26 +41,20 @@ class Prompts:
         return encoded
 
     def prompt_length(self, item: ModelInput) -> int:
-        """About how many tokens `item`'s prompt holds: its text and instruction, and its images' placeholders.
+        """About how many tokens `item`'s prompt holds: its text and instruction, and its images' and video's placeholders.
 
-        Counted without building the prompt or processing the images (the image processor's count of patches
-        from the image size, merged as the model merges them); the chat template's few tokens are left out.
+        Counted without building the prompt or processing the pictures (`processors.vision_token_count`, from
+        their sizes); the chat template's few tokens are left out.
         """
         instruction = item.instruction if item.instruction is not None else self.config.default_instruction
         length = len(self.tokenizer(f"{instruction} {item.text}", add_special_tokens=False)["input_ids"])
-        image_processor = self.backbone.processor.image_processor
-        if item.images and hasattr(image_processor, "get_number_of_image_patches"):
-            merged = getattr(image_processor, "merge_size", 1) ** 2
-            for image in item.images:
-                patches = image_processor.get_number_of_image_patches(image.height, image.width, {})
-                # Some processors (tiling ones) answer with a tuple; their images then count only as present.
-                length += patches // merged if isinstance(patches, int) else 1
-        return length
+        return length + vision_token_count(self.backbone.processor, item.images, item.video)
 
     def _prompt(self, item: ModelInput) -> str:
         instruction = item.instruction if item.instruction is not None else self.config.default_instruction
         text = self.user_text("\n".join(part for part in (instruction, item.text) if part), self.config.max_think_tokens + self.config.num_queries)
-        content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
+        content = [{"type": "image"} for _ in item.images] + [{"type": "video"}] * (item.video is not None)
+        content.append({"type": "text", "text": text})
         messages = [{"role": "user", "content": content}]
         if self.config.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})

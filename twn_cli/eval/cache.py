@@ -108,4 +108,7 @@ def model_key(model) -> dict:
         identity = hashlib.sha256(json.dumps(model.manifest["files"], sort_keys=True).encode()).hexdigest()
     else:
         identity = model_identity(model)
-    return {"weights": identity, "config": model.config.to_dict(), "max_text_tokens": model.prompts.user_text.max_tokens}
+    key = {"weights": identity, "config": model.config.to_dict(), "max_text_tokens": model.prompts.user_text.max_tokens}
+    if any(model.backbone.pixels.values()):  # pictures bounded otherwise than the backbone bounds them
+        key["pixels"] = model.backbone.pixels
+    return key

@@ -212,6 +212,8 @@ def labelling_key(model: TWNModel, dataset: PreparedDataset, config: TrainGateCo
         digest.update(name.encode())
         digest.update(parameter.detach().float().cpu().numpy().tobytes())
     settings = {name: value for name, value in model.config.to_dict().items() if not name.startswith("gate_")}
+    if any(model.backbone.pixels.values()):  # pictures bounded otherwise than the backbone bounds them
+        settings["pixels"] = model.backbone.pixels
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return {
         "model": digest.hexdigest(),

@@ -1,9 +1,10 @@
 """`twn prepare`: read raw data, validate every record and image, write a prepared dataset.
 
-Validation opens every image (query, target, negative, pool candidate, video frame) once. A record that
-fails (missing or unreadable image, no text and no image, no positive, duplicate id, unparseable row) is
-a `BadRecordError`; by default any of them stops the run before anything is written, and with `skip_bad`
-they are left out and listed in the manifest. Nothing is dropped without being reported.
+Validation opens every image (query, target, negative, pool candidate, video frame) once and decodes the
+sampled frames of every video file. A record that fails (missing or unreadable image or video, no text and
+no picture, no positive, duplicate id, unparseable row) is a `BadRecordError`; by default any of them stops
+the run before anything is written, and with `skip_bad` they are left out and listed in the manifest.
+Nothing is dropped without being reported.
 
 Queries without a CoT get one from a teacher MLLM when one is named (after validation, so that bad data
 fails before a large model loads); its CoTs are cached beside the output so that an interrupted run resumes.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from twn_cli.data.images import load_image
 from twn_cli.data.mmeb_v2_tasks import MODALITY_OF_META_TASK, mmeb_meta_task
-from twn_cli.data.prepared import check_output_dir, name_problem, split_counts, write_prepared
+from twn_cli.data.prepared import NO_VIDEO, check_output_dir, name_problem, split_counts, write_prepared
 from twn_cli.data.sources import (
     ReadOptions,
     Side,
@@ -31,6 +32,7 @@ from twn_cli.data.sources import (
     read_source,
 )
 from twn_cli.data.unicode import first_unicode_problem
+from twn_cli.data.videos import VideoClip
 from twn_cli.errors import BadRecordError, TWNError
 from twn_cli.locks import lock_output
 from twn_cli.stages.teacher_cot import check_generation_limits, generate_teacher_cots
@@ -242,13 +244,13 @@ class DatasetBuilder:
             raise BadRecordError(label, f"duplicate id '{record.id}'")
         if not record.positives:
             raise BadRecordError(label, "no positive target")
-        images, is_video = self._media(label, "query", record.query.images)
-        if not record.query.text and not images:
-            raise BadRecordError(label, "query has neither text nor image")
+        images, video = self._media(label, "query", record.query.images)
+        if not record.query.text and not images and video is None:
+            raise BadRecordError(label, "query has neither text nor image nor video")
         positives = self._candidates(record, record.positives, "positive")
         negatives = self._candidates(record, record.negatives, "negative")
         pool = self._candidates(record, record.pool or (), "candidate")
-        is_video = is_video or any(video for _, video in positives + negatives + pool)
+        is_video = video is not None or any(is_video for _, is_video in positives + negatives + pool)
         task_info = self._task_info(record, is_video)
 
         # Everything is valid: only now does the record touch the dataset.
@@ -269,6 +271,7 @@ class DatasetBuilder:
                 "instruction": record.query.instruction,
                 "text": record.query.text,
                 "images": images,
+                "video": video.to_row() if video is not None else NO_VIDEO,
                 "positive_ids": list(relevance),
                 "positive_relevance": list(relevance.values()),
                 "negative_ids": _unique_ids(negatives),
@@ -307,24 +310,28 @@ class DatasetBuilder:
             )
             if problem:
                 raise BadRecordError(label, problem)
-            images, is_video = self._media(label, what, side.images)
-            if not side.text and not images:
-                raise BadRecordError(label, f"{what} has neither text nor image")
+            images, video = self._media(label, what, side.images)
+            if not side.text and not images and video is None:
+                raise BadRecordError(label, f"{what} has neither text nor image nor video")
             content = {"task": task, "instruction": side.instruction, "text": side.text, "images": images}
+            if video is not None:
+                content["video"] = video.to_row()
             # Identical targets of different records get one id; the hash keeps ids stable across runs.
             digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-            self._resolved[key] = ({"id": f"{task}/{digest}", **content}, is_video)
+            self._resolved[key] = ({"id": f"{task}/{digest}", **content}, video is not None)
         return self._resolved[key]
 
-    def _media(self, label: str, what: str, paths: tuple[str, ...]) -> tuple[list[str], bool]:
-        """The images behind `paths` (videos as sampled frames), each checked to open."""
+    def _media(self, label: str, what: str, paths: tuple[str, ...]) -> tuple[list[str], VideoClip | None]:
+        """The images among `paths` and their video (sampled to `frames` frames), each checked to open."""
         try:
-            images, is_video = expand_media(paths, self.frames)
+            images, video = expand_media(paths, self.frames)
             for image in images:
                 self._check_image(image)
+            if video is not None:
+                video.load()
         except ValueError as problem:
             raise BadRecordError(label, f"{what}: {problem}") from None
-        return images, is_video
+        return images, video
 
     def _check_image(self, path: str) -> None:
         if path not in self._image_problems:

@@ -2,7 +2,7 @@
 
 Generation is greedy and batched, and resumable: every finished batch is appended to a JSONL cache (flushed
 and fsynced), so an interruption loses at most the batch in flight and a rerun generates only what the
-cache lacks. Each cache line carries a key of the teacher, the settings and the query's prompt and images,
+cache lacks. Each cache line carries a key of the teacher, the settings and the query's prompt and pictures,
 so a cache written for another teacher, other settings or an edited query is never reused by mistake.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twn_cli.data.images import load_image
+from twn_cli.data.videos import VideoClip
 from twn_cli.engine.user_text import UserText
 from twn_cli.errors import TWNError
 
@@ -38,8 +39,9 @@ class _Request:
     """One query the teacher has to reason about."""
 
     id: str
-    prompt: str  # after the teacher's chat template, with its image placeholders
+    prompt: str  # after the teacher's chat template, with its image and video placeholders
     images: tuple[str, ...]
+    video: VideoClip | None
     key: str  # what the cached CoT must have been generated from to be reused
 
 
@@ -113,7 +115,8 @@ def _check_template(template: str) -> None:
 
 def _request(record: Mapping, teacher: Backbone, template: str, max_new_tokens: int, user_text: UserText) -> _Request:
     query = user_text("\n".join(part for part in (record["instruction"], record["text"]) if part), max_new_tokens)
-    content = [{"type": "image"} for _ in record["images"]]
+    video = VideoClip.from_row(record.get("video"))
+    content = [{"type": "image"} for _ in record["images"]] + [{"type": "video"}] * (video is not None)
     content.append({"type": "text", "text": template.format(query=query)})
     prompt = teacher.processor.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -125,28 +128,32 @@ def _request(record: Mapping, teacher: Backbone, template: str, max_new_tokens: 
         "prompt": prompt,
         "images": list(record["images"]),
     }
+    if video is not None:
+        identity["video"] = video.to_row()
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return _Request(id=record["id"], prompt=prompt, images=tuple(record["images"]), key=key)
+    return _Request(id=record["id"], prompt=prompt, images=tuple(record["images"]), video=video, key=key)
 
 
 def _generate(teacher: Backbone, batch: list[_Request], max_new_tokens: int) -> list[str]:
     """Greedy continuations of the batch's prompts: only the new tokens, decoded and stripped."""
     import torch
 
-    images = []
+    from twn_cli.engine.processors import process
+
+    images, videos = [], []
     for request in batch:
-        for path in request.images:
-            try:
-                images.append(load_image(path))
-            except ValueError as problem:
-                raise TWNError(f"query '{request.id}': image '{path}' {problem}") from None
-    encoded = teacher.processor(
-        text=[request.prompt for request in batch],
-        images=images or None,
-        padding=True,
-        padding_side="left",  # generation continues every row from the same last position
-        return_tensors="pt",
-    )
+        try:
+            for path in request.images:
+                try:
+                    images.append(load_image(path))
+                except ValueError as problem:
+                    raise ValueError(f"image '{path}' {problem}") from None
+            if request.video is not None:
+                videos.append(request.video.load())
+        except ValueError as problem:
+            raise TWNError(f"query '{request.id}': {problem}") from None
+    # Left-padded: generation continues every row from the same last position.
+    encoded = process(teacher.processor, [request.prompt for request in batch], images, videos, padding_side="left")
     encoded = {name: value.to(teacher.device) for name, value in encoded.items()}
     for name, value in encoded.items():
         if value.is_floating_point():

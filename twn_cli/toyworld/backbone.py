@@ -1,7 +1,8 @@
 """A tiny Qwen2-VL built from a config: the offline backbone of the toy world and of the tests.
 
 Same architecture, processor and file layout as a real Qwen2-VL checkpoint, so it loads through the very
-code that loads `Qwen/Qwen2-VL-2B-Instruct`; only its size (and, until pre-trained, its weights) differ.
+code that loads `Qwen/Qwen2-VL-2B-Instruct`; only its size (and, until pre-trained, its weights) differ. Its
+image processor is the Pillow one (`Qwen2VLImageProcessorPil`), as the toy world's pictures were rendered for.
 """
 
 from __future__ import annotations
@@ -121,9 +122,6 @@ def build_toy_backbone(output_dir: str | Path, seed: int = 0, spec: ToyBackboneS
     """
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from twn_cli.engine.processors import Qwen2VLImageOnlyProcessor
 
     tokenizer = train_tokenizer(spec.max_vocab_size, seed)
     token_id = tokenizer.convert_tokens_to_ids
@@ -166,17 +164,24 @@ def build_toy_backbone(output_dir: str | Path, seed: int = 0, spec: ToyBackboneS
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
 
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=spec.patch_size,
-        merge_size=spec.spatial_merge_size,
-        temporal_patch_size=2,
-        min_pixels=spec.min_pixels,
-        max_pixels=spec.max_pixels,
-    )
-    processor = Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    # Frames of a video are bounded as pictures are, and resized as they are (with Pillow).
+    processing = {"patch_size": spec.patch_size, "temporal_patch_size": 2, "merge_size": spec.spatial_merge_size,
+                  "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}
+    write_processor_files(
+        output_dir, tokenizer, "Qwen2VLProcessor",
+        {**processing, "image_processor_type": "Qwen2VLImageProcessorPil"},
+        {**processing, "video_processor_type": "Qwen2VLVideoProcessor"},
+    )
     return output_dir
+
+
+def write_processor_files(output_dir: Path, tokenizer, processor_class: str, image: dict, video: dict) -> None:
+    """A backbone folder's processor files as the hub has them: the tokenizer, preprocessor_config.json (the image
+    processor), video_preprocessor_config.json and chat_template.json, each config naming `processor_class`."""
+    tokenizer.save_pretrained(output_dir)
+    for name, settings in (("preprocessor_config.json", image), ("video_preprocessor_config.json", video)):
+        (output_dir / name).write_text(json.dumps({**settings, "processor_class": processor_class}, indent=2) + "\n")
+    (output_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
