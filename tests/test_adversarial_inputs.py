@@ -455,7 +455,7 @@ def test_sigterm_removes_partial_outputs_like_ctrl_c(tmp_path):
 import os, signal, sys, time
 import typer
 from twn_cli.atomic import atomic_file
-from twn_cli.cli import user_errors
+from twn_cli.cli.common import user_errors
 
 def embed():
     with atomic_file({str(tmp_path / "out.jsonl")!r}) as staging:
