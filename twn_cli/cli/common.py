@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -34,36 +36,67 @@ app = typer.Typer(
 )
 
 
-
 class ThinkOption(str, enum.Enum):
     never = "never"
     always = "always"
     auto = "auto"
 
 
-# Options of every command that loads a model (one declaration each).
-DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU).")
-DTYPE = typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (adapters, queries and gate train in float32).")
-ATTENTION = typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")
-REMOTE_CODE = typer.Option(False, help="Allow a hub backbone to run its own code.")
+# How every command that loads a model loads it: `with_load_options` adds these to its options.
+LOAD_OPTIONS = (
+    ("device", str, typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun each process takes its local GPU).")),
+    ("dtype", str, typer.Option("float32", help="Backbone dtype: float32, bfloat16 or float16 (adapters, queries and gate train in float32).")),
+    ("attn_implementation", str | None, typer.Option(None, help="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")),
+    ("min_pixels", int | None, typer.Option(
+        None, min=1, help="The fewest pixels of an image or video frame (for Qwen3-VL: of a whole video); default: the checkpoint's, else the backbone's."
+    )),
+    ("max_pixels", int | None, typer.Option(None, min=1, help="The most pixels of an image or video frame; default: the checkpoint's, else the backbone's own.")),
+    ("trust_remote_code", bool, typer.Option(False, help="Allow a hub backbone to run its own code.")),
+)
 VERBOSE = typer.Option(False, "-v", "--verbose", help="Log details on stderr.")
 MAX_TEXT = typer.Option(
     None, min=1, help="Most tokens of an input's text and instruction; longer ones are cut, and counted (default: what the backbone's positions leave room for)."
 )
-MIN_PIXELS = typer.Option(
-    None, min=1, help="The fewest pixels of an image or video frame (for Qwen3-VL: of a whole video); default: the checkpoint's, else the backbone's."
-)
-MAX_PIXELS = typer.Option(None, min=1, help="The most pixels of an image or video frame; default: the checkpoint's, else the backbone's own.")
 FRAMES = typer.Option(8, min=1, help="Frames sampled uniformly from each video of a record that gives no num_frames (MMEB-V2: 8).")
 LOCAL_BACKBONE = typer.Option(None, help="A local copy of the checkpoint's backbone to load it onto.")
 ANY_BACKBONE = typer.Option(None, help="Backbone directory or hub id: with --checkpoint, a local copy to load it onto; alone, fresh untrained adapters.")
 
 
-def load_options(device: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool, min_pixels: int | None = None, max_pixels: int | None = None):
-    from twn_cli.distributed import process_device
-    from twn_cli.engine.factory import LoadOptions
+def with_load_options(command):
+    """Give `command` the options of LOAD_OPTIONS (before its --verbose) and call it with them as one
+    `options: LoadOptions` (under torchrun `auto` and `cuda` mean the process's own GPU)."""
+    signature = inspect.signature(command)
+    kept = [parameter for parameter in signature.parameters.values() if parameter.name != "options"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind) for name, kind, option in LOAD_OPTIONS]
+    keyword_only = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in kept]
+    parameters = [parameter for parameter in keyword_only if parameter.name != "verbose"] + added + [p for p in keyword_only if p.name == "verbose"]
 
-    return LoadOptions(process_device(device), dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels)
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from twn_cli.distributed import process_device
+        from twn_cli.engine.factory import LoadOptions
+
+        values = {name: kwargs.pop(name) for name, _, _ in LOAD_OPTIONS}
+        values["device"] = process_device(values["device"])
+        return command(*args, options=LoadOptions(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    # What Typer reads the options' types from (`options` itself is no option of the command line).
+    wrapper.__annotations__ = {name: kind for name, kind in command.__annotations__.items() if name != "options"} | {
+        name: kind for name, kind, _ in LOAD_OPTIONS
+    }
+    return wrapper
+
+
+@contextmanager
+def training_progress(name: str, total: int, status: Callable[[dict], str], shown: bool):
+    """A progress bar of a training run's `total` steps; yields the callback that shows a step's metrics."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    with progress_bar(TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+                      disable=not shown) as progress:
+        task = progress.add_task("train", total=total, status="")
+        yield lambda metrics: progress.update(task, completed=metrics["step"], status=status(metrics))
 
 
 def load_model_or_fresh(checkpoint: Path | None, backbone: str | None, options, *, uses_gate: bool = False, seed: int = 0):

@@ -7,22 +7,22 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:
+    from twn_cli.engine.factory import LoadOptions
+
 from twn_cli.cli.common import (
     ANY_BACKBONE,
-    ATTENTION,
-    DEVICE,
-    DTYPE,
-    REMOTE_CODE,
     VERBOSE,
     ThinkOption,
     app,
     load_model_or_fresh,
-    load_options,
     setup_logging,
     user_errors,
+    with_load_options,
 )
 from twn_cli.errors import TWNError
 
@@ -30,15 +30,15 @@ from twn_cli.errors import TWNError
 # --------------------------------------------------------------------------------------------- convert-release
 @app.command("convert-release")
 @user_errors
+@with_load_options
 def convert_release(
     source: Path = typer.Argument(..., help="Folder laid out like the TWN authors' release: reasoning/, embedding/, gate_mlp.pt, queries.pt."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
     backbone: str | None = typer.Option(None, help="Backbone directory or hub id (default: the one the release's adapters name)."),
     setting: list[str] = typer.Option([], "--set", help="A model setting the release does not carry: --set KEY=VALUE (repeatable), e.g. gate_threshold=0.6."),
-    device: str = DEVICE,
-    dtype: str = typer.Option("float32", help="Backbone dtype while converting: float32, bfloat16 or float16 (the checkpoint's tensors are float32)."),
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Write a TWN release folder as a twn checkpoint (twn.json with the backbone's fingerprint, file hashes).
 
@@ -51,12 +51,13 @@ def convert_release(
     from twn_cli.engine.release import convert_release as convert
     from twn_cli.recipes import parse_overrides
 
-    print(convert(source, output, backbone=backbone, overrides=parse_overrides(setting), dtype=dtype, device=device, trust_remote_code=trust_remote_code))
+    print(convert(source, output, backbone=backbone, overrides=parse_overrides(setting), **options.as_kwargs()))
 
 
 # ------------------------------------------------------------------------------------------------------ search
 @app.command()
 @user_errors
+@with_load_options
 def search(
     queries: str = typer.Argument(..., help="Queries as `twn embed` takes them: an image folder, a JSONL file of records, or - for JSONL on stdin."),
     index: Path = typer.Option(..., "--index", help="What to search: an embedding file `twn embed` wrote (any format), or a folder `twn index` built."),
@@ -72,11 +73,9 @@ def search(
     batch_size: int = typer.Option(16, min=1, help="Queries per forward pass."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty query records (reported on stderr) instead of stopping."),
     max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Embed queries and print each one's top-k stored vectors: {"id", "think", "results": [{"id", "score"}]}.
 
@@ -96,7 +95,7 @@ def search(
         raise TWNError("--adaptive and --think always contradict each other")
     stored = StoredVectors.open(index)
     records = read_inputs(queries)
-    model = load_model_or_fresh(checkpoint, backbone, load_options(device, dtype, attn_implementation, trust_remote_code), uses_gate=mode == "auto")
+    model = load_model_or_fresh(checkpoint, backbone, options, uses_gate=mode == "auto")
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     settings = EmbedSettings(think=mode, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)

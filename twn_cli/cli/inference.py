@@ -8,28 +8,26 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:
+    from twn_cli.engine.factory import LoadOptions
+
 from twn_cli.cli.common import (
     ANY_BACKBONE,
-    ATTENTION,
-    DEVICE,
-    DTYPE,
     FRAMES,
-    MAX_PIXELS,
     MAX_TEXT,
-    MIN_PIXELS,
-    REMOTE_CODE,
     VERBOSE,
     ThinkOption,
     app,
     load_model_or_fresh,
-    load_options,
     progress_bar,
     setup_logging,
     user_errors,
     version,
+    with_load_options,
 )
 from twn_cli.errors import TWNError
 
@@ -44,6 +42,7 @@ class EvalMode(str, enum.Enum):
 # ------------------------------------------------------------------------------------------------------- embed
 @app.command()
 @user_errors
+@with_load_options
 def embed(
     inputs: str = typer.Argument(
         ..., help="An image folder, a JSONL file of records (id, text, image/images, instruction), - for JSONL on stdin, or a prepared dataset directory (its candidates: a negatives cache for train-rl)."
@@ -63,13 +62,9 @@ def embed(
     temperature: float = typer.Option(0.0, min=0.0, help="CoT sampling temperature; 0 decodes greedily."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling for CoTs."),
     seed: int = typer.Option(0, help="Seed for sampled CoTs and for a fresh model's adapters."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Embed images, texts or both with the shared-prefill dual-LoRA model.
 
@@ -103,7 +98,7 @@ def embed(
         raise TWNError("several processes cannot share stdin: give the inputs as a file or folder that every process reads")
     check_output_is_not_input(output, inputs)
     records = read_inputs(inputs, frames=frames)
-    model = load_model_or_fresh(checkpoint, backbone, load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels), uses_gate=mode == "auto", seed=seed)
+    model = load_model_or_fresh(checkpoint, backbone, options, uses_gate=mode == "auto", seed=seed)
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens
     model.prompts.user_text.max_tokens = max_text_tokens
@@ -119,7 +114,7 @@ def embed(
         "inputs": inputs if inputs == "-" else str(Path(inputs).resolve()),
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
         "backbone": model.backbone.source,
-        "dtype": dtype,
+        "dtype": options.dtype,
         "pixels": model.backbone.pixels,
         "frames_per_video": frames,
         "think_mode": mode,
@@ -176,6 +171,7 @@ def texts_cut(count: int) -> str:
 # ------------------------------------------------------------------------------------------------------- route
 @app.command()
 @user_errors
+@with_load_options
 def route(
     inputs: str = typer.Argument(..., help="An image folder, a JSONL file of records, or - for JSONL on stdin (as for `twn embed`)."),
     checkpoint: Path | None = typer.Option(None, help="TWN checkpoint whose gate decides."),
@@ -186,13 +182,9 @@ def route(
     max_text_tokens: int | None = MAX_TEXT,
     frames: int = FRAMES,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or empty records (reported on stderr) instead of stopping."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Gate decisions only: prefill each input and report p_think and think, without decoding anything.
 
@@ -206,7 +198,7 @@ def route(
 
     check_output_is_not_input(output, inputs)
     records = read_inputs(inputs, frames=frames)
-    model = load_model_or_fresh(checkpoint, backbone, load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels), uses_gate=True)
+    model = load_model_or_fresh(checkpoint, backbone, options, uses_gate=True)
     model.prompts.user_text.max_tokens = max_text_tokens
     threshold = model.config.gate_threshold if threshold is None else threshold
     route_into = functools.partial(run_route, model, records, threshold=threshold, batch_size=batch_size, skip_bad=skip_bad)
@@ -223,6 +215,7 @@ def route(
 # -------------------------------------------------------------------------------------------------------- eval
 @app.command(name="eval")
 @user_errors
+@with_load_options
 def evaluate(
     data: Path = typer.Argument(..., help="Prepared eval dataset directory (from `twn prepare`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: report.json, report.md, predictions.jsonl, quality_vs_tokens.png, cache/."),
@@ -236,13 +229,9 @@ def evaluate(
     rank_chunk_size: int = typer.Option(8192, min=1, help="Candidates scored at a time (bounds memory for huge pools)."),
     max_think_tokens: int | None = typer.Option(None, min=1, help="Most tokens a CoT may have (default: the checkpoint's)."),
     max_text_tokens: int | None = MAX_TEXT,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """MMEB-style evaluation: never / always / adaptive thinking, or a sweep of gate thresholds.
 
@@ -267,7 +256,6 @@ def evaluate(
         raise TWNError(f"--thresholds takes numbers separated by commas, not '{thresholds}'") from None
     start_process_group()
     distributed = Distributed()
-    options = load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels)
     model = load_model_or_fresh(checkpoint, backbone, options, uses_gate=mode in (EvalMode.adaptive, EvalMode.sweep))
     if max_think_tokens is not None:
         model.config.max_think_tokens = max_think_tokens

@@ -5,25 +5,24 @@ from __future__ import annotations
 import enum
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:
+    from twn_cli.engine.factory import LoadOptions
+
 from twn_cli.cli.common import (
-    ATTENTION,
-    DEVICE,
-    DTYPE,
     LOCAL_BACKBONE,
-    MAX_PIXELS,
-    MIN_PIXELS,
-    REMOTE_CODE,
     VERBOSE,
     app,
     load_model_or_fresh,
-    load_options,
     progress_bar,
     setup_logging,
     stderr_console,
+    training_progress,
     user_errors,
+    with_load_options,
 )
 from twn_cli.errors import TWNError
 
@@ -37,6 +36,7 @@ class GateTarget(str, enum.Enum):
 # ------------------------------------------------------------------------------------------------- train-embed
 @app.command("train-embed")
 @user_errors
+@with_load_options
 def train_embed(
     data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run directory: the checkpoint, plus train/ (metrics.jsonl, resumable states)."),
@@ -51,13 +51,9 @@ def train_embed(
     temperature: float | None = typer.Option(None, help="Override: InfoNCE temperature."),
     seed: int | None = typer.Option(None, help="Override: seed of the data order and fresh adapters."),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Jointly train the reasoning adapter (SFT on teacher CoT) and the embedding adapter + queries (InfoNCE).
 
@@ -69,11 +65,10 @@ def train_embed(
     state named. Prints the checkpoint (run) directory.
     """
     setup_logging(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from twn_cli.data.prepared import load_prepared
-    from twn_cli.distributed import Distributed, process_device, shard_language_model, start_process_group
+    from twn_cli.distributed import Distributed, shard_language_model, start_process_group
     from twn_cli.engine.backbone import resolve_device
     from twn_cli.engine.factory import load_model
     from twn_cli.recipes import load_recipe, parse_overrides
@@ -92,27 +87,19 @@ def train_embed(
     distributed = Distributed()
     claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     shard = config.shard_backbone and distributed.world_size > 1
-    options = load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels)
+    device = options.device
     if shard:  # a backbone to shard is loaded on the CPU first, so that no device ever holds all of it
         options.device = "cpu"
     dataset = load_prepared(data)
     model = load_model(checkpoint, backbone, config=None if checkpoint else config.model_config(), options=options)
     if shard:
-        layers = shard_language_model(model, resolve_device(process_device(device)))
+        layers = shard_language_model(model, resolve_device(device))
         logging.info("sharded %d language-model layers over %d processes", layers, distributed.world_size)
-    with progress_bar(
-        TextColumn("train-embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), disable=not distributed.is_main,
-    ) as progress:
-        task = progress.add_task("train", total=config.steps, status="")
+    def status(metrics: dict) -> str:
+        return (f"loss {metrics['loss']:.3f} (nce {metrics['contrastive_loss']:.3f}, sft {metrics['sft_loss']:.3f}) "
+                f"lr {metrics['learning_rate']:.2e} {metrics['samples_per_second']:.1f} samples/s")
 
-        def show(metrics: dict) -> None:
-            progress.update(
-                task, completed=metrics["step"],
-                status=f"loss {metrics['loss']:.3f} (nce {metrics['contrastive_loss']:.3f}, sft {metrics['sft_loss']:.3f}) "
-                f"lr {metrics['learning_rate']:.2e} {metrics['samples_per_second']:.1f} samples/s",
-            )
-
+    with training_progress("train-embed", config.steps, status, shown=distributed.is_main) as show:
         summary = run_train_embed(model, dataset, output, config, resume=resume, on_step=show)
     if not distributed.is_main:
         return
@@ -128,6 +115,7 @@ def train_embed(
 # -------------------------------------------------------------------------------------------------- train-gate
 @app.command("train-gate")
 @user_errors
+@with_load_options
 def train_gate(
     data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`): labels on its train split, τ on its validation split."),
     checkpoint: Path = typer.Option(..., help="TWN checkpoint whose gate to train (from train-embed or train-rl)."),
@@ -141,13 +129,9 @@ def train_gate(
         None, help="Also score labels against every entry of this global negatives cache (`twn embed DATA -o cache.pt`) but the input's positives."
     ),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Train the routing gate on self-supervised labels: does thinking improve this input's retrieval margin?
 
@@ -181,7 +165,7 @@ def train_gate(
     distributed = Distributed()
     claim_run_directory(output, first_process=distributed.is_main, training_states=False)  # locked until the command ends
     dataset = load_prepared(data)
-    model = load_model_or_fresh(checkpoint, backbone, load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels))
+    model = load_model_or_fresh(checkpoint, backbone, options)
     negatives = load_negatives_cache(negatives_cache, model.embedding_dim) if negatives_cache else None
     with progress_bar(
         TextColumn("train-gate {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -228,6 +212,7 @@ def train_gate(
 # ---------------------------------------------------------------------------------------------------- train-rl
 @app.command("train-rl")
 @user_errors
+@with_load_options
 def train_rl(
     data: Path = typer.Argument(..., help="Prepared dataset directory (from `twn prepare`): queries of its train split."),
     checkpoint: Path = typer.Option(..., help="TWN checkpoint whose reasoning adapter to improve (from train-embed or train-gate); also the KL reference."),
@@ -239,13 +224,9 @@ def train_rl(
     steps: int | None = typer.Option(None, min=1, help="Override: optimiser steps."),
     seed: int | None = typer.Option(None, help="Override: seed of the query order, the sampled CoTs and the random negatives."),
     setting: list[str] = typer.Option([], "--set", help="Override any recipe setting: --set KEY=VALUE (repeatable)."),
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    attn_implementation: str | None = ATTENTION,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
-    trust_remote_code: bool = REMOTE_CODE,
     verbose: bool = VERBOSE,
+    *,
+    options: LoadOptions,
 ):
     """Improve the reasoning adapter with GRPO, rewarded in the embedding space against a global negatives cache.
 
@@ -259,7 +240,6 @@ def train_rl(
     Usage: twn train-rl DATA --checkpoint RUN --negatives-cache cache.pt -o RUN2.
     """
     setup_logging(verbose)
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from twn_cli.data.negatives_cache import load_negatives_cache
     from twn_cli.data.prepared import load_prepared
@@ -273,22 +253,14 @@ def train_rl(
     distributed = Distributed()
     claim_run_directory(output, resume=resume, first_process=distributed.is_main)  # locked until the command ends
     dataset = load_prepared(data)
-    model = load_model_or_fresh(checkpoint, backbone, load_options(device, dtype, attn_implementation, trust_remote_code, min_pixels, max_pixels))
+    model = load_model_or_fresh(checkpoint, backbone, options)
     cache = load_negatives_cache(negatives_cache, model.embedding_dim)
-    with progress_bar(
-        TextColumn("train-rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), disable=not distributed.is_main,
-    ) as progress:
-        task = progress.add_task("train", total=config.steps, status="")
-
-        def show(metrics: dict) -> None:
-            progress.update(
-                task, completed=metrics["step"],
-                status=f"reward {metrics['reward_mean']:.3f} ± {metrics['reward_spread']:.3f}, {metrics['zero_spread_groups']:.0%} groups without spread, "
+    def status(metrics: dict) -> str:
+        return (f"reward {metrics['reward_mean']:.3f} ± {metrics['reward_spread']:.3f}, {metrics['zero_spread_groups']:.0%} groups without spread, "
                 f"kl {metrics['kl']:.4f}, CoT {metrics['cot_tokens_mean']:.1f} tokens, {metrics['ended_share']:.0%} ended"
-                + (f", held-out reward {metrics['heldout_reward']:.4f}" if "heldout_reward" in metrics else ""),
-            )
+                + (f", held-out reward {metrics['heldout_reward']:.4f}" if "heldout_reward" in metrics else ""))
 
+    with training_progress("train-rl", config.steps, status, shown=distributed.is_main) as show:
         summary = run_train_rl(model, dataset, cache, output, config, resume=resume, on_step=show)
     if not distributed.is_main:
         return

@@ -84,26 +84,33 @@ def save_checkpoint(
             staging / "gate.safetensors",
         )
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "backbone": {
-                "source": model.backbone.source,
-                "fingerprint": model.backbone.fingerprint,
-                "model_type": model.backbone.model.config.model_type,
-                "pixels": model.backbone.pixels,
-            },
-            "model": model.config.to_dict(),
-            "adapters": adapter_coverage(model.backbone.model.get_decoder()),
-            "embedding_dim": model.embedding_dim,
-            "parameters": model.parameter_overhead(),
+            **describe_model(model),
             "stages": stages,
             **(extra or {}),
-            "versions": package_versions(),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {name: _sha256(staging / name) for name in REQUIRED_FILES},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return output_dir
+
+
+def describe_model(model: TWNModel) -> dict:
+    """What a manifest says of a model: its format, backbone, settings, adapters, sizes and package versions."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": {
+            "source": model.backbone.source,
+            "fingerprint": model.backbone.fingerprint,
+            "model_type": model.backbone.model.config.model_type,
+            "pixels": model.backbone.pixels,
+        },
+        "model": model.config.to_dict(),
+        "adapters": adapter_coverage(model.backbone.model.get_decoder()),
+        "embedding_dim": model.embedding_dim,
+        "parameters": model.parameter_overhead(),
+        "versions": package_versions(),
+    }
 
 
 def check_checkpoint_output(output_dir: Path) -> None:

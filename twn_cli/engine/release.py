@@ -222,24 +222,14 @@ def _adapter_config(folder: Path, adapter: str) -> dict:
 
 def _release_manifest(folder: Path, model: TWNModel, gate_keys: dict[str, str]) -> dict:
     """A twn checkpoint manifest for a release: what later stages, reports and caches read of one."""
-    from twn_cli.engine.checkpoint import FORMAT, FORMAT_VERSION, _sha256, package_versions
+    from twn_cli.engine.checkpoint import _sha256, describe_model
 
     files = sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "backbone": {
-            "source": model.backbone.source,
-            "fingerprint": model.backbone.fingerprint,
-            "model_type": model.backbone.model.config.model_type,
-        },
-        "model": model.config.to_dict(),
-        "embedding_dim": model.embedding_dim,
-        "parameters": model.parameter_overhead(),
+        **describe_model(model),
         "stages": [],
         "release": {"format": RELEASE_FORMAT, "source": str(folder.resolve()), "gate_keys": gate_keys},
         "gate": {"source": "release"},
-        "versions": package_versions(),
         "saved": None,
         "files": {path.relative_to(folder).as_posix(): _sha256(path) for path in files},
     }
