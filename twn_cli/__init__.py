@@ -1,3 +1,3 @@
 """twn: train, serve and evaluate Think-When-Needed multimodal embedding models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
