@@ -17,18 +17,11 @@ import pytest
 
 from twn_cli.engine.config import TWNConfig
 from twn_cli.toyworld.backbone import ToyBackboneSpec, tokenizer_corpus
+from twn_cli.toyworld.knowledge import KNOWLEDGE, held_out_elements
+from twn_cli.toyworld.pretraining_data import pretraining_examples
 from twn_cli.toyworld.render import GRID_CELLS, PICTURE_SIZE, SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START
-from twn_cli.toyworld.world import (
-    KNOWLEDGE,
-    META_TASKS,
-    SceneImage,
-    describe_object,
-    describe_scene,
-    generate_world,
-    held_out_elements,
-    pretraining_examples,
-)
+from twn_cli.toyworld.world import META_TASKS, SceneImage, describe_object, describe_scene, generate_world
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REASONING = ("one_step", "two_step")

@@ -21,6 +21,9 @@ checkpoint (the pre-RL one, if none was better), and says so.
 
 One update per sampled batch: the "old" policy is the current one, so the ratio is 1 numerically; the
 clipped form is kept so that several updates per batch only need a loop.
+
+As trl keeps one trainer module per algorithm, this module holds train-rl's settings, trainer and run
+(about 450 lines); the objective's pieces (negatives, rewards, advantages, the loss) are in `grpo.py`.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from twn_cli.recipes import AT_LEAST_ONE, check_ranges
+from twn_cli.toyworld.pretraining_data import corpus_sentences
 from twn_cli.toyworld.render import PICTURE_SIZE
 from twn_cli.toyworld.vocabulary import COLOURS, EVERYDAY_WORDS, POSITIONS, SHAPES, SIDES, SIZES, THINK_END, THINK_START
-from twn_cli.toyworld.world import corpus_sentences
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

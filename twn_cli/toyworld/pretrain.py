@@ -30,16 +30,10 @@ import torch.nn.functional as F
 
 from twn_cli.engine.backbone import load_backbone
 from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, Range, check_ranges
+from twn_cli.toyworld.pretraining_data import PretrainingExample, explanation_examples, pretraining_examples
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END
-from twn_cli.toyworld.world import (
-    POSITION_PHRASES,
-    PretrainingExample,
-    describe_scene,
-    explanation_examples,
-    generate_world,
-    pretraining_examples,
-)
+from twn_cli.toyworld.world import POSITION_PHRASES, describe_scene, generate_world
 from twn_cli.training import warmup_cosine
 
 CAPTION_PROMPT = "describe the picture."

@@ -12,6 +12,10 @@ Design rules (what a prototype on 2 CPU cores taught us; docs/design.md):
 - Every query has a rule-made teacher CoT ending with its resolved description, short for simple queries,
   so that always-think is a real baseline.
 - `hedged` queries are the regime where thinking adds noise (see `HEDGED_T2I_TEMPLATES`).
+
+The knowledge and clue phrasings are in `knowledge.py`, the backbone's pre-training examples in
+`pretraining_data.py`. This module stays one (about 600 lines): the phrasing tables and `_SplitBuilder`,
+which draws every task's records from them, are the rules of one draw and read best together.
 """
 
 from __future__ import annotations
@@ -21,28 +25,19 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
 
 from PIL import Image
 
+from twn_cli.toyworld.knowledge import CLUE_TEMPLATES, KNOWLEDGE, Clue, Fact, HeldOut, held_out_elements, with_article
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import (
-    COLOUR_MIXES,
-    COLOUR_THINGS,
     COLOURS,
-    KNOWN_POLYGONS,
     NUMBER_WORDS,
-    POLYGONS,
     POSITIONS,
-    SHAPE_FEATURES,
     SHAPES,
-    SIDE_RELATIONS,
     SIDES,
     SIZES,
-    THINK_END,
-    THINK_START,
 )
 
 SPLIT_SHARES = {"train": 0.7, "validation": 0.1, "test": 0.2}
@@ -84,37 +79,6 @@ LABEL_POOLS = {
     "vqa/position": POSITIONS,
     "vqa/count": COUNT_ANSWERS,
 }
-
-# Clue phrasings per fact kind. The fixed words of each template occur in no other template, so a held-out
-# phrasing is recognisable in any text. Colour templates read both after a noun ("a square coloured like
-# grass") and after "is" ("which shape is coloured like grass?"); shape templates are noun phrases.
-COLOUR_THING_TEMPLATES = (
-    "coloured like {thing}",
-    "the colour of {thing}",
-    "in the shade of {thing}",
-    "the same colour as {thing}",
-    "coloured the way {thing} is",
-    "tinted like {thing}",
-)
-COLOUR_MIX_TEMPLATES = (
-    "the colour you get by mixing {a} and {b}",
-    "the colour that {a} and {b} make together",
-    "in the blend of {a} with {b}",
-    "painted with {a} and {b} stirred together",
-)
-SHAPE_TEMPLATES = ("shape with {property}", "shape that has {property}", "figure having {property}", "form with {property}")
-CLUE_TEMPLATES = {
-    "colour_thing": COLOUR_THING_TEMPLATES,
-    "colour_mix": COLOUR_MIX_TEMPLATES,
-    "shape_feature": SHAPE_TEMPLATES,
-    "shape_relation": SHAPE_TEMPLATES,
-}
-HELD_OUT_TEMPLATE_COUNTS = ((COLOUR_THING_TEMPLATES, 2), (COLOUR_MIX_TEMPLATES, 1), (SHAPE_TEMPLATES, 1))
-# Facts held out of train: one thing per colour, one feature of each of two shapes (the
-# other feature stays), and a few mixes and side relations.
-HELD_OUT_FEATURE_SHAPES = 2
-HELD_OUT_MIXES = 2
-HELD_OUT_RELATIONS = 5
 
 # (colour form, shape form) a query may take: "direct" names the value, a fact kind gives a clue, None
 # leaves the attribute out.
@@ -170,12 +134,7 @@ VALUE_HEDGES = ("maybe {x} or {y}", "either {x} or {y}")
 
 # For picking look-alike hard negatives: a circle looks like a many-sided polygon, a star like a pentagon.
 _APPARENT_SIDES = {**SHAPES, "circle": 12, "star": 5}
-_POLYGON_BY_SIDES = {SHAPES[shape]: shape for shape in POLYGONS}
 _COLOUR_AND_SHAPE_WORDS = frozenset(COLOURS) | frozenset(SIDES)
-
-
-def with_article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def describe_object(colour: str, shape: str) -> str:
@@ -192,7 +151,7 @@ def describe_scene(scene: Scene) -> str:
     return _join(parts)
 
 
-def _what_the_picture_shows(scene: Scene) -> str:
+def what_the_picture_shows(scene: Scene) -> str:
     """The CoT's look at a picture: 'the picture shows a red triangle and a blue square'."""
     objects = sorted(scene.objects, key=lambda obj: POSITIONS.index(obj.position))
     return "the picture shows " + _join([describe_object(obj.colour, obj.shape) for obj in objects])
@@ -204,124 +163,6 @@ def _join(parts: list[str]) -> str:
 
 def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One piece of knowledge that resolves a clue to a colour or a shape.
-
-    kind: colour_thing (key: the thing), colour_mix (key: the two colours), shape_feature (key: the
-    feature) or shape_relation (key: the relation and the reference shape).
-    """
-
-    kind: str
-    key: tuple[str, ...]
-    answer: str
-
-    @property
-    def attribute(self) -> str:
-        return "colour" if self.kind.startswith("colour") else "shape"
-
-    @property
-    def templates(self) -> tuple[str, ...]:
-        return CLUE_TEMPLATES[self.kind]
-
-    def phrase(self, template: str, swap: bool = False) -> str:
-        """The clue in a phrasing; `swap` names the two colours of a mix in the other order."""
-        if self.kind == "colour_thing":
-            return template.format(thing=self.key[0])
-        if self.kind == "colour_mix":
-            first, second = reversed(self.key) if swap else self.key
-            return template.format(a=first, b=second)
-        return template.format(property=self._shape_property())
-
-    def explanation(self, swap: bool = False) -> str:
-        """The CoT step that resolves the clue."""
-        if self.kind == "colour_thing":
-            return f"{self.key[0]} is {self.answer}"
-        if self.kind == "colour_mix":
-            first, second = reversed(self.key) if swap else self.key
-            return f"{first} mixed with {second} makes {self.answer}"
-        if self.kind == "shape_feature":
-            return f"a shape with {self.key[0]} is {with_article(self.answer)}"
-        relation, reference = self.key
-        step = SIDE_RELATIONS[relation][0]
-        return (
-            f"{with_article(reference)} has {NUMBER_WORDS[SIDES[reference]]} sides and {step} "
-            f"{NUMBER_WORDS[SHAPES[self.answer]]}, {with_article(self.answer)}"
-        )
-
-    def question(self) -> str:
-        """The fact asked as a plain question, for pre-training."""
-        if self.kind == "colour_thing":
-            return f"what colour is {self.key[0]}?"
-        if self.kind == "colour_mix":
-            return f"what colour do {self.key[0]} and {self.key[1]} make when mixed?"
-        return f"which shape has {self._shape_property()}?"
-
-    def _shape_property(self) -> str:
-        if self.kind == "shape_feature":
-            return self.key[0]
-        relation, reference = self.key
-        return f"{relation} {with_article(reference)}"
-
-
-def _knowledge() -> tuple[Fact, ...]:
-    facts = [Fact("colour_thing", (thing,), colour) for colour, things in COLOUR_THINGS.items() for thing in things]
-    facts += [Fact("colour_mix", (first, second), result) for first, second, result in COLOUR_MIXES]
-    facts += [Fact("shape_feature", (feature,), shape) for shape, features in SHAPE_FEATURES.items() for feature in features]
-    for relation, (_, apply) in SIDE_RELATIONS.items():
-        for reference in KNOWN_POLYGONS:
-            sides = apply(SIDES[reference])
-            if float(sides).is_integer() and int(sides) in _POLYGON_BY_SIDES:
-                facts.append(Fact("shape_relation", (relation, reference), _POLYGON_BY_SIDES[int(sides)]))
-    return tuple(facts)
-
-
-KNOWLEDGE: tuple[Fact, ...] = _knowledge()
-
-
-@dataclass(frozen=True)
-class Clue:
-    """A fact as one query phrases it, with the CoT step that resolves it."""
-
-    fact: Fact
-    template: str
-    text: str
-    explanation: str
-
-    @classmethod
-    def of(cls, fact: Fact, template: str, swap: bool) -> Clue:
-        """`fact` phrased with `template` (`swap`: a mix's two colours in the other order)."""
-        return cls(fact, template, fact.phrase(template, swap), fact.explanation(swap))
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """What train never uses and validation and test do: combinations (colour, shape), facts, phrasings."""
-
-    combinations: frozenset[tuple[str, str]]
-    facts: frozenset[Fact]
-    templates: frozenset[str]
-
-
-def held_out_elements(seed: int) -> HeldOut:
-    """The held-out elements of the world of a seed; each colour and each shape is in some held-out combination."""
-    rng = random.Random(f"toyworld/{seed}/held-out")
-    shapes = list(SHAPES)
-    rng.shuffle(shapes)
-    combinations = frozenset((colour, shapes[index % len(shapes)]) for index, colour in enumerate(COLOURS))
-    # Held-out things and features leave at least one fact per colour and per shape in training.
-    def facts_of(kind: str, answer: str) -> list[Fact]:
-        return [fact for fact in KNOWLEDGE if fact.kind == kind and fact.answer == answer]
-
-    facts = {rng.choice(facts_of("colour_thing", colour)) for colour in COLOURS}
-    feature_shapes = rng.sample(sorted(SHAPE_FEATURES), HELD_OUT_FEATURE_SHAPES)
-    facts |= {rng.choice(facts_of("shape_feature", shape)) for shape in feature_shapes}
-    for kind, count in (("colour_mix", HELD_OUT_MIXES), ("shape_relation", HELD_OUT_RELATIONS)):
-        facts.update(rng.sample([fact for fact in KNOWLEDGE if fact.kind == kind], count))
-    templates = frozenset(template for family, count in HELD_OUT_TEMPLATE_COUNTS for template in rng.sample(family, count))
-    return HeldOut(combinations, frozenset(facts), templates)
 
 
 @dataclass(frozen=True)
@@ -419,7 +260,7 @@ def _allocate(total: int, shares: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def _confusable_colours(colour: str) -> list[str]:
+def confusable_colours(colour: str) -> list[str]:
     return sorted((other for other in COLOURS if other != colour), key=lambda other: math.dist(COLOURS[other], COLOURS[colour]))
 
 
@@ -428,7 +269,7 @@ def _confusable_shapes(shape: str) -> list[str]:
     return sorted((other for other in SHAPES if other != shape), key=lambda other: abs(_APPARENT_SIDES[other] - apparent_sides))
 
 
-def _noun_phrase(colour: str | Clue | None, shape: str | Clue | None) -> str:
+def noun_phrase(colour: str | Clue | None, shape: str | Clue | None) -> str:
     """How a query refers to an object: 'green pentagon', 'pentagon coloured like grass', 'shape with five sides, ...'."""
     head = shape.text if isinstance(shape, Clue) else shape or "shape"
     if colour is None:
@@ -438,7 +279,7 @@ def _noun_phrase(colour: str | Clue | None, shape: str | Clue | None) -> str:
     return f"{colour} {head}"
 
 
-def _hedge(rng: random.Random, templates: tuple[str, ...], answer: str, lure: str) -> str:
+def hedge(rng: random.Random, templates: tuple[str, ...], answer: str, lure: str) -> str:
     first, second = rng.sample([answer, lure], 2)
     return rng.choice(templates).format(x=first, y=second)
 
@@ -450,7 +291,7 @@ def _spoken(question: str, answer: str) -> str:
     return POSITION_PHRASES[answer] if question == "position" else answer
 
 
-def _random_scene(
+def random_scene(
     rng: random.Random,
     allowed_pairs: list[tuple[str, str]],
     first: tuple[str, str],
@@ -582,7 +423,7 @@ class _SplitBuilder:
         return SceneImage(scene, self.rng.getrandbits(31))
 
     def _scene(self, colour: str, shape: str, **kwargs) -> Scene:
-        return _random_scene(self.rng, self.allowed_pairs, (colour, shape), **kwargs)
+        return random_scene(self.rng, self.allowed_pairs, (colour, shape), **kwargs)
 
     def _draft(self, task: str, instruction: str, text: str, **fields) -> None:
         """Keep a record until the split is complete (t2i gold ids need every picture of the pool)."""
@@ -617,7 +458,7 @@ class _SplitBuilder:
         rng = self.rng
         colour, shape, forms = self._choose_target(QUERY_FORMS[difficulty])
         colour_reference, shape_reference, clues = self._references(forms, colour, shape)
-        description = with_article(_noun_phrase(colour_reference, shape_reference))
+        description = with_article(noun_phrase(colour_reference, shape_reference))
         text = rng.choice(HEDGED_T2I_TEMPLATES).format(description=description) if difficulty == "hedged" else description
         resolved = describe_object(colour, shape)
 
@@ -631,7 +472,7 @@ class _SplitBuilder:
         named_shapes = [shape_clue.fact.key[1]] if shape_clue and shape_clue.fact.key[1] in SHAPES else []
         other_colours, other_shapes = {obj.colour for obj in others}, {obj.shape for obj in others}
         lure_colour = next(
-            c for c in named_colours + _confusable_colours(colour) if c not in other_colours and self._pair_allowed(c, shape)
+            c for c in named_colours + confusable_colours(colour) if c not in other_colours and self._pair_allowed(c, shape)
         )
         lure_shape = next(
             s for s in named_shapes + _confusable_shapes(shape) if s not in other_shapes and self._pair_allowed(colour, s)
@@ -640,8 +481,8 @@ class _SplitBuilder:
 
         if difficulty == "hedged":
             steps = [
-                _hedge(rng, COLOUR_HEDGES, colour, lure_colour),
-                _hedge(rng, SHAPE_HEDGES, with_article(shape), with_article(lure_shape)),
+                hedge(rng, COLOUR_HEDGES, colour, lure_colour),
+                hedge(rng, SHAPE_HEDGES, with_article(shape), with_article(lure_shape)),
             ]
         elif difficulty == "simple":
             steps = [f"the query names {resolved} directly"]
@@ -674,7 +515,7 @@ class _SplitBuilder:
             positive_ids=(self._add_text("i2t", caption),),
             hard_negative_ids=tuple(self._add_text("i2t", describe_scene(edited)) for edited in self._edited_scenes(scene)),
             pool="i2t",
-            cot=f"{_what_the_picture_shows(scene)}; so {caption}",
+            cot=f"{what_the_picture_shows(scene)}; so {caption}",
             difficulty=difficulty,
             resolved=caption,
             clues=(),
@@ -705,7 +546,7 @@ class _SplitBuilder:
     def _classification(self, difficulty: str) -> None:
         colour, shape, _ = self._choose_target(QUERY_FORMS["simple"])
         label_kind = self.rng.choice(("shape", "colour"))
-        label, lures = (shape, _confusable_shapes(shape)) if label_kind == "shape" else (colour, _confusable_colours(colour))
+        label, lures = (shape, _confusable_shapes(shape)) if label_kind == "shape" else (colour, confusable_colours(colour))
         pool = f"classification/{label_kind}"
         scene = self._scene(colour, shape, count=1)
         self._draft(
@@ -730,7 +571,7 @@ class _SplitBuilder:
         colour_reference, shape_reference, clues = self._references(forms, colour, shape)
         templates = HEDGED_VQA_TEMPLATES[question] if difficulty == "hedged" else VQA_TEMPLATES[question]
         text = rng.choice(templates).format(
-            reference=_noun_phrase(colour_reference, shape_reference),
+            reference=noun_phrase(colour_reference, shape_reference),
             predicate=colour_reference.text if isinstance(colour_reference, Clue) else colour_reference,
         )
         scene = self._scene(colour, shape, lure_words=_words(text) & _COLOUR_AND_SHAPE_WORDS)
@@ -738,7 +579,7 @@ class _SplitBuilder:
 
         # The other objects' values are the natural wrong answers, then look-alikes.
         if question == "colour":
-            answer, lures, hedges = colour, [o.colour for o in others] + _confusable_colours(colour), COLOUR_HEDGES
+            answer, lures, hedges = colour, [o.colour for o in others] + confusable_colours(colour), COLOUR_HEDGES
             observation = f"the {shape} in the picture is {colour}"
         elif question == "shape":
             answer, lures, hedges = shape, [o.shape for o in others] + _confusable_shapes(shape), SHAPE_HEDGES
@@ -750,11 +591,11 @@ class _SplitBuilder:
         else:
             answer, hedges = NUMBER_WORDS[len(scene.objects)], VALUE_HEDGES
             lures = sorted(COUNT_ANSWERS, key=lambda word: abs(COUNT_ANSWERS.index(word) - COUNT_ANSWERS.index(answer)))[1:]
-            observation = _what_the_picture_shows(scene)
+            observation = what_the_picture_shows(scene)
         lures = list(dict.fromkeys(lure for lure in lures if lure != answer))[:HARD_NEGATIVES]
 
         if difficulty == "hedged":
-            steps = [_hedge(rng, hedges, _spoken(question, answer), _spoken(question, lures[0]))]
+            steps = [hedge(rng, hedges, _spoken(question, answer), _spoken(question, lures[0]))]
         else:
             steps = [*(clue.explanation for clue in clues), observation]
         pool = f"vqa/{question}"
@@ -772,138 +613,3 @@ class _SplitBuilder:
             clues=clues,
             target=(colour, shape),
         )
-
-
-class PretrainingExample(NamedTuple):
-    """One pre-training example for the backbone: a scene to render (or None for text only), a prompt and its answer."""
-
-    scene: Scene | None
-    prompt: str
-    answer: str
-
-
-# Shares of caption, scene question, fact, side count, clue and thinking examples. Pictures dominate: a tiny
-# vision tower needs tens of thousands of fresh renders to ground colours and shapes, text facts are learned fast.
-PRETRAINING_MIX = (0.3, 0.3, 0.1, 0.05, 0.15, 0.1)
-# Share of clue examples that name both colour and shape by clues (the others name one).
-TWO_CLUE_SHARE = 0.5
-
-
-def pretraining_examples(seed: int = 0, include_held_out_combinations: bool = True) -> Iterator[PretrainingExample]:
-    """An endless, seeded stream of captioning, scene QA and thinking answers on random scenes, and of world
-    knowledge as text.
-
-    The knowledge covers every fact and every clue phrasing, the held-out ones included ("explain: a
-    square coloured like a lime" -> "a lime is green"), alone or with a second clue ("explain: a shape with
-    five corners, coloured like a lime" -> "a shape with five corners is a pentagon; a lime is green"), so
-    that a CoT can solve held-out test queries.
-    Clues never appear with a scene here: combining a clue with a picture is left to the reasoner.
-    Held-out colour-shape combinations are shown unless `include_held_out_combinations` is False (pass the
-    world's seed then).
-    """
-    rng = random.Random(f"toyworld/{seed}/pretraining")
-    held_out = held_out_elements(seed)
-    pairs = [(c, s) for c in COLOURS for s in SHAPES if include_held_out_combinations or (c, s) not in held_out.combinations]
-    makers = (_caption_example, _scene_question_example, _fact_example, _side_count_example, _clue_example, _thinking_example)
-    while True:
-        yield rng.choices(makers, weights=PRETRAINING_MIX)[0](rng, pairs)
-
-
-def _caption_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    scene = _random_scene(rng, pairs, rng.choice(pairs))
-    return PretrainingExample(scene, "describe the picture.", describe_scene(scene))
-
-
-def _scene_question_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    scene = _random_scene(rng, pairs, rng.choice(pairs))
-    obj = rng.choice(scene.objects)
-    prompt, answer = rng.choice(
-        [
-            (f"what colour is the {obj.shape}?", obj.colour),
-            (f"which shape is {obj.colour}?", obj.shape),
-            (f"where is the {obj.colour} {obj.shape}?", obj.position),
-            (f"how big is the {obj.colour} {obj.shape}?", obj.size),
-            ("how many shapes are there?", NUMBER_WORDS[len(scene.objects)]),
-        ]
-    )
-    return PretrainingExample(scene, prompt, answer)
-
-
-def _thinking_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    """A question answered in the thinking format of instruction-tuned MLLMs, between think markers: what the
-    picture shows (or a hedge between two values, or that the query names its answer directly), then "so"
-    and the answer. Without it the backbone never writes the markers, "so" or the hedges, and with its tied
-    embeddings no hidden state then makes them likelier than about 2 %: sampled CoTs ran on to the token
-    limit and RL learnt from noise (BENCHMARKS.md). Clues never appear here either."""
-    scene = _random_scene(rng, pairs, rng.choice(pairs))
-    obj = rng.choice(scene.objects)
-    if rng.random() < 0.2:
-        description = describe_object(obj.colour, obj.shape)
-        return PretrainingExample(None, f"find {description}.", f"{THINK_START}the query names {description} directly; so {description}{THINK_END}")
-    other = rng.choice([o for o in scene.objects if o is not obj] or [replace(obj, colour=_confusable_colours(obj.colour)[0])])
-    question, answer, lure, hedges = rng.choice(
-        [
-            (f"what colour is the {obj.shape}?", obj.colour, other.colour, COLOUR_HEDGES),
-            (f"which shape is {obj.colour}?", with_article(obj.shape), with_article(other.shape), SHAPE_HEDGES),
-            (f"where is the {obj.colour} {obj.shape}?", POSITION_PHRASES[obj.position], POSITION_PHRASES[other.position], VALUE_HEDGES),
-        ]
-    )
-    look = _hedge(rng, hedges, answer, lure) if rng.random() < 0.3 and lure != answer else _what_the_picture_shows(scene)
-    return PretrainingExample(scene, question, f"{THINK_START}{look}; so {answer}{THINK_END}")
-
-
-def _fact_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    fact = rng.choice(KNOWLEDGE)
-    return PretrainingExample(None, fact.question(), fact.explanation())
-
-
-def _side_count_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    shape = rng.choice(KNOWN_POLYGONS)
-    named = with_article(shape)
-    return PretrainingExample(None, f"how many sides does {named} have?", f"{named} has {NUMBER_WORDS[SIDES[shape]]} sides")
-
-
-def _clue_example(rng: random.Random, pairs: list[tuple[str, str]]) -> PretrainingExample:
-    fact = rng.choice(KNOWLEDGE)
-    if rng.random() < TWO_CLUE_SHARE:
-        # Both attributes named by clues, explained one step after the other: the backbone can then write
-        # out a compound reference, as an instruction-tuned MLLM can, which is what a CoT builds on.
-        attribute = "shape" if fact.attribute == "colour" else "colour"
-        other = rng.choice([candidate for candidate in KNOWLEDGE if candidate.attribute == attribute])
-        first, second = _random_clue(rng, fact), _random_clue(rng, other)
-        colour_clue, shape_clue = (first, second) if fact.attribute == "colour" else (second, first)
-        phrase = _noun_phrase(colour_clue, shape_clue)
-        return PretrainingExample(None, f"explain: {with_article(phrase)}", f"{shape_clue.explanation}; {colour_clue.explanation}")
-    clue = _random_clue(rng, fact)
-    if fact.attribute == "colour":
-        phrase = _noun_phrase(clue, rng.choice(list(SHAPES)))
-    else:
-        phrase = _noun_phrase(rng.choice(list(COLOURS)), clue)
-    return PretrainingExample(None, f"explain: {with_article(phrase)}", clue.explanation)
-
-
-def explanation_examples(count: int, seed: int) -> list[PretrainingExample]:
-    """`count` text-only "explain:" examples, drawn like pre-training's, from their own seeded stream (an evaluation set)."""
-    rng = random.Random(f"toyworld/{seed}/explanations")
-    return [_clue_example(rng, []) for _ in range(count)]
-
-
-def _random_clue(rng: random.Random, fact: Fact) -> Clue:
-    template, swap = rng.choice(fact.templates), rng.random() < 0.5
-    return Clue.of(fact, template, swap)
-
-
-def corpus_sentences(seed: int = 0) -> list[str]:
-    """The toy world's text for a tokenizer: every fact in every phrasing, a small world and pre-training examples."""
-    lines = []
-    for fact in KNOWLEDGE:
-        lines.append(fact.question())
-        for swap in (False, True):
-            lines.append(fact.explanation(swap))
-            lines += [fact.phrase(template, swap) for template in fact.templates]
-    world = generate_world(n=400, seed=seed)
-    for split in world.splits.values():
-        lines += [line for record in split.records for line in (record.instruction, record.text, record.cot) if line]
-        lines += [candidate.text for candidate in split.candidates.values() if candidate.text]
-    lines += [f"{example.prompt} {example.answer}" for example in itertools.islice(pretraining_examples(seed), 1000)]
-    return list(dict.fromkeys(lines))
