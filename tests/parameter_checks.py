@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def force_every_parameter_trainable(model, monkeypatch) -> None:
     """After each adapter switch, every parameter requires a gradient again: only the graph decides what gets
@@ -22,3 +24,12 @@ def gradient_parts(model) -> set[str]:
     parts = {part: parameters.values() for part, parameters in model.trainable_parameters().items()}
     parts["backbone"] = model.backbone_parameters().values()
     return {part for part, parameters in parts.items() if any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in parameters)}
+
+
+def distinct_adapters(model, scale: float = 0.1) -> None:
+    """Give both adapters random, different, non-zero LoRA weights (fresh ones have B = 0: both the identity)."""
+    for seed, adapter in enumerate(("reasoning", "embedding")):
+        generator = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():
+            for parameter in model.adapter_parameters(adapter).values():
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))

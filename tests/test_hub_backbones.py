@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from parameter_checks import distinct_adapters, gradient_parts
 from PIL import Image
 from typer.testing import CliRunner
 
 from twn_cli.cli import app
 from twn_cli.data.embedding_files import read_embeddings
 from twn_cli.engine.backbone import load_backbone
-from twn_cli.engine.config import TWNConfig
+from twn_cli.engine.config import INTERFACES, TWNConfig
 from twn_cli.engine.factory import LoadOptions, load_model
 from twn_cli.engine.processors import Qwen3VLVideoProcessorPil, temporal_patches
+from twn_cli.engine.training_passes import training_views
 from twn_cli.toyworld.hub_backbones import ARCHITECTURES, write_hub_backbone
 from twn_cli.types import ModelInput, Video
 
@@ -48,6 +50,37 @@ def run(*arguments):
     result = CliRunner().invoke(app, [str(argument) for argument in arguments])
     assert result.exit_code == 0, result.stderr[-3000:]
     return result.stdout.strip()
+
+
+# ------------------------------------------------------------------------------------------- the interfaces
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_interface_embeds_and_trains_on_each_architecture(hub_backbone_dirs, architecture, cat):
+    """Each interface with two different non-zero adapters: a padded batch (picture, text, video) embeds as its
+    inputs one at a time do, in both modes; embedding-prefill and reencode run the embedding adapter over the
+    prompt and the queries alike, so their never-think embeddings agree and differ from reasoning-prefill's;
+    the training views give both adapters a gradient."""
+    inputs = [ModelInput(text="a cat on a chair", images=[cat]), ModelInput(text="the shape with one more side than a square"),
+              ModelInput(video=Video(frames=pan(cat, 4), frame_indices=[0, 8, 16, 24], total_frames=32, fps=8.0))]
+    never = {}
+    for interface in INTERFACES:
+        model = load_model(backbone=str(hub_backbone_dirs[architecture]), config=TWNConfig(lora_rank=2, max_think_tokens=4, interface=interface),
+                           options=LoadOptions(device="cpu"))
+        distinct_adapters(model)
+        model.eval()
+        with torch.no_grad():
+            for think in ("never", "always"):
+                batch = model.embed(inputs, think=think).embeddings
+                alone = torch.cat([model.embed([item], think=think).embeddings for item in inputs])
+                assert torch.isfinite(batch).all() and torch.allclose(batch, alone, atol=1e-4), (interface, think)
+            never[interface] = model.embed(inputs, think="never").embeddings
+        model.train()
+        cot_ids = [model.prompts.tokenizer.encode(cot, add_special_tokens=False) for cot in ("a cat", "a pentagon", "a pan")]
+        views = training_views(model, model.prompts.encode(inputs), cot_ids)
+        embeddings = [model.query_pass(view) for view in (views.think_view, views.no_think_view)]
+        (views.sft_loss + sum(embedding.sum() for embedding in embeddings)).backward()
+        assert {"reasoning", "embedding"} <= gradient_parts(model), interface
+    assert torch.allclose(never["embedding-prefill"], never["reencode"], atol=1e-5)
+    assert not torch.allclose(never["reasoning-prefill"], never["reencode"], atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------- the processors

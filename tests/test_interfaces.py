@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from parameter_checks import force_every_parameter_trainable, gradient_parts
+from parameter_checks import distinct_adapters, force_every_parameter_trainable, gradient_parts
 
 from twn_cli.data.images import load_image
 from twn_cli.engine.config import INTERFACES, TWNConfig
@@ -33,15 +33,6 @@ TEACHER_COTS = ["a cat sits on a chair; so a cat", "one more side than a square 
 def inputs(request) -> list[ModelInput]:
     cat = load_image(request.getfixturevalue("real_image_paths")[1])
     return [ModelInput(text="a cat on a chair", images=[cat]), ModelInput(text="the shape with one more side than a square")]
-
-
-def distinct_adapters(model) -> None:
-    """Give both adapters random, different, non-zero LoRA weights (fresh ones have B = 0: both the identity)."""
-    for seed, adapter in enumerate(("reasoning", "embedding")):
-        generator = torch.Generator().manual_seed(100 + seed)
-        with torch.no_grad():
-            for parameter in model.adapter_parameters(adapter).values():
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
 
 
 @pytest.fixture

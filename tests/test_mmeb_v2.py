@@ -56,6 +56,12 @@ def frames_of(folder: Path) -> list[str]:
     return [str(folder / f"frame_{index:04d}.jpg") for index in SAMPLED]
 
 
+def video_frames(row: dict) -> list[str]:
+    """The sampled frames of a prepared row's video (its own column; the row then holds no images)."""
+    assert row["images"] == [] and row["video"]["frame_indices"] == SAMPLED and row["video"]["total_frames"] == 10
+    return row["video"]["paths"]
+
+
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory) -> tuple[Path, object]:
     """Every replica layout, prepared once: (root, prepared dataset)."""
@@ -134,12 +140,12 @@ def test_video_classification_ranks_against_every_class_or_its_own_choices(repli
     assert len(_class_names()["HMDB51"]) == 51
     for row, (video, label, _) in zip(hmdb, HMDB51):
         assert row["instruction"] == TASK_BY_NAME["HMDB51"].query_instruction
-        assert row["images"] == frames_of(frames / "HMDB51" / video)
+        assert video_frames(row) == frames_of(frames / "HMDB51" / video)
         assert texts(dataset, row["positive_ids"]) == [label]
     [ssv2] = queries_of(dataset, "SmthSmthV2")
     assert texts(dataset, ssv2["candidate_ids"]) == SSV2_CHOICES
     assert texts(dataset, ssv2["positive_ids"]) == [SSV2_CHOICES[1]]
-    assert ssv2["images"] == frames_of(frames / "SSv2" / "12345")
+    assert video_frames(ssv2) == frames_of(frames / "SSv2" / "12345")
 
 
 def test_video_retrieval_ranks_each_caption_against_every_video(replica):
@@ -152,7 +158,7 @@ def test_video_retrieval_ranks_each_caption_against_every_video(replica):
     assert len(pool) == 3 and all(not row["candidate_ids"] for row in msrvtt)
     for row, (video, _, _) in zip(msrvtt, MSRVTT):
         [gold] = [candidates_by_id(dataset)[i] for i in row["positive_ids"]]
-        assert (gold["instruction"], gold["images"]) == (VIDEO_TARGET, frames_of(frames / "MSR-VTT" / video))
+        assert (gold["instruction"], video_frames(gold)) == (VIDEO_TARGET, frames_of(frames / "MSR-VTT" / video))
     first_caption_and_folder = {
         "MSVD": ("a horse stands", "-4wsuPCjDBc_5_15"), "DiDeMo": ("a man looks through a camera", "10015567@N08_3655084291"),
         "YouCook2": ("pour the coffee", "GLd3aX16zBg_0"), "VATEX": ("an astronaut smiles", "Ptf_2VRj-V0_000122_000132"),
@@ -160,7 +166,7 @@ def test_video_retrieval_ranks_each_caption_against_every_video(replica):
     for task, (caption, video) in first_caption_and_folder.items():
         [row] = queries_of(dataset, task)
         assert row["text"] == caption
-        assert candidates_by_id(dataset)[row["positive_ids"][0]]["images"] == frames_of(frames / task / video)
+        assert video_frames(candidates_by_id(dataset)[row["positive_ids"][0]]) == frames_of(frames / task / video)
 
 
 def test_moment_retrieval_ranks_the_clips_of_the_video(replica):
@@ -168,17 +174,17 @@ def test_moment_retrieval_ranks_the_clips_of_the_video(replica):
     media = root / "video-tasks" / "frames" / "video_mret"
     [qv] = queries_of(dataset, "QVHighlight")
     video = media / "QVHighlight" / "RoripwjYFp8_360.0_510.0"
-    assert (qv["text"], qv["images"]) == ("the rocket on its launch pad", frames_of(video / "query"))
-    clips = [candidates_by_id(dataset)[i]["images"] for i in qv["candidate_ids"]]
+    assert (qv["text"], video_frames(qv)) == ("the rocket on its launch pad", frames_of(video / "query"))
+    clips = [video_frames(candidates_by_id(dataset)[i]) for i in qv["candidate_ids"]]
     assert clips == [frames_of(video / name) for name in ("negative_0", "negative_1", "positive_0")]
-    assert candidates_by_id(dataset)[qv["positive_ids"][0]]["images"] == frames_of(video / "positive_0")
+    assert video_frames(candidates_by_id(dataset)[qv["positive_ids"][0]]) == frames_of(video / "positive_0")
     text, image, segment = queries_of(dataset, "MomentSeeker")
     task = TASK_BY_NAME["MomentSeeker"]
     assert (text["instruction"], text["images"]) == (task.query_instruction, [])
     assert (image["instruction"], image["images"]) == (task.query_instruction_for("image"), [str(media / "MomentSeeker" / "query_look.jpg")])
     assert segment["instruction"] == task.query_instruction_for("video")
-    assert segment["images"] == frames_of(media / "MomentSeeker" / "video_frames" / "clips_a_full")
-    assert [candidates_by_id(dataset)[i]["images"] for i in text["candidate_ids"]] == [
+    assert video_frames(segment) == frames_of(media / "MomentSeeker" / "video_frames" / "clips_a_full")
+    assert [video_frames(candidates_by_id(dataset)[i]) for i in text["candidate_ids"]] == [
         frames_of(media / "MomentSeeker" / "video_frames" / clip) for clip in ("clips_a_pos", "clips_a_neg")]
     assert text["positive_ids"] == text["candidate_ids"][:1]
 
@@ -200,7 +206,7 @@ def test_video_qa_asks_the_question_with_its_options(replica, task, text, choice
     assert (row["instruction"], row["text"]) == (VIDEO_QA_PROMPT, text)
     assert texts(dataset, row["candidate_ids"]) == choices
     assert texts(dataset, row["positive_ids"]) == [gold]
-    assert row["images"] == frames_of(root / "video-tasks" / "frames" / "video_qa" / task / video)
+    assert video_frames(row) == frames_of(root / "video-tasks" / "frames" / "video_qa" / task / video)
 
 
 def test_visual_documents_rank_the_whole_corpus_with_graded_qrels(replica):
@@ -289,10 +295,9 @@ HAND_RANKINGS = {
 
 def _name_of(candidate: dict) -> str:
     """A candidate's name in HAND_RANKINGS: its label, its video folder or its page number."""
-    if not candidate["images"]:
-        return candidate["text"]
-    path = Path(candidate["images"][0])
-    return path.parent.name if path.name.startswith("frame_") else path.stem
+    if candidate["video"]["paths"]:
+        return Path(candidate["video"]["paths"][0]).parent.name
+    return Path(candidate["images"][0]).stem if candidate["images"] else candidate["text"]
 
 
 def _write_hand_made_cache(model, dataset, report_dir: Path) -> None:

@@ -112,7 +112,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def is_video_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_FILE_SUFFIXES
+    """A path with a video file's suffix that is not a folder: MMEB-V2 ships frame folders named `166583.webm`."""
+    return Path(path).suffix.lower() in VIDEO_FILE_SUFFIXES and not Path(path).is_dir()
 
 
 def natural_key(name: str) -> list:
