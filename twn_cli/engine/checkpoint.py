@@ -187,11 +187,10 @@ def load_checkpoint(
     """
     checkpoint_dir = Path(checkpoint_dir)
     if is_release_layout(checkpoint_dir):
-        model = load_release(
-            checkpoint_dir, backbone, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        return load_release(
+            checkpoint_dir, backbone, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            min_pixels=min_pixels, max_pixels=max_pixels,
         )
-        model.backbone.bound_pixels(min_pixels, max_pixels)
-        return model
     manifest = read_manifest(checkpoint_dir)
     config = model_settings(manifest, checkpoint_dir)
     recorded = manifest["backbone"].get("pixels") or {}

@@ -200,7 +200,7 @@ class QueryEmbeddings:
     records_done: int = 0
     last_record: str | None = None
 
-    def add(self, batch: EmbeddingBatch, records: int | None = None, skipped=(), last_record: str | None = None) -> None:
+    def add(self, batch: EmbeddingBatch, records: int | None = None, skipped=(), last_record: str | None = None, truncated: int = 0) -> None:
         self.batches.append(batch)
 
     def close(self) -> None:
