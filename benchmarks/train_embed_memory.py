@@ -75,7 +75,9 @@ def measure(settings: dict) -> dict:
     torch.manual_seed(0)
     backbone = load_backbone(settings["backbone"], dtype=settings["dtype"], device=settings["device"],
                              attn_implementation=settings.get("attn_implementation"))
-    config = TWNConfig(lora_rank=settings["lora_rank"], lora_alpha=2 * settings["lora_rank"],
+    # Gradient checkpointing works under reasoning-prefill only (a checkpointed prefill keeps no KV cache).
+    interface = "reasoning-prefill" if settings.get("gradient_checkpointing") else TWNConfig.interface
+    config = TWNConfig(lora_rank=settings["lora_rank"], lora_alpha=2 * settings["lora_rank"], interface=interface,
                        num_queries=settings["num_queries"], max_think_tokens=settings["max_think_tokens"])
     model = TWNModel(backbone, config)
     result = train_and_measure(

@@ -197,7 +197,10 @@ def test_under_embedding_prefill_the_reasoning_adapter_moves_no_never_think_embe
     assert moved == {"embedding-prefill": (False, False), "reasoning-prefill": (True, True)}
 
 
-def test_checkpoints_that_say_shared_are_reasoning_prefill():
+def test_checkpoints_of_earlier_versions_are_reasoning_prefill_whatever_the_default():
+    assert TWNConfig().interface == "embedding-prefill"
     assert TWNConfig.from_dict({"interface": "shared"}).interface == "reasoning-prefill"
+    assert TWNConfig.from_dict({"lora_rank": 4}).interface == "reasoning-prefill"  # saved before it was a setting
+    assert TWNConfig.from_dict({"interface": "reencode"}).interface == "reencode"
     with pytest.raises(Exception, match="interface must be one of reasoning-prefill, embedding-prefill, reencode"):
         TWNConfig(interface="both")

@@ -43,8 +43,9 @@ def write_release(checkpoint: Path, release: Path, gate_names: dict[str, str] | 
 
 @pytest.fixture
 def original(make_model, tmp_path):
-    """A model with TWNConfig's defaults (what a release carries no settings for) and every trained part moved."""
-    model = make_model(max_think_tokens=TWNConfig.max_think_tokens)
+    """A model with TWNConfig's defaults (what a release carries no settings for) but the authors' interface
+    (the reasoning adapter prefills), and every trained part moved."""
+    model = make_model(max_think_tokens=TWNConfig.max_think_tokens, interface="reasoning-prefill")
     with torch.no_grad():
         for part in model.trainable_parameters().values():
             for parameter in part.values():
@@ -92,6 +93,7 @@ def test_settings_a_release_does_not_carry_are_set_when_converting(original, toy
     assert result.exit_code == 0, result.stderr
     settings = json.loads((tmp_path / "c" / "twn.json").read_text())["model"]
     assert (settings["gate_threshold"], settings["max_think_tokens"], settings["num_queries"]) == (0.7, 12, 4)
+    assert settings["interface"] == "reasoning-prefill"
     refused = run("convert-release", release, "-o", tmp_path / "d", "--backbone", toy_backbone_dir, "--set", "num_queries=8")
     assert refused.exit_code == 1
     assert "num_queries cannot be set" in refused.stderr and not (tmp_path / "d").exists()

@@ -75,8 +75,8 @@ def test_gradient_cache_gives_the_whole_batch_gradient(make_model, toy_dataset_d
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(make_model, toy_dataset_dir):
-    plain = trainer_for(make_model, toy_dataset_dir)
-    checkpointed = trainer_for(make_model, toy_dataset_dir, gradient_checkpointing=True)
+    plain = trainer_for(make_model, toy_dataset_dir, interface="reasoning-prefill")
+    checkpointed = trainer_for(make_model, toy_dataset_dir, interface="reasoning-prefill", gradient_checkpointing=True)
     trained_once_and_copied(plain, checkpointed)
     plain.compute_gradients()
     checkpointed.compute_gradients()
@@ -223,7 +223,8 @@ end_process_group(finished=True)
 @pytest.mark.parametrize("shard_backbone", [False, True])
 def test_two_processes_give_the_single_process_loss_and_gradient(toy_backbone_dir, toy_dataset_dir, tmp_path, shard_backbone):
     """Also with the language model's frozen layer weights sharded, half of them on each process (FSDP2)."""
-    settings = {**SMALL, "lora_rank": 4, "max_think_tokens": 12, "gradient_checkpointing": shard_backbone, "shard_backbone": shard_backbone}
+    settings = {**SMALL, "lora_rank": 4, "max_think_tokens": 12, "gradient_checkpointing": shard_backbone, "shard_backbone": shard_backbone,
+                "interface": "reasoning-prefill" if shard_backbone else TrainEmbedConfig.interface}  # checkpointing needs it
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     output = tmp_path / "two.pt"

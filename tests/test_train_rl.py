@@ -290,13 +290,17 @@ def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints
     assert trainer.heldout_reward(rows, reference=True) == untrained and trainer.heldout_reward(rows) == heldout["after"]
 
 
-def test_cache_refresh_re_embeds_every_entry_with_the_trained_model(setup, tmp_path):
-    model, dataset, cache = setup
+def test_cache_refresh_re_embeds_every_entry_with_the_trained_model(make_model, toy_dataset_dir, setup, tmp_path):
+    """Under reasoning-prefill, RL moves the no-think embeddings the cache holds; a refresh catches up."""
+    _, dataset, _ = setup
+    model = make_model(interface="reasoning-prefill")
+    cache = cache_for(model, dataset)
     trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL, refresh_cache_every=1))
     for _ in range(2):
         trainer.step()
     trainer.refresh_cache()
     assert trainer.cache.ids == cache.ids
+    assert not torch.allclose(trainer.cache.embeddings, cache.embeddings, atol=1e-5)
     assert torch.allclose(trainer.cache.embeddings, cache_for(model, dataset).embeddings, atol=1e-5)
     assert not torch.allclose(trainer.cache.embeddings, cache.embeddings, atol=1e-4)  # the reasoning prefill moved
     with pytest.raises(TWNError, match="multiple of refresh_cache_every"):

@@ -23,6 +23,8 @@ ThinkMode = Literal["never", "always", "auto"]
 INTERFACES = ("reasoning-prefill", "embedding-prefill", "reencode")
 # Names that checkpoints of earlier versions recorded.
 FORMER_INTERFACE_NAMES = {"shared": "reasoning-prefill"}
+# The interface of checkpoints saved before it was a setting, and of the TWN authors' release (the paper's design).
+FORMER_DEFAULT_INTERFACE = "reasoning-prefill"
 # Upper bounds keep a hostile or mistyped twn.json or recipe from allocating without end.
 MODEL_SETTING_RANGES = {
     "lora_rank": Range(1, 1024), "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1), "num_queries": Range(1, 1024),
@@ -41,7 +43,8 @@ class TWNConfig:
     lora_target_modules: list[str] | None = None
     num_queries: int = 4
     pooling: Literal["mean", "last"] = "mean"
-    interface: str = "reasoning-prefill"
+    # Which adapter prefills the prompt (docs/design.md: the study that chose embedding-prefill).
+    interface: str = "embedding-prefill"
     gate_hidden_size: int = 256
     gate_threshold: float = 0.5
     temperature: float = 0.02
@@ -68,8 +71,10 @@ class TWNConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TWNConfig:
+        """Settings as saved; settings saved before the interface was one (twn 0.1.0 and earlier) are the
+        reasoning-prefill design, whatever the default is now."""
         check_types(values, cls, "model settings")
-        return cls(**values)
+        return cls(**{"interface": FORMER_DEFAULT_INTERFACE, **values})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from twn_cli.engine.backbone import Backbone, load_backbone
-from twn_cli.engine.config import ADAPTERS, TWNConfig
+from twn_cli.engine.config import ADAPTERS, FORMER_DEFAULT_INTERFACE, TWNConfig
 from twn_cli.engine.model import TWNModel
 from twn_cli.errors import TWNError
 
@@ -55,13 +55,11 @@ def load_release(
     backbone: Backbone | None = None,
     *,
     settings: dict | None = None,
-    dtype: str = "float32",
-    device: str = "auto",
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
+    **load_options,
 ) -> TWNModel:
-    """The release in `folder` on `backbone` (by default the one its adapters name), with `settings` over
-    TWNConfig's defaults. Its `manifest` describes it as a twn checkpoint manifest would."""
+    """The release in `folder` on `backbone` (by default the one its adapters name, loaded with `load_options`:
+    those of `load_backbone`), with `settings` over TWNConfig's defaults. The pixel bounds of `load_options`
+    apply to a given backbone too. Its `manifest` describes it as a twn checkpoint manifest would."""
     folder = Path(folder)
     adapter_config = _adapter_config(folder, "reasoning")
     if backbone is None:
@@ -69,9 +67,11 @@ def load_release(
         if not source:
             raise TWNError(f"release '{folder}': its adapters name no backbone: give one with --backbone")
         try:
-            backbone = load_backbone(source, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+            backbone = load_backbone(source, **load_options)
         except TWNError as error:
             raise TWNError(f"release '{folder}' names its backbone, but: {error} (give a local copy with --backbone DIR)") from None
+    else:
+        backbone.bound_pixels(load_options.get("min_pixels"), load_options.get("max_pixels"))
     queries = release_queries(folder / QUERIES_FILE)
     if queries.shape[1] != backbone.hidden_size:
         raise TWNError(
@@ -90,7 +90,8 @@ def load_release(
     fixed = sorted((settings or {}).keys() & (shapes.keys() | lora.keys() | {"lora_target_modules"}))
     if fixed:
         raise TWNError(f"release '{folder}': {', '.join(fixed)} cannot be set: the release's tensors and adapters fix them")
-    config = TWNConfig.from_dict({**TWNConfig().to_dict(), **lora, **shapes, **(settings or {})})
+    # The authors' model prefills the prompt with its reasoning adapter.
+    config = TWNConfig.from_dict({**TWNConfig().to_dict(), "interface": FORMER_DEFAULT_INTERFACE, **lora, **shapes, **(settings or {})})
     try:
         model = TWNModel(backbone, config, adapter_dirs={name: folder / name for name in ADAPTERS})
     except (RuntimeError, ValueError, KeyError, OSError) as error:
