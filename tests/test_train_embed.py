@@ -83,6 +83,14 @@ def test_gradient_checkpointing_gives_the_same_gradient(make_model, toy_dataset_
     assert_same_gradients(plain, checkpointed)
 
 
+@pytest.mark.parametrize("setting", ["gradient_checkpointing", "shard_backbone"])
+@pytest.mark.parametrize("interface", ["embedding-prefill", "reencode"])
+def test_settings_that_need_reasoning_prefill_are_refused_under_the_other_interfaces(setting, interface):
+    with pytest.raises(TWNError, match=f"^{setting} works with interface reasoning-prefill only, not {interface}$"):
+        TrainEmbedConfig(**{**SMALL, setting: True, "interface": interface})
+    assert getattr(TrainEmbedConfig(**{**SMALL, setting: True, "interface": "reasoning-prefill"}), setting)
+
+
 @pytest.mark.parametrize("interface", INTERFACES)
 def test_a_step_trains_both_adapters_and_queries_and_nothing_else(make_model, toy_dataset_dir, interface):
     """The stage's own steps with every parameter of the model in its optimiser: what moves is what its losses reach."""
@@ -253,7 +261,7 @@ def test_sharded_command_on_two_processes_saves_what_one_process_trains(toy_back
     loaded on the CPU, sharded, trained, validated in lockstep."""
     common = [
         "--recipe", str(RECIPES / "toy" / "train-embed.yaml"), "--steps", "2", "--batch-size", "4", "--chunk-size", "2", "--set", "validation_queries=4", "--set", "lora_rank=4",
-        "--set", "shard_backbone=true",
+        "--set", "shard_backbone=true", "--set", "interface=reasoning-prefill",
     ]
     arguments = ["train-embed", str(toy_dataset_dir), "--backbone", str(toy_backbone_dir), *common]
     two = subprocess.run(

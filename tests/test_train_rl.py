@@ -282,9 +282,10 @@ def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints
     rows = [dataset.queries["validation"][i] for i in range(3)]
     untrained = trainer.heldout_reward(rows)
     assert trainer.heldout_reward(rows) == untrained == trainer.heldout_reward(rows, reference=True)  # one fixed seed
-    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1), resume=False)
+    # Two steps, a checkpoint after the second: one measurement, which keeping the best cannot overrule.
+    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=2), resume=False)
     heldout = summary["heldout_reward"]
-    assert heldout["before"] == untrained and heldout["queries"] == 3 and [step for step, _ in heldout["by_step"]] == [1, 2]
+    assert heldout["before"] == untrained and heldout["queries"] == 3 and [step for step, _ in heldout["by_step"]] == [2]
     assert heldout["after"] == heldout["by_step"][-1][1] == trainer.heldout_reward(rows) != untrained
     # The pre-RL adapter is the reference: measuring with it leaves the trained weights in place.
     assert trainer.heldout_reward(rows, reference=True) == untrained and trainer.heldout_reward(rows) == heldout["after"]

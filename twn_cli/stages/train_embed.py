@@ -93,11 +93,11 @@ class TrainEmbedConfig:
     max_grad_norm: float = 1.0
     # Recompute each decoder layer's activations in backward instead of keeping them: less memory, one more
     # forward. Safe with two adapters because every loss is backpropagated while its own adapter is active,
-    # so the recomputation runs the adapter that ran forward (peft issue 2832).
+    # so the recomputation runs the adapter that ran forward (peft issue 2832). interface reasoning-prefill only.
     gradient_checkpointing: bool = False
     # Under several processes, keep one share of each language-model layer's frozen weights per process
     # (FSDP2), gathered layer by layer as it runs: for backbones too large for one device. Adapters,
-    # queries and gate stay whole, so results match an unsharded run.
+    # queries and gate stay whole, so results match an unsharded run. interface reasoning-prefill only.
     shard_backbone: bool = False
     # Bookkeeping.
     checkpoint_every: int = 100
@@ -118,7 +118,12 @@ class TrainEmbedConfig:
             "warmup_steps": NOT_NEGATIVE, "max_grad_norm": POSITIVE, "checkpoint_every": AT_LEAST_ONE,
             "log_every": AT_LEAST_ONE, "validation_queries": NOT_NEGATIVE,
         })
-        self.model_config()  # checks the model settings too, before a model is built from them
+        model = self.model_config()  # checks the model settings too, before a model is built from them
+        # Under the other interfaces InfoNCE trains the prompt prefill through its KV cache: checkpointed layers
+        # keep no cache, and FSDP2 frees a sharded layer's gathered weights before the query passes read the cache.
+        for name in ("gradient_checkpointing", "shard_backbone"):
+            if getattr(self, name) and model.interface != "reasoning-prefill":
+                raise TWNError(f"{name} works with interface reasoning-prefill only, not {model.interface}")
 
     def model_config(self) -> TWNConfig:
         return TWNConfig(**{name: getattr(self, name) for name in MODEL_SETTINGS})
@@ -162,9 +167,6 @@ class EmbedTrainer:
         if config.batch_size % self.distributed.world_size:
             raise TWNError(f"batch_size {config.batch_size} must divide evenly over {self.distributed.world_size} processes")
         if config.gradient_checkpointing:
-            if model.config.interface != "reasoning-prefill":
-                # Checkpointed layers keep no KV cache, and under these interfaces InfoNCE trains a cached prefill.
-                raise TWNError(f"gradient_checkpointing works with interface reasoning-prefill only, not {model.config.interface}")
             self._enable_checkpointing()
         parts = model.trainable_parameters()
         self.parameters = {**parts["reasoning"], **parts["embedding"]}
