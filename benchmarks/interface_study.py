@@ -1,6 +1,6 @@
 """Which adapter should encode what: the toy pipeline run once per interface, on one backbone and one world.
 
-For each interface (reasoning-prefill, embedding-prefill, reencode) it runs, with the recipes of
+For each interface (reasoning-prefill, embedding-prefill, cot-reencode, reencode) it runs, with the recipes of
 `--recipes`: train-embed (`--set interface=...`), train-gate, the negatives cache, train-rl, and `twn eval
 --mode sweep` on the test split both before RL (the train-gate checkpoint) and after it. Every interface
 starts from the same pre-trained backbone and prepared world (those of a toy pipeline run, `--base`).

@@ -56,8 +56,8 @@ def run(*arguments):
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_interface_embeds_and_trains_on_each_architecture(hub_backbone_dirs, architecture, cat):
     """Each interface with two different non-zero adapters: a padded batch (picture, text, video) embeds as its
-    inputs one at a time do, in both modes; embedding-prefill and reencode run the embedding adapter over the
-    prompt and the queries alike, so their never-think embeddings agree and differ from reasoning-prefill's;
+    inputs one at a time do, in both modes; the interfaces but reasoning-prefill run the embedding adapter over
+    the prompt and the queries alike, so their never-think embeddings agree and differ from reasoning-prefill's;
     the training views give both adapters a gradient."""
     inputs = [ModelInput(text="a cat on a chair", images=[cat]), ModelInput(text="the shape with one more side than a square"),
               ModelInput(video=Video(frames=pan(cat, 4), frame_indices=[0, 8, 16, 24], total_frames=32, fps=8.0))]
@@ -80,6 +80,7 @@ def test_every_interface_embeds_and_trains_on_each_architecture(hub_backbone_dir
         sum(model.query_pass(view).sum() for view in (views.think_view, views.no_think_view)).backward()
         assert gradient_parts(model) == {"reasoning", "embedding"}, interface
     assert torch.allclose(never["embedding-prefill"], never["reencode"], atol=1e-5)
+    assert torch.allclose(never["cot-reencode"], never["reencode"], atol=1e-5)
     assert not torch.allclose(never["reasoning-prefill"], never["reencode"], atol=1e-3)
 
 

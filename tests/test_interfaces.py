@@ -1,4 +1,4 @@
-"""The three adapter interfaces, checked against hand computations with two different non-zero adapters.
+"""The four adapter interfaces, checked against hand computations with two different non-zero adapters.
 
 The hand computation is one uncached forward over prompt + CoT + queries in which every LoRA layer applies,
 at each position, the adapter that the interface assigns there (reasoning or embedding), written here from
@@ -24,8 +24,11 @@ ATOL = 2e-5
 LAYOUT = {
     "reasoning-prefill": ("reasoning", "reasoning", "embedding"),
     "embedding-prefill": ("embedding", "reasoning", "embedding"),
+    "cot-reencode": ("embedding", "embedding", "embedding"),
     "reencode": ("embedding", "embedding", "embedding"),
 }
+# The adapter of the prompt that CoTs are decoded over (and RL scores them over): only reencode prefills twice.
+DECODING_PROMPT = {"reasoning-prefill": "reasoning", "embedding-prefill": "embedding", "cot-reencode": "embedding", "reencode": "reasoning"}
 TEACHER_COTS = ["a cat sits on a chair; so a cat", "one more side than a square is a pentagon; so a green pentagon"]
 
 
@@ -113,7 +116,7 @@ def test_the_decoded_thought_is_the_reasoning_adapters_greedy_choice(model_of, i
     """Each CoT token is the argmax of the reasoning adapter's logits after the prompt (as the interface
     encodes it for decoding: its own prefill under reencode) and the tokens before it."""
     model = model_of(interface)
-    prompt_adapter = "reasoning" if interface == "reencode" else LAYOUT[interface][0]
+    prompt_adapter = DECODING_PROMPT[interface]
     prefix, _ = model.prefill(model.prompts.encode(inputs))
     _, thoughts = model.thought_embeddings(prefix, inputs)
     for row, item in enumerate(inputs):
@@ -129,7 +132,7 @@ def test_training_views_and_policy_log_probabilities_equal_the_hand_computation(
     model = model_of(interface)
     layout = LAYOUT[interface]
     # The SFT and RL passes read the prompt as the CoT is decoded over it (reencode: the reasoning adapter's own).
-    decoding_layout = ("reasoning" if interface == "reencode" else layout[0], "reasoning", "embedding")
+    decoding_layout = (DECODING_PROMPT[interface], "reasoning", "embedding")
     cot_ids = model.prompts.cot_token_ids(TEACHER_COTS)
     encoded = model.prompts.encode(inputs)
     with torch.no_grad():
@@ -182,11 +185,11 @@ def test_each_loss_reaches_only_its_own_side_whatever_requires_grad_says(model_o
     assert gradient_parts(model) == {"gate"}, "gate"
 
 
-def test_under_embedding_prefill_the_reasoning_adapter_moves_no_never_think_embedding_and_no_p_think(model_of, inputs):
-    """What makes RL safe under embedding-prefill: the no-think path never runs the reasoning adapter.
+def test_unless_the_reasoning_adapter_prefills_it_moves_no_never_think_embedding_and_no_p_think(model_of, inputs):
+    """What makes RL safe under the other interfaces: the no-think path never runs the reasoning adapter.
     Under reasoning-prefill the same change moves both (so the check can fail)."""
     moved = {}
-    for interface in ("embedding-prefill", "reasoning-prefill"):
+    for interface in INTERFACES:
         model = model_of(interface)
         before = model.embed(inputs)
         with torch.no_grad():
@@ -194,13 +197,13 @@ def test_under_embedding_prefill_the_reasoning_adapter_moves_no_never_think_embe
                 parameter.add_(0.05)
         after = model.embed(inputs)
         moved[interface] = (not torch.equal(before.embeddings, after.embeddings), not torch.equal(before.p_think, after.p_think))
-    assert moved == {"embedding-prefill": (False, False), "reasoning-prefill": (True, True)}
+    assert moved == {"reasoning-prefill": (True, True), "embedding-prefill": (False, False), "cot-reencode": (False, False), "reencode": (False, False)}
 
 
 def test_checkpoints_of_earlier_versions_are_reasoning_prefill_whatever_the_default():
-    assert TWNConfig().interface == "embedding-prefill"
+    assert TWNConfig().interface == "cot-reencode"
     assert TWNConfig.from_dict({"interface": "shared"}).interface == "reasoning-prefill"
     assert TWNConfig.from_dict({"lora_rank": 4}).interface == "reasoning-prefill"  # saved before it was a setting
     assert TWNConfig.from_dict({"interface": "reencode"}).interface == "reencode"
-    with pytest.raises(Exception, match="interface must be one of reasoning-prefill, embedding-prefill, reencode"):
+    with pytest.raises(Exception, match="interface must be one of reasoning-prefill, embedding-prefill, cot-reencode, reencode"):
         TWNConfig(interface="both")

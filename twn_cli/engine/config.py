@@ -17,10 +17,13 @@ ThinkMode = Literal["never", "always", "auto"]
 # - embedding-prefill: the embedding adapter prefills the prompt (InfoNCE trains that pass); the gate reads
 #   it; CoTs are decoded by the reasoning adapter over the detached prompt cache; the queries read the prompt
 #   cache and the CoT's cache (detached). SFT and RL cannot move a no-think embedding or the gate's input.
+# - cot-reencode: as embedding-prefill, but the embedding adapter encodes the decoded CoT itself after its
+#   prompt cache (one pass over the CoT's tokens), so the queries read only embedding-adapter states and
+#   InfoNCE trains the embedding adapter to read CoTs. The default: reencode's quality at one prefill.
 # - reencode: as embedding-prefill for no-think inputs; a thinking input's CoT is decoded by the reasoning
 #   adapter over its own prefill of the prompt, then the embedding adapter encodes the CoT itself (one more
 #   prefill per thinking input), so the queries read only embedding-adapter states.
-INTERFACES = ("reasoning-prefill", "embedding-prefill", "reencode")
+INTERFACES = ("reasoning-prefill", "embedding-prefill", "cot-reencode", "reencode")
 # Names that checkpoints of earlier versions recorded.
 FORMER_INTERFACE_NAMES = {"shared": "reasoning-prefill"}
 # The interface of checkpoints saved before it was a setting, and of the TWN authors' release (the paper's design).
@@ -43,8 +46,8 @@ class TWNConfig:
     lora_target_modules: list[str] | None = None
     num_queries: int = 4
     pooling: Literal["mean", "last"] = "mean"
-    # Which adapter prefills the prompt (docs/design.md: the study that chose embedding-prefill).
-    interface: str = "embedding-prefill"
+    # Which adapter encodes what (above; docs/design.md: the study that chose cot-reencode).
+    interface: str = "cot-reencode"
     gate_hidden_size: int = 256
     gate_threshold: float = 0.5
     temperature: float = 0.02
@@ -68,6 +71,16 @@ class TWNConfig:
     def prefill_adapter(self) -> str:
         """The adapter that prefills the prompt, whose last state the gate reads."""
         return "reasoning" if self.interface == "reasoning-prefill" else "embedding"
+
+    @property
+    def decoding_adapter(self) -> str:
+        """The adapter whose prompt cache CoTs are decoded over (and RL's policy scored over)."""
+        return "reasoning" if self.interface in ("reasoning-prefill", "reencode") else "embedding"
+
+    @property
+    def embedding_reads_cot(self) -> bool:
+        """Whether the embedding adapter encodes the CoT itself (else the queries read the reasoning adapter's CoT states)."""
+        return self.interface in ("cot-reencode", "reencode")
 
     @classmethod
     def from_dict(cls, values: dict) -> TWNConfig:

@@ -6,7 +6,7 @@ For a batch of inputs:
 3. rows that think decode a CoT with the reasoning adapter (`thought_embeddings`);
 4. K learnable query embeddings run through the embedding adapter over the cached prefix; the embedding is
    the L2-normalised pooling of their final hidden states.
-`config.py` describes the three interfaces; the passes of training are in `training_passes.py`, decoding
+`config.py` describes the four interfaces; the passes of training are in `training_passes.py`, decoding
 in `decoding.py`, batching of many inputs in `batching.py`, prompts in `prompts.py`.
 
 Adapter switching follows peft: activating one adapter makes only it trainable. A loss must therefore be
@@ -247,17 +247,22 @@ class TWNModel(nn.Module):
     def thought_embeddings(self, prefix: Prefix, inputs: list[ModelInput], sampling: Sampling = Sampling()) -> tuple[torch.Tensor, Thoughts]:
         """Decode a CoT for each row of `prefix` (the interface's prefill of `inputs`) and embed the input with it.
 
-        Reasoning- and embedding-prefill decode over `prefix` itself, which grows in place; reencode decodes
-        over the reasoning adapter's own prefill of `inputs`, then the embedding adapter encodes the CoT after
-        a copy of `prefix`.
+        Reasoning- and embedding-prefill decode over `prefix` itself, which grows in place. cot-reencode
+        decodes over a detached copy of `prefix`, reencode over the reasoning adapter's own prefill of
+        `inputs`; then the embedding adapter encodes the CoT after `prefix` (in place) or a copy of it.
         """
-        if self.config.interface != "reencode":
+        if not self.config.embedding_reads_cot:
             thoughts = self.think(prefix, sampling)
             return self.query_pass(thoughts.prefix), thoughts
-        _, reasoning_prefix = self.prefill_with("reasoning", self.prompts.encode(inputs))
-        thoughts = self.think(reasoning_prefix, sampling)
+        if self.config.interface == "cot-reencode":
+            thoughts = self.think(prefix.copy(detach=True), sampling)
+            embedding_prefix = prefix
+        else:
+            _, reasoning_prefix = self.prefill_with("reasoning", self.prompts.encode(inputs))
+            thoughts = self.think(reasoning_prefix, sampling)
+            embedding_prefix = prefix.copy(detach=False)
         blocks = [self.prompts.think_block(self.prompts.strip_end_marker(ids)) for ids in thoughts.token_ids]
-        _, encoded_thoughts = self.extend(prefix.copy(detach=False), blocks, "embedding")
+        _, encoded_thoughts = self.extend(embedding_prefix, blocks, "embedding")
         return self.query_pass(encoded_thoughts), thoughts
 
     def query_pass(self, prefix: Prefix) -> torch.Tensor:

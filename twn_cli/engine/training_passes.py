@@ -47,6 +47,8 @@ def training_views(model: TWNModel, encoded: dict, cot_ids: list[list[int] | Non
     - embedding-prefill: the embedding adapter prefills the prompt (the no-think view, with its gradient);
       the reasoning adapter reads that cache detached and encodes the CoT; the think view is the prompt
       cache with the CoT's cache, detached, after it.
+    - cot-reencode: the embedding adapter prefills the prompt and encodes the CoT after it (both views with
+      their gradient); the reasoning adapter reads the prompt cache detached and encodes the CoT (SFT).
     - reencode: the embedding adapter prefills the prompt and encodes the CoT after it (both views with
       their gradient); the reasoning adapter's own pass over prompt + CoT gives the SFT loss.
     """
@@ -62,15 +64,17 @@ def training_views(model: TWNModel, encoded: dict, cot_ids: list[list[int] | Non
         return TrainingViews(loss_sum, tokens, think_view, no_think_view)
 
     _, prompt = model.prefill_with("embedding", encoded)
-    if model.config.interface == "reencode":
+    if model.config.embedding_reads_cot:
         _, think_view = model.extend(prompt.copy(detach=False), blocks, "embedding")
+    if model.config.interface == "reencode":
         full = append_tokens(encoded, blocks, prompts.pad_id)
         hidden, _ = model.prefill_with("reasoning", full)
         loss_sum, tokens = _sft_loss_sum(model, hidden, full["input_ids"], lengths)
         return TrainingViews(loss_sum, tokens, think_view, prompt)
 
     hidden, extended = model.extend(prompt.copy(detach=True), blocks, "reasoning")
-    think_view = Prefix(spliced(prompt.cache, extended.cache, prompt.length), extended.attention_mask, extended.next_position)
+    if not model.config.embedding_reads_cot:
+        think_view = Prefix(spliced(prompt.cache, extended.cache, prompt.length), extended.attention_mask, extended.next_position)
     if hidden.shape[1] == 0:  # no row has a CoT: a zero loss that backpropagates to nothing
         return TrainingViews(torch.zeros((), device=model.device, requires_grad=True), 0, think_view, prompt)
     loss_sum, tokens = _sft_loss_sum(model, hidden, right_aligned(blocks, prompts.pad_id, model.device)[0], lengths)
@@ -98,7 +102,7 @@ def cot_log_probs(model: TWNModel, encoded: dict, cot_ids: list[list[int]]) -> t
     """
     prompts = model.prompts
     blocks = [prompts.think_block(ids) for ids in cot_ids]
-    if model.config.interface == "embedding-prefill":
+    if model.config.decoding_adapter == "embedding":
         with torch.no_grad():  # the prompt cache is the embedding adapter's: RL must not reach it
             _, prompt = model.prefill_with("embedding", encoded)
         hidden, _ = model.extend(prompt, blocks, "reasoning")
