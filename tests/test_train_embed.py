@@ -83,6 +83,18 @@ def test_gradient_checkpointing_gives_the_same_gradient(make_model, toy_dataset_
     assert_same_gradients(plain, checkpointed)
 
 
+def test_cot_reencode_trains_the_embedding_side_exactly_as_reencode_does(make_model, toy_dataset_dir):
+    """The two differ only in the prompt that SFT reads; each adapter's gradient is clipped on its own, so the
+    reasoning side's different gradient cannot rescale the embedding side's steps (clipping is active here)."""
+    trainers = {interface: trainer_for(make_model, toy_dataset_dir, interface=interface, max_grad_norm=0.1) for interface in ("cot-reencode", "reencode")}
+    norms = {interface: [trainer.step()["grad_norm"] for _ in range(2)] for interface, trainer in trainers.items()}
+    assert min(norms["reencode"]) > 0.1 and norms["cot-reencode"] != norms["reencode"]
+    parts = {interface: trainer.model.trainable_parameters() for interface, trainer in trainers.items()}
+    for name, parameter in parts["reencode"]["embedding"].items():
+        assert torch.allclose(parts["cot-reencode"]["embedding"][name], parameter, atol=1e-6), name
+    assert any(not torch.equal(parts["cot-reencode"]["reasoning"][name], parameter) for name, parameter in parts["reencode"]["reasoning"].items())
+
+
 @pytest.mark.parametrize("setting", ["gradient_checkpointing", "shard_backbone"])
 @pytest.mark.parametrize("interface", ["embedding-prefill", "reencode"])
 def test_settings_that_need_reasoning_prefill_are_refused_under_the_other_interfaces(setting, interface):

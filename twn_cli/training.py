@@ -196,16 +196,20 @@ def claim_run_directory(
     return lock
 
 
-def finite_optimizer_step(optimizer, parameters: list[torch.Tensor], max_grad_norm: float, step: int) -> float:
-    """Clip the gradients to `max_grad_norm` and take the optimiser step; returns the gradient norm.
+def finite_optimizer_step(optimizer, groups: list[list[torch.Tensor]], max_grad_norm: float, step: int) -> float:
+    """Clip each group's gradient to `max_grad_norm` on its own and take the optimiser step; returns the norm of
+    the whole gradient before clipping.
 
-    A NaN or inf gradient norm raises FloatingPointError before the step, so it is never taken; weights that
-    the step made non-finite raise it after, and training stops before they reach any saved state.
+    Groups are the parts that separate losses train (the two adapters): one norm over both would let the SFT
+    gradient scale the embedding adapter's steps. A NaN or inf gradient norm raises FloatingPointError before
+    the step, so it is never taken; weights that the step made non-finite raise it after, and training stops
+    before they reach any saved state.
     """
-    norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    norm = math.hypot(*(float(torch.nn.utils.clip_grad_norm_(group, max_grad_norm)) for group in groups))
     if not math.isfinite(norm):
         raise FloatingPointError(f"the gradient norm became {norm} at step {step} (the step was not taken)")
     optimizer.step()
+    parameters = [parameter for group in groups for parameter in group]
     broken = sum(int((~torch.isfinite(parameter.detach())).sum()) for parameter in parameters)
     if broken:
         raise FloatingPointError(f"step {step} made {broken} weights non-finite")

@@ -90,7 +90,7 @@ class TrainEmbedConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # each adapter's gradient (the embedding side with its queries) clipped on its own
     # Recompute each decoder layer's activations in backward instead of keeping them: less memory, one more
     # forward. Safe with two adapters because every loss is backpropagated while its own adapter is active,
     # so the recomputation runs the adapter that ran forward (peft issue 2832). interface reasoning-prefill only.
@@ -170,6 +170,7 @@ class EmbedTrainer:
             self._enable_checkpointing()
         parts = model.trainable_parameters()
         self.parameters = {**parts["reasoning"], **parts["embedding"]}
+        self.clipping_groups = [list(parts["reasoning"].values()), list(parts["embedding"].values())]  # SFT's and InfoNCE's
         self.optimizer = torch.optim.AdamW(
             list(self.parameters.values()), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -181,8 +182,7 @@ class EmbedTrainer:
         """Train on global batch number `step_done`: gradients, clipping, one optimiser step (unless anything is
         non-finite: FloatingPointError); returns its losses."""
         metrics = self.compute_gradients()
-        trainable = list(self.parameters.values())
-        metrics["grad_norm"] = finite_optimizer_step(self.optimizer, trainable, self.config.max_grad_norm, self.step_done + 1)
+        metrics["grad_norm"] = finite_optimizer_step(self.optimizer, self.clipping_groups, self.config.max_grad_norm, self.step_done + 1)
         self.schedule.step()
         self.step_done += 1
         metrics["learning_rate"] = self.schedule.get_last_lr()[0]

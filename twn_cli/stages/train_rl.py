@@ -186,8 +186,7 @@ class RLTrainer:
     def update(self, samples: list[tuple[list[dict], dict, torch.Tensor]]) -> dict:
         """One optimiser step on the GRPO loss of the processes' samples together; returns the step's metrics."""
         metrics = self.policy_gradient(samples)
-        trainable = list(self.parameters.values())
-        metrics["grad_norm"] = finite_optimizer_step(self.optimizer, trainable, self.config.max_grad_norm, self.step_done + 1)
+        metrics["grad_norm"] = finite_optimizer_step(self.optimizer, [list(self.parameters.values())], self.config.max_grad_norm, self.step_done + 1)
         self.step_done += 1
         return {"step": self.step_done, **metrics}
 
