@@ -297,6 +297,18 @@ def finish(figures: dict, output: str | None) -> None:
             handle.write("\n")
 
 
+def measuring_main(arguments, measure: Callable[[dict], dict], run: Callable, report: Callable[[dict], None]) -> dict | None:
+    """The main of a benchmark that measures each setting in a fresh process (`run_worker`): as the worker
+    (`--worker SETTINGS`), print `measure`'s figures as JSON; otherwise run, report and finish."""
+    if arguments.worker:
+        print(json.dumps(measure(json.loads(arguments.worker))))
+        return None
+    figures = run(arguments)
+    report(figures)
+    finish(figures, arguments.output)
+    return figures
+
+
 def print_table(header: Sequence[str], rows: Iterable[Sequence], first_width: int = 0) -> None:
     """A plain-text table: the first column left-aligned, the others right-aligned, widths fitted to the content."""
 

@@ -21,7 +21,6 @@ pool staying on the CPU as in `twn eval`). The time per query-candidate pair sho
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -157,14 +156,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict | None:
-    arguments = parse(argv)
-    if arguments.worker:
-        print(json.dumps(measure_ranking(json.loads(arguments.worker))))
-        return None
-    figures = run(arguments)
-    report(figures)
-    common.finish(figures, arguments.output)
-    return figures
+    return common.measuring_main(parse(argv), measure_ranking, run, report)
 
 
 if __name__ == "__main__":

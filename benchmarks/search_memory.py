@@ -133,14 +133,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict | None:
-    arguments = parse(argv)
-    if arguments.worker:
-        print(json.dumps(measure_search(json.loads(arguments.worker))))
-        return None
-    figures = run(arguments)
-    report(figures)
-    common.finish(figures, arguments.output)
-    return figures
+    return common.measuring_main(parse(argv), measure_search, run, report)
 
 
 if __name__ == "__main__":

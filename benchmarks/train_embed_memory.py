@@ -21,7 +21,6 @@ A configuration that runs out of memory is reported as such. Inputs: the train s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -213,14 +212,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict | None:
-    arguments = parse(argv)
-    if arguments.worker:
-        print(json.dumps(measure(json.loads(arguments.worker))))
-        return None
-    figures = run(arguments)
-    report(figures)
-    common.finish(figures, arguments.output)
-    return figures
+    return common.measuring_main(parse(argv), measure, run, report)
 
 
 if __name__ == "__main__":
