@@ -81,3 +81,7 @@ def test_routing_by_group_alone_is_scored_on_held_out_folds():
     assert heldout_group_auroc(by_label, labels, folds=5, seed=1) == pytest.approx(1.0)
     one_group = [("all",)] * len(labels)
     assert heldout_group_auroc(one_group, labels, folds=5, seed=1) == pytest.approx(0.5)
+    # Fitted to targets that rank the groups the other way round, the lookup ranks the labels backwards;
+    # judged on the 'think' inputs alone, it has no pair to order.
+    assert heldout_group_auroc(by_label, labels, folds=5, seed=1, fitted_to=1.0 - labels.float()) == pytest.approx(0.0)
+    assert heldout_group_auroc(by_label, labels, folds=5, seed=1, judged=labels) is None

@@ -90,6 +90,43 @@ def test_split_sizes_follow_n_and_ids_never_repeat_across_splits(world):
         assert len({r.id for r in split.records}) == len(split.records)
 
 
+def test_a_larger_validation_leaves_train_and_test_as_they_were_in_blocks_with_pools_like_test(world):
+    larger = generate_world(n=500, seed=0, validation_size=250)
+    assert {name: [r.to_dict() for r in split.records] for name, split in larger.splits.items() if name != "validation"} == {
+        name: [r.to_dict() for r in split.records] for name, split in world.splits.items() if name != "validation"
+    }
+    test = world.splits["test"]
+    blocks = [larger.splits["validation"], *larger.more_validation]
+    assert [len(block.records) for block in blocks] == [84, 83, 83]  # 250 in blocks of at most test's 100
+    assert len({tuple(record.text for record in block.records) for block in blocks}) == 3  # independent draws
+    ids = [{r.id for r in split.records} | set(split.candidates) for split in [*larger.splits.values(), *larger.more_validation]]
+    for one, other in itertools.combinations(ids, 2):
+        assert not one & other
+    for block in blocks:
+        assert block.name == "validation"
+        # Label pools are fixed; the pictures of a t2i pool grow with the block, as test's with the split.
+        assert len(block.pools["classification/shape"]) == len(test.pools["classification/shape"])
+        assert 0.6 * len(test.pools["t2i"]) < len(block.pools["t2i"]) <= 1.2 * len(test.pools["t2i"])
+        for record in block.records:
+            assert set(record.gold_ids) | set(record.hard_negative_ids) <= set(block.pools[record.pool])
+        assert any(record.held_out for record in block.records)  # drawn like validation, not like train
+
+
+def test_prepared_validation_blocks_rank_each_query_against_its_own_block(tmp_path):
+    from twn_cli.data.prepared import load_prepared
+    from twn_cli.toyworld.dataset import write_synthetic_dataset
+
+    counts = write_synthetic_dataset(tmp_path / "data", n=60, seed=1, validation_size=20)
+    dataset = load_prepared(tmp_path / "data")
+    rows = dataset.queries["validation"]
+    assert counts["validation"] == len(rows) == 20
+    assert dataset.manifest["world"]["validation_size"] == 20
+    for row in rows:
+        block = row["id"].split("/")[0]
+        assert {candidate.split("/")[0] for candidate in row["candidate_ids"]} == {block}
+    assert {row["id"].split("/")[0] for row in rows} == {"validation", "validation-2"}  # test has 12: two blocks of 10
+
+
 def test_records_point_into_their_pools(world):
     for split in world.splits.values():
         for record in split.records:

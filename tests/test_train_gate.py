@@ -333,7 +333,8 @@ def test_train_gate_command_end_to_end(make_model, toy_dataset_dir, tmp_path):
     assert {"labels", "auroc", "validation"} <= set(gate) and gate["labels"]["inputs"] == 8
     assert model.manifest["train_embed"] == {"steps": 3}
     assert [stage["stage"] for stage in model.manifest["stages"]] == ["train-embed", "train-gate"]
-    assert len(list((tmp_path / "gate" / "train" / "gate-labels").glob("batch-*.safetensors"))) == 2
+    # The toy recipe's labels come from the validation views, judged once: no batch of margins is cached.
+    assert gate["label"] == "expected_hit" and not (tmp_path / "gate" / "train" / "gate-labels").exists()
 
     queries = tmp_path / "queries.jsonl"
     queries.write_text('{"id": "a", "text": "a red triangle"}\n{"id": "b", "text": "the colour of grass"}\n')
@@ -347,3 +348,64 @@ def test_train_gate_command_end_to_end(make_model, toy_dataset_dir, tmp_path):
     torch.save({"ids": ["a", "b"], "embeddings": torch.ones(2, 3)}, tmp_path / "narrow.pt")
     narrow = CliRunner().invoke(app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "y"), "--negatives-cache", str(tmp_path / "narrow.pt")])
     assert narrow.exit_code == 1 and "3-dimensional embeddings" in narrow.stderr and not (tmp_path / "y").exists()
+    cache = tmp_path / "cache.pt"
+    assert CliRunner().invoke(app, ["embed", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(cache)]).exit_code == 0
+    unread = CliRunner().invoke(app, ["train-gate", str(toy_dataset_dir), "--checkpoint", str(start), "-o", str(tmp_path / "z"), "--recipe", str(recipe), "--negatives-cache", str(cache)])
+    assert unread.exit_code == 1 and "expected_hit" in unread.stderr and not (tmp_path / "z").exists()
+
+
+def test_expected_hit_labels_count_what_crosses_the_first_rank():
+    scores = torch.tensor([0.9, 0.7, 0.95, 0.2])
+    gold, negative = torch.tensor([False, True, False, False]), torch.tensor([True, False, False, True])
+    # candidate 2 is a copy of the gold: neither gold nor negative; the best negative is candidate 0
+    assert gate_threshold.pool_margin(scores, gold, negative) == pytest.approx(0.7 - 0.9)
+    assert gate_threshold.pool_margin(scores, gold, torch.zeros(4, dtype=torch.bool)) == 0.0
+    labelled = gate_labelling.LabelledInputs(
+        ids=["across", "far above", "lost"], features=torch.zeros(3, 2),
+        margin_never=torch.tensor([-0.05, 0.5, 0.02]), margin_think=torch.tensor([0.05, 0.7, -0.1]),
+        reasoning_tokens=torch.zeros(3, dtype=torch.int64), cots=["", "", ""],
+    )
+    gain = labelled.expected_hit_gain(0.05)
+    expected = [torch.sigmoid(torch.tensor(t / 0.05)) - torch.sigmoid(torch.tensor(n / 0.05)) for n, t in ((-0.05, 0.05), (0.5, 0.7), (0.02, -0.1))]
+    assert gain.tolist() == pytest.approx([float(e) for e in expected], abs=1e-6)
+    assert gain[0] > 0.4 and abs(gain[1]) < 1e-3 and gain[2] < -0.4  # the batch margin ranks "far above" over "across"
+    assert labelled.margin_change[1] > labelled.margin_change[0]
+
+
+def test_a_gate_fitted_to_soft_targets_learns_their_level_not_their_side():
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(400, 4, generator=generator)
+    soft = torch.where(states[:, 0] > 0, 0.7, 0.3)
+    labels = soft > 0.5
+    config = TrainGateConfig(epochs=150, stopping_fraction=0.0, learning_rate=1e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    gate = RoutingGate(4, 16)
+    gate_fitting.fit_gate(gate, states, *gate_fitting.fitting_targets(labels, torch.zeros(400), False, soft), config)
+    p = gate(states).detach()
+    assert 0.6 < float(p[labels].mean()) < 0.8 and 0.2 < float(p[~labels].mean()) < 0.4
+    targets, weights = gate_fitting.fitting_targets(labels, torch.zeros(400), False)
+    assert torch.equal(targets, labels.float()) and torch.equal(weights, gate_fitting.sample_weights(labels, torch.zeros(400), False))
+
+
+@pytest.mark.parametrize("split", ["validation", "train"])
+def test_expected_hit_labels_are_the_pool_margins_of_each_query_judged_once(make_model, toy_dataset_dir, tmp_path, monkeypatch, split):
+    dataset = load_prepared(toy_dataset_dir)
+    config = TrainGateConfig(**{**SMALL, "label": "expected_hit", "split": split, "label_queries": 6, "delta": 0.01})
+    judged = []
+    real_embed_views = gate_threshold.embed_views
+    monkeypatch.setattr(gate_threshold, "embed_views", lambda model, inputs, sampling: judged.extend(inputs) or real_embed_views(model, inputs, sampling))
+    model = make_model()
+    summary = run_train_gate(model, dataset, tmp_path / "run", config)
+    rows = labelling_rows(dataset, config)
+    expected_judged = config.validation_queries + (len(rows) if split == "train" else 0)
+    assert len(judged) == expected_judged  # a validation query labelled is not embedded again
+    views = gate_threshold.pool_views(model, dataset, rows, config)  # train-gate changed only the gate
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in logged] == [row["id"] for row in rows]
+    assert [r["margin_never"] for r in logged] == pytest.approx(views.margin_never.tolist(), abs=1e-5)
+    assert [r["margin_think"] for r in logged] == pytest.approx(views.margin_think.tolist(), abs=1e-5)
+    gain = views.labelled().expected_hit_gain(0.05)
+    assert [r["label"] for r in logged] == (gain > 0.01).tolist()
+    assert summary["label"] == "expected_hit" and summary["labels"]["inputs"] == len(rows)
+    assert summary["auroc"]["judged_inputs"] == int((gain.abs() > 0.01).sum())
+    assert views.hit_never.tolist() == [m > 0 for m in views.margin_never.tolist()]  # a positive margin is a hit

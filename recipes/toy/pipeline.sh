@@ -7,7 +7,9 @@
 #
 # RUN_DIR defaults to runs/toy; RECIPE_DIR (default: this folder) holds toy-backbone.yaml, pretrain.yaml,
 # train-embed.yaml, train-gate.yaml and train-rl.yaml; TOY_WORLD_SIZE (default 4000) sets the number of
-# queries of the toy world, TOY_SEED (default 0) the seed of the toy backbone and the world (another draw).
+# queries of the toy world, TOY_SEED (default 0) the seed of the toy backbone and the world (another draw);
+# the validation split, which train-gate learns from and chooses τ on, holds 3/5 as many queries (three times
+# test's size, in blocks with pools like test's).
 # The test suite runs the same script with a reduced recipe folder and world.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,7 +27,7 @@ backbone=$(twn toy-backbone -o "$run/backbone" --seed "$seed" --recipe "$recipes
     --pretrain --pretrain-recipe "$recipes/pretrain.yaml")
 
 step "the toy reasoning world as a prepared dataset"
-data=$(twn prepare synthetic -o "$run/data" --n "$world_size" --seed "$seed")
+data=$(twn prepare synthetic -o "$run/data" --n "$world_size" --seed "$seed" --validation-size $((world_size * 3 / 5)))
 
 step "train-embed: reasoning adapter (SFT on teacher CoT) + embedding adapter (two-view InfoNCE)"
 embed_run=$(twn train-embed "$data" --backbone "$backbone" -o "$run/embed" --recipe "$recipes/train-embed.yaml")

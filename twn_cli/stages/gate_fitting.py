@@ -34,6 +34,16 @@ def sample_weights(labels: torch.Tensor, margin_change: torch.Tensor, margin_wei
     return weights
 
 
+def fitting_targets(
+    labels: torch.Tensor, margin_change: torch.Tensor, margin_weighting: bool, soft_targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BCE targets, weights): the labels, class-weighted (`sample_weights`), or `soft_targets` in [0, 1],
+    each weighing alike (a soft target already says how much each input pulls either way)."""
+    if soft_targets is not None:
+        return soft_targets.float(), torch.ones(len(soft_targets))
+    return labels.float(), sample_weights(labels, margin_change, margin_weighting)
+
+
 def seeded_split(count: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A random `fraction` of the rows 0..count-1 (leaving at least one), and the other rows."""
     order = torch.randperm(count, generator=generator)
@@ -53,8 +63,8 @@ class GateFit:
         return next(entry for entry in self.history if entry["kept"])
 
 
-def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> GateFit:
-    """Train `gate` on (last prompt state, label) pairs.
+def fit_gate(gate: RoutingGate, features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, config: TrainGateConfig) -> GateFit:
+    """Train `gate` on (last prompt state, target) pairs: labels, or soft targets in [0, 1].
 
     A seeded `stopping_fraction` of the pairs is kept out of training; the gate ends with the weights of the
     epoch whose weighted loss on them was lowest (marked `kept` in the history). The states are
@@ -65,7 +75,7 @@ def fit_gate(gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, we
     mean = features.mean(0)
     scale = features.std(0, unbiased=False).clamp_min(1e-3)
     inputs = ((features - mean) / scale).to(device)
-    targets, weights = labels.float().to(device), weights.to(device)
+    targets, weights = targets.float().to(device), weights.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     stopping, training = (rows.to(device) for rows in seeded_split(len(inputs), config.stopping_fraction, generator))
     if not float(weights[stopping].sum()) > 0:  # nothing to stop on (margin weights can all be zero on a small slice)
@@ -128,21 +138,25 @@ def out_of_fold_scores(
 
 def probabilities_of_a_copy_trained_on(
     gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor,
-    trained: torch.Tensor, scored: torch.Tensor, config: TrainGateConfig,
+    trained: torch.Tensor, scored: torch.Tensor, config: TrainGateConfig, soft_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """p_think of the `scored` rows from a copy of `gate` trained as `fit_gate` trains, on the `trained` rows."""
+    """p_think of the `scored` rows from a copy of `gate` trained as `fit_gate` trains, on the `trained` rows
+    (on their `soft_targets`, given them; see `fitting_targets`)."""
     fold_gate = copy.deepcopy(gate)
-    fit_gate(fold_gate, features[trained], labels[trained], sample_weights(labels[trained], margin_change[trained], config.margin_weighting), config)
+    soft = None if soft_targets is None else soft_targets[trained]
+    fit_gate(fold_gate, features[trained], *fitting_targets(labels[trained], margin_change[trained], config.margin_weighting, soft), config)
     return gate_probabilities(fold_gate, features[scored])
 
 
 def heldout_probabilities(
-    gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor, config: TrainGateConfig
+    gate: RoutingGate, features: torch.Tensor, labels: torch.Tensor, margin_change: torch.Tensor, config: TrainGateConfig,
+    soft_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains, on the other folds)."""
+    """(each input's fold, its p_think from a copy of `gate` trained as `fit_gate` trains, on the other folds);
+    the folds keep each label's share."""
 
     def score(trained: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        return probabilities_of_a_copy_trained_on(gate, features, labels, margin_change, trained, scored, config)
+        return probabilities_of_a_copy_trained_on(gate, features, labels, margin_change, trained, scored, config, soft_targets)
 
     return out_of_fold_scores(labels, min(config.heldout_folds, len(labels)), config.seed + 1, score)
 
@@ -168,8 +182,15 @@ def group_rates(groups: Sequence[Hashable]) -> Callable[[torch.Tensor, torch.Ten
     return predict
 
 
-def heldout_group_auroc(groups: Sequence[Hashable], labels: torch.Tensor, folds: int, seed: int) -> float | None:
-    """The k-fold AUROC of routing by group (`group_rates`), on the folds `heldout_probabilities` uses."""
+def heldout_group_auroc(
+    groups: Sequence[Hashable], labels: torch.Tensor, folds: int, seed: int,
+    fitted_to: torch.Tensor | None = None, judged: torch.Tensor | None = None,
+) -> float | None:
+    """The k-fold AUROC of routing by group (`group_rates`), on the folds `heldout_probabilities` uses:
+    each group's mean of `fitted_to` (default: the labels) on the other folds, judged on the `judged` inputs
+    (a mask; default: all)."""
     predict = group_rates(groups)
-    _, scores = out_of_fold_scores(labels, folds, seed, lambda trained, scored: predict(trained, scored, labels))
-    return auroc(scores, labels)
+    values = labels if fitted_to is None else fitted_to
+    _, scores = out_of_fold_scores(labels, folds, seed, lambda trained, scored: predict(trained, scored, values))
+    judged = torch.ones(len(labels), dtype=torch.bool) if judged is None else judged
+    return auroc(scores[judged], labels[judged])

@@ -121,6 +121,19 @@ class LabelledInputs:
     def labels(self, delta: float) -> torch.Tensor:
         return thinking_labels(self.margin_never, self.margin_think, delta)
 
+    def expected_hit_gain(self, temperature: float) -> torch.Tensor:
+        """σ(margin_think / T) - σ(margin_never / T): the rise of a smoothed Hit@1, in [-1, 1]. A margin far from
+        zero moves it little either way; it counts what carries the query across the first rank, and what
+        thinking costs a query it had right."""
+        return torch.sigmoid(self.margin_think.double() / temperature) - torch.sigmoid(self.margin_never.double() / temperature)
+
+    def select(self, ids: list[str]) -> LabelledInputs:
+        """These inputs' entries for `ids` (each one of them), in that order."""
+        position = {input_id: i for i, input_id in enumerate(self.ids)}
+        rows = torch.tensor([position[input_id] for input_id in ids], dtype=torch.long)
+        return LabelledInputs(list(ids), self.features[rows], self.margin_never[rows], self.margin_think[rows],
+                              self.reasoning_tokens[rows], [self.cots[i] for i in rows.tolist()])
+
     @classmethod
     def concatenate(cls, parts: list[LabelledInputs]) -> LabelledInputs:
         return cls(

@@ -10,6 +10,15 @@
    reads, is kept beside the margins. On a real backbone this is the expensive part, so it is batched and
    every batch is cached in RUN/train/gate-labels/: a rerun labels only what is missing. Margins rather than
    labels are cached, so another δ reuses the cache.
+   `label: expected_hit` labels against what `twn eval` measures instead: each view's margin against the
+   query's own candidate pool (the best gold's score minus the best other candidate's), and the rise of the
+   smoothed Hit@1 σ(margin / T) from never to think, in [-1, 1]. A margin far from zero moves it little
+   either way, so it counts what carries a query across the first rank, and what thinking costs a query
+   it had right; the batch margin counts every rise alike, also of queries that rank first either way.
+   The gate is fitted to (1 + rise) / 2 (a soft BCE target: its p_think ranks inputs by expected gain);
+   a label says the rise exceeds δ, and the AUROCs judge the inputs it helps against those whose smoothed
+   Hit@1 fell by more than δ (the others, most of them, neither gain nor lose). Validation queries are
+   judged once, for the labels and for τ.
 2. The gate, an MLP on the detached last prompt state, trains on those cached states with a class-weighted
    BCE (optionally weighted by the size of the margin change): no backbone pass, and only the gate's
    parameters change. Labels are noisy (most CoTs move the margin a little either way), and an MLP on a
@@ -49,12 +58,14 @@ from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
 from twn_cli.recipes import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, Range, check_ranges
 from twn_cli.stages.common import stage_record
-from twn_cli.stages.gate_fitting import fit_gate, gate_probabilities, heldout_group_auroc, heldout_probabilities, sample_weights
+from twn_cli.stages.gate_fitting import fit_gate, fitting_targets, gate_probabilities, heldout_group_auroc, heldout_probabilities
 from twn_cli.stages.gate_labelling import LABELS_DIR, LabelledInputs, Progress, label_inputs, labelling_rows
 from twn_cli.stages.gate_threshold import (
+    PoolViews,
     adaptive_outcome,
     best_threshold,
     choosing_probabilities,
+    pool_views,
     threshold_for_budget,
     threshold_within_noise,
     validation_views,
@@ -66,13 +77,16 @@ log = logging.getLogger(__name__)
 LABELS_LOG = "gate-labels.jsonl"  # RUN/train/: one line per labelled input, for analysis
 METRICS_LOG = "gate-metrics.jsonl"  # RUN/train/: the gate's training loss
 TARGETS = ("best", "within_noise", "budget")
+LABELS = ("margin", "expected_hit")
 
 
 @dataclass
 class TrainGateConfig:
     """Hyper-parameters of train-gate; recipes/<backbone>/train-gate.yaml sets them."""
 
-    # Labels.
+    # Labels (see the module's docstring): margin, or expected_hit.
+    label: str = "margin"
+    label_temperature: float = 0.05  # expected_hit: T of σ(margin / T)
     split: str = "train"
     label_queries: int = 2000
     label_batch_size: int = 16  # also the batch of the validation passes
@@ -100,6 +114,8 @@ class TrainGateConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.label not in LABELS:
+            raise TWNError(f"label must be one of {', '.join(LABELS)}, not '{self.label}'")
         if self.target not in TARGETS:
             raise TWNError(f"target must be one of {', '.join(TARGETS)}, not '{self.target}'")
         if not 0.0 <= self.think_budget <= 1.0:
@@ -113,7 +129,7 @@ class TrainGateConfig:
         if min(self.label_queries, self.validation_queries, self.epochs, self.batch_size, self.log_every) < 1 or self.hard_negatives < 0:
             raise TWNError("label_queries, validation_queries, epochs, batch_size and log_every must be positive, hard_negatives not negative")
         check_ranges(self, {
-            "max_think_tokens": AT_LEAST_ONE, "learning_rate": POSITIVE, "weight_decay": NOT_NEGATIVE, "best_tolerance": NOT_NEGATIVE,
+            "max_think_tokens": AT_LEAST_ONE, "learning_rate": POSITIVE, "label_temperature": POSITIVE, "weight_decay": NOT_NEGATIVE, "best_tolerance": NOT_NEGATIVE,
             "noise_standard_errors": NOT_NEGATIVE, "bootstrap_samples": Range(2, 100_000),
         })
 
@@ -133,6 +149,8 @@ def run_train_gate(
     run_dir = Path(run_dir)
     check_checkpoint_output(run_dir)
     record = stage_record("train-gate", dataset, config, checkpoint=model.checkpoint_dir, negatives_cache=negatives.path if negatives else None)
+    if negatives is not None and config.label == "expected_hit":
+        raise TWNError("label: expected_hit judges each query against its own candidate pool and reads no negatives cache (it sharpens the batch margins of label: margin)")
     for split in (config.split, config.validation_split):
         if split not in dataset.queries:
             raise TWNError(f"prepared dataset '{dataset.path}' has no '{split}' split (it has {', '.join(dataset.queries)})")
@@ -140,17 +158,24 @@ def run_train_gate(
     if len(rows) < 2:
         raise TWNError(f"the '{config.split}' split has {len(rows)} queries: labelling needs at least 2")
     train_dir = run_dir / TRAIN_DIR
-    labelled = label_inputs(model, dataset, rows, train_dir / LABELS_DIR, config, progress, negatives)
     validation = validation_views(model, dataset, config, progress)
+    if config.label == "expected_hit":
+        labelled = pool_labels(model, dataset, rows, validation, config, progress)
+        gain = labelled.expected_hit_gain(config.label_temperature)
+        labels, soft_targets = gain > config.delta, ((1 + gain) / 2).float()
+        judged = gain.abs() > config.delta  # AUROCs judge the inputs thinking helps against those it hurts
+    else:
+        labelled = label_inputs(model, dataset, rows, train_dir / LABELS_DIR, config, progress, negatives)
+        labels, soft_targets = labelled.labels(config.delta), None
+        judged = torch.ones(len(labels), dtype=torch.bool)
 
-    labels = labelled.labels(config.delta)
     if labels.all() or not labels.any():
         log.warning("all %d labels are %s: the gate can only learn one answer", len(labels), "'think'" if labels.all() else "'do not think'")
     progress("gate", 0, 2)
     model.gate.reset(config.seed)  # a gate trained before (a train-rl checkpoint's) has seen every fold
-    fold_of, p_heldout = heldout_probabilities(model.gate, labelled.features, labels, labelled.margin_change, config)
+    fold_of, p_heldout = heldout_probabilities(model.gate, labelled.features, labels, labelled.margin_change, config, soft_targets)
     progress("gate", 1, 2)
-    fit = fit_gate(model.gate, labelled.features, labels, sample_weights(labels, labelled.margin_change, config.margin_weighting), config)
+    fit = fit_gate(model.gate, labelled.features, *fitting_targets(labels, labelled.margin_change, config.margin_weighting, soft_targets), config)
     stopping = fit.stopping_rows
     trained = (~torch.isin(torch.arange(len(labels)), stopping)).nonzero().flatten()
     progress("gate", 2, 2)
@@ -174,20 +199,26 @@ def run_train_gate(
         "threshold": tau,
         "target": config.target,
         "think_budget": config.think_budget if config.target == "budget" else None,
+        "label": config.label,
         "delta": config.delta,
         "feature": f"last prompt state of the {model.config.prefill_adapter}-adapter prefill",
         "labels": label_statistics(rows, labelled, labels, config),
         "negatives_cache": {"entries": len(negatives.ids), "sha256": negatives.digest()} if negatives is not None else None,
         "auroc": {
-            "heldout": auroc(p_heldout, labels),
+            "heldout": auroc(p_heldout[judged], labels[judged]),
             "heldout_inputs": len(labels),
+            "judged_inputs": int(judged.sum()),
             "heldout_folds": len(fold_of.unique()),
-            "train": auroc(p_labelled[trained], labels[trained]),
+            "train": auroc(p_labelled[trained][judged[trained]], labels[trained][judged[trained]]),
             "train_inputs": len(trained),
-            "stopping": auroc(p_labelled[stopping], labels[stopping]),
+            "stopping": auroc(p_labelled[stopping][judged[stopping]], labels[stopping][judged[stopping]]),
             "stopping_inputs": len(stopping),
-            # Routing by group alone, on the gate's folds: what the gate must beat to route by input.
-            **{f"heldout_{name}_lookup": heldout_group_auroc(groups, labels, folds, config.seed + 1) for name, groups in routing_by.items()},
+            # Routing by group alone, fitted to the gate's targets on the gate's folds: what the gate must beat
+            # to route by input.
+            **{
+                f"heldout_{name}_lookup": heldout_group_auroc(groups, labels, folds, config.seed + 1, soft_targets, judged)
+                for name, groups in routing_by.items()
+            },
         },
         "threshold_choice": choice,
         "gate_loss": fit.kept["loss"],
@@ -199,6 +230,17 @@ def run_train_gate(
         manifest = model.manifest or {"stages": []}
         save_checkpoint(model, run_dir, stages=manifest["stages"] + [record], extra={**stage_results(manifest), "gate": summary})
     return summary
+
+
+def pool_labels(
+    model: TWNModel, dataset: PreparedDataset, rows: list[dict], validation: PoolViews, config: TrainGateConfig, progress: Progress
+) -> LabelledInputs:
+    """Pool margins of the labelled `rows`: from the validation views where τ's pass judged them already
+    (labelling the validation split, no query is embedded twice), the others judged here."""
+    known = set(validation.ids)
+    missing = [row for row in rows if row["id"] not in known]
+    judged = [validation] + ([pool_views(model, dataset, missing, config, progress, "labelling")] if missing else [])
+    return LabelledInputs.concatenate([views.labelled() for views in judged]).select([row["id"] for row in rows])
 
 
 def label_statistics(rows: list[dict], labelled: LabelledInputs, labels: torch.Tensor, config: TrainGateConfig) -> dict:

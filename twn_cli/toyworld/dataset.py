@@ -21,11 +21,12 @@ from twn_cli.toyworld.world import Record, SceneImage, Split, generate_world
 ANALYSIS_FILE = "analysis.jsonl"
 
 
-def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = PICTURE_SIZE) -> dict:
-    """Generate the toy world of `n` queries for `seed` and write it to `output_dir`; returns the manifest counts."""
+def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = PICTURE_SIZE, validation_size: int | None = None) -> dict:
+    """Generate the toy world of `n` queries for `seed` (validation: `validation_size` queries instead of its
+    share, see `generate_world`) and write it to `output_dir`; returns the manifest counts."""
     output_dir = Path(output_dir).resolve()
     check_output_dir(output_dir)
-    world = generate_world(n=n, seed=seed)
+    world = generate_world(n=n, seed=seed, validation_size=validation_size)
     pictures: dict[str, SceneImage] = {}
 
     def picture_paths(kind: str, item_id: str, images) -> list[str]:
@@ -37,8 +38,8 @@ def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0
         return paths
 
     queries, candidates, tasks, analysis = {}, [], {}, []
-    for split in world.splits.values():
-        queries[split.name] = [_query_row(record, split, picture_paths) for record in split.records]
+    for split in [*world.splits.values(), *world.more_validation]:
+        queries.setdefault(split.name, []).extend(_query_row(record, split, picture_paths) for record in split.records)
         for pool, ids in split.pools.items():
             for candidate_id in ids:
                 candidate = split.candidates[candidate_id]
@@ -84,6 +85,7 @@ def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0
                 "world": {
                     "n": n,
                     "seed": seed,
+                    "validation_size": validation_size,
                     "image_size": image_size,
                     "held_out": {
                         "combinations": sorted(" ".join(pair) for pair in world.held_out.combinations),

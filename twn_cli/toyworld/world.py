@@ -25,7 +25,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from PIL import Image
 
@@ -238,16 +238,31 @@ class World:
     seed: int
     held_out: HeldOut
     splits: dict[str, Split]
+    # Validation beyond its first block (generate_world's validation_size), each block with pools of its own.
+    more_validation: list[Split] = field(default_factory=list)
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
 
 
-def generate_world(n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES) -> World:
-    """A world of `n` records over the splits; the same seed gives the same world."""
+def generate_world(n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES, validation_size: int | None = None) -> World:
+    """A world of `n` records over the splits; the same seed gives the same world.
+
+    `validation_size`: validation holds that many records instead of its share of `n`, drawn in blocks the
+    size of the test split, each with candidate pools of its own, so that every validation query is ranked
+    against a pool like a test query's; train and test stay as they are.
+    """
     held_out = held_out_elements(seed)
-    splits = {name: _SplitBuilder(name, seed, held_out).build(count) for name, count in _allocate(n, split_shares).items()}
-    return World(seed, held_out, splits)
+    counts = _allocate(n, split_shares)
+    if validation_size is not None:
+        counts["validation"] = 0
+    splits = {name: _SplitBuilder(name, seed, held_out).build(count) for name, count in counts.items()}
+    more = []
+    if validation_size is not None:
+        block_count = max(1, math.ceil(validation_size / max(1, counts["test"])))
+        sizes = list(_allocate(validation_size, {block: 1.0 for block in range(1, block_count + 1)}).values())
+        splits["validation"], *more = (_SplitBuilder("validation", seed, held_out, block).build(size) for block, size in enumerate(sizes, 1))
+    return World(seed, held_out, splits, more)
 
 
 def _allocate(total: int, shares: dict[str, float]) -> dict[str, int]:
@@ -319,11 +334,13 @@ def random_scene(
 class _SplitBuilder:
     """Draws the records of one split, registering their candidates and pools as it goes."""
 
-    def __init__(self, name: str, seed: int, held_out: HeldOut):
+    def __init__(self, name: str, seed: int, held_out: HeldOut, block: int = 1):
         self.name = name
+        # Ids and the random stream of a split's first block are those of a world drawn without more blocks.
+        self.id_prefix = name if block == 1 else f"{name}-{block}"
         self.draws_held_out = name in HELD_OUT_SPLITS
         self.held_out = held_out
-        self.rng = random.Random(f"toyworld/{seed}/{name}")
+        self.rng = random.Random(f"toyworld/{seed}/{self.id_prefix}")
         self.allowed_pairs = [(c, s) for c in COLOURS for s in SHAPES if self.draws_held_out or (c, s) not in held_out.combinations]
         self.allowed_facts: dict[tuple[str, str], list[Fact]] = defaultdict(list)
         for fact in KNOWLEDGE:
@@ -414,7 +431,7 @@ class _SplitBuilder:
         return self._add_candidate(pool, "", (self._image(scene),))
 
     def _add_candidate(self, pool: str, text: str, images: tuple[SceneImage, ...]) -> str:
-        candidate_id = f"{self.name}/{pool}/{len(self.pools[pool]):05d}"
+        candidate_id = f"{self.id_prefix}/{pool}/{len(self.pools[pool]):05d}"
         self.candidates[candidate_id] = Candidate(candidate_id, text, images)
         self.pools[pool].append(candidate_id)
         return candidate_id
@@ -447,7 +464,7 @@ class _SplitBuilder:
         for draft in self.drafts:
             target = draft.pop("target")
             gold_ids = tuple(pictures_with[target]) if draft["task"] == "t2i" else draft["positive_ids"]
-            record_id = f"{self.name}/{draft['task']}/{per_task[draft['task']]:05d}"
+            record_id = f"{self.id_prefix}/{draft['task']}/{per_task[draft['task']]:05d}"
             per_task[draft["task"]] += 1
             records.append(Record(id=record_id, gold_ids=gold_ids, **draft))
         return Split(self.name, records, self.candidates, {pool: tuple(ids) for pool, ids in self.pools.items()})
