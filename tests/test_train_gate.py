@@ -221,7 +221,11 @@ def test_tau_comes_from_the_held_out_p_think_of_labelled_validation_inputs(make_
     summary = run_train_gate(make_model(), dataset, tmp_path / "run", config)
     logged = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines())}
     chosen_on = torch.tensor([logged[dataset.queries["validation"][i]["id"]]["p_think_heldout"] for i in range(config.validation_queries)])
-    assert summary["threshold"] == threshold_for_budget(chosen_on, 0.5)
+    assert summary["threshold_on_choosing_p"] == threshold_for_budget(chosen_on, 0.5)
+    # The shipped gate thinks on the share of the validation queries chosen there, at its own τ.
+    shipped = torch.tensor([logged[dataset.queries["validation"][i]["id"]]["p_think"] for i in range(config.validation_queries)])
+    assert summary["threshold"] == pytest.approx(threshold_for_budget(shipped, float((chosen_on >= summary["threshold_on_choosing_p"]).double().mean())))
+    assert float((shipped >= summary["threshold"]).double().mean()) == pytest.approx(float((chosen_on >= summary["threshold_on_choosing_p"]).double().mean()))
     assert any(r["p_think_heldout"] != r["p_think"] for r in logged.values())  # the shipped gate's p would differ
 
 

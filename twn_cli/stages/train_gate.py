@@ -35,8 +35,9 @@
    τ, which thinks less), the least thinking whose score the validation noise cannot tell from the best
    (`within_noise`, a bootstrap one-standard-error rule), or the (1 - F) quantile of p_think for a think
    budget F. A validation input that was also labelled counts with its held-out p_think, from the fold's
-   gate that never saw it. The tasks in which thinking won on validation are recorded, for task-level
-   routing in `twn eval`.
+   gate that never saw it; the shipped gate, another fit, then gets the τ at which it thinks on the same
+   share of the validation queries (its p_think quantile at the chosen think rate). The tasks in which
+   thinking won on validation are recorded, for task-level routing in `twn eval`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from twn_cli.data.negatives_cache import NegativesCache
 from twn_cli.data.prepared import PreparedDataset
 from twn_cli.distributed import Distributed
 from twn_cli.engine.checkpoint import check_checkpoint_output, save_checkpoint, stage_results
+from twn_cli.engine.gate import thinks
 from twn_cli.engine.model import TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
@@ -184,12 +186,18 @@ def run_train_gate(
 
     choice = None
     if config.target == "budget":
-        tau = threshold_for_budget(p_validation, config.think_budget)
+        chosen = threshold_for_budget(p_validation, config.think_budget)
     elif config.target == "within_noise":
-        tau, choice = threshold_within_noise(p_validation, validation.hit_never, validation.hit_think, validation.tasks,
-                                             config.noise_standard_errors, config.bootstrap_samples, config.seed)
+        chosen, choice = threshold_within_noise(p_validation, validation.hit_never, validation.hit_think, validation.tasks,
+                                                config.noise_standard_errors, config.bootstrap_samples, config.seed)
     else:
-        tau = best_threshold(p_validation, validation.hit_never, validation.hit_think, validation.weights, config.best_tolerance)
+        chosen = best_threshold(p_validation, validation.hit_never, validation.hit_think, validation.weights, config.best_tolerance)
+    # A labelled validation input was chosen on with its fold gate's p_think; the shipped gate is another
+    # fit and calibrated otherwise (on the toy world its p_think at the same τ thought on 50 % of the inputs
+    # where the fold gates' thought on 60 %). What transfers is the think rate: τ is the shipped gate's
+    # p_think quantile over the validation queries at the rate chosen.
+    think_rate = float(thinks(p_validation, chosen).double().mean())
+    tau = threshold_for_budget(gate_probabilities(model.gate, validation.features), think_rate)
     model.config.gate_threshold = tau
     folds = min(config.heldout_folds, len(labels))
     routing_by = {"task": [(row["task"],) for row in rows]}
@@ -221,9 +229,10 @@ def run_train_gate(
             },
         },
         "threshold_choice": choice,
+        "threshold_on_choosing_p": chosen,
         "gate_loss": fit.kept["loss"],
         "gate_epoch": fit.kept["epoch"],
-        "validation": {"split": config.validation_split, **adaptive_outcome(p_validation, tau, validation)},
+        "validation": {"split": config.validation_split, **adaptive_outcome(p_validation, chosen, validation)},
     }
     if Distributed().is_main:
         _write_logs(train_dir, rows, labelled, labels, fold_of, p_heldout, set(stopping.tolist()), p_labelled, fit.history)
