@@ -85,3 +85,19 @@ def test_routing_by_group_alone_is_scored_on_held_out_folds():
     # judged on the 'think' inputs alone, it has no pair to order.
     assert heldout_group_auroc(by_label, labels, folds=5, seed=1, fitted_to=1.0 - labels.float()) == pytest.approx(0.0)
     assert heldout_group_auroc(by_label, labels, folds=5, seed=1, judged=labels) is None
+
+
+def test_the_kind_oracle_thinks_for_whole_kinds_in_order_of_their_gain_per_token():
+    # t2i's two queries are of two kinds; cls's two of one kind, on which thinking loses.
+    inputs = routing_inputs(PER_TASK, tags=["one_step", "simple", "simple", "simple"])
+    sweep = [sweep_point("never", None, 0.25, 0.0, 0.0), sweep_point("always", None, 0.5, 1.0, 25.0)]
+    kind = routing_report(inputs, sweep, chosen_threshold=None, think_tasks=None)["kind_oracle"]
+    # (t2i, one_step): +0.25 for 10 of 100 tokens; (t2i, simple): +0.25 for 30; (cls, simple): -0.25 for 60.
+    assert kind["curve"] == [pytest.approx((0.1, 0.5)), pytest.approx((0.4, 0.75)), pytest.approx((1.0, 0.5))]
+    assert (kind["token_share"], kind["score"]) == pytest.approx((0.4, 0.75))
+    assert kind["area"] == pytest.approx(area_above_chord(kind["curve"], 0.25, 0.5))
+    # One kind per task: the kind oracle is routing by task, ordered; untagged data has none.
+    by_task = routing_report(routing_inputs(PER_TASK, tags=["x"] * 4), sweep, None, None)["kind_oracle"]
+    assert by_task["curve"] == [pytest.approx((0.4, 0.75)), pytest.approx((1.0, 0.5))]
+    assert routing_report(routing_inputs(PER_TASK, tags=[""] * 4), sweep, None, None)["kind_oracle"] is None
+    assert routing_report(routing_inputs(PER_TASK), sweep, None, None)["kind_oracle"] is None

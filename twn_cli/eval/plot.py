@@ -2,7 +2,8 @@
 
 A sweep draws the overall score against the share of always-think's reasoning tokens: the gate's
 thresholds (never -> always) with the chosen one marked, random routing (the chord from never to always),
-the per-input oracle's curve and task-level routing where the checkpoint records it. A single mode draws
+the per-input oracle's curve, the kind oracle's where the data tags its queries, and task-level routing
+where the checkpoint records it. A single mode draws
 its one point against reasoning tokens per query.
 """
 
@@ -19,7 +20,7 @@ from twn_cli.eval.report import is_chosen_point
 WIDTH, HEIGHT = 900, 560
 LEFT, RIGHT, TOP, BOTTOM = 90, 40, 60, 80
 CURVE, NEVER, ALWAYS, CHOSEN, GRID, INK = "#4c72b0", "#1f77b4", "#d62728", "#2ca02c", "#e5e5e5", "#222222"
-CHORD, ORACLE, TASK_LEVEL = "#999999", "#8c564b", "#ff7f0e"
+CHORD, ORACLE, KIND_ORACLE, TASK_LEVEL = "#999999", "#8c564b", "#9467bd", "#ff7f0e"
 
 
 def plot_quality_vs_tokens(report: dict, path: str | Path) -> None:
@@ -34,7 +35,8 @@ def _plot_routing(report: dict, path: str | Path) -> None:
     never, always = routing["never"], routing["always"]
     gate = [(0.0, never), *sorted((entry["token_share"], entry["score"]) for entry in routing["gate"]["points"]), (1.0, always)]
     oracle = [(0.0, never), *(tuple(point) for point in routing["oracle"]["curve"])]
-    scores = [100 * y for _, y in gate + oracle]
+    kind_oracle = [(0.0, never), *(tuple(point) for point in routing["kind_oracle"]["curve"])] if routing.get("kind_oracle") else []
+    scores = [100 * y for _, y in gate + oracle + kind_oracle]
     image, draw, to_pixel, small = _canvas(
         (0.0, 1.0), (min(scores), max(scores)), "share of always-think's reasoning tokens",
         f"{report['dataset']['split']} split: overall score (x100) vs share of always-think's reasoning tokens",
@@ -45,6 +47,8 @@ def _plot_routing(report: dict, path: str | Path) -> None:
 
     line([(0.0, never), (1.0, always)], CHORD)
     line(oracle, ORACLE)
+    if kind_oracle:
+        line(kind_oracle, KIND_ORACLE)
     line(gate, CURVE)
     for entry in routing["gate"]["points"]:
         px, py = to_pixel(entry["token_share"], 100 * entry["score"])
@@ -58,7 +62,8 @@ def _plot_routing(report: dict, path: str | Path) -> None:
         px, py = to_pixel(task["token_share"], 100 * task["score"])
         draw.rectangle([px - 5, py - 5, px + 5, py + 5], fill=TASK_LEVEL)
     _ends(draw, to_pixel, never, always, small)
-    legend = [("gate", CURVE), ("random (chord)", CHORD), ("per-input oracle", ORACLE)] + ([("task-level", TASK_LEVEL)] if routing["task_level"] else [])
+    legend = [("gate", CURVE), ("random (chord)", CHORD), ("per-input oracle", ORACLE)]
+    legend += ([("kind oracle", KIND_ORACLE)] if kind_oracle else []) + ([("task-level", TASK_LEVEL)] if routing["task_level"] else [])
     for row, (label, colour) in enumerate(legend):
         y = TOP + 14 + 18 * row
         draw.line([(LEFT + 12, y), (LEFT + 36, y)], fill=colour, width=3)

@@ -81,6 +81,10 @@ def _routing_tables(routing: dict) -> list[Table]:
     oracle = routing["oracle"]
     rows.append(["per-input oracle (thinks where it helps)", _rate(oracle["think_rate"]), _rate(oracle["token_share"]), _score(oracle["score"]),
                  f"{100 * oracle['area']:.2f}"])
+    if routing.get("kind_oracle"):
+        kind = routing["kind_oracle"]
+        rows.append(["kind oracle (whole kinds: task and tag, the best routing by kind)", "-", _rate(kind["token_share"]), _score(kind["score"]),
+                     f"{100 * kind['area']:.2f}"])
     if routing["task_level"]:
         task = routing["task_level"]
         rows.append([f"task-level ({', '.join(task['tasks']) or 'no task'})", _rate(task["think_rate"]), _rate(task["token_share"]),

@@ -165,7 +165,7 @@ def policy_point(results: Mapping[str, TaskResult], mode: str, threshold: float 
 
 def routing_inputs_of(results: Mapping[str, TaskResult]) -> RoutingInputs:
     """Each query's headline score in both views and its CoT's tokens, per task (a sweep ranks both views)."""
-    per_task = {}
+    per_task, tags = {}, []
     for name, result in results.items():
         metric = HEADLINE_METRIC[result.modality]
         rows = range(len(result.query_ids))
@@ -174,7 +174,8 @@ def routing_inputs_of(results: Mapping[str, TaskResult]) -> RoutingInputs:
             [result.ranked["think"][row]["metrics"][metric] for row in rows],
             result.reasoning_tokens.tolist(),
         )
-    return routing_inputs(per_task)
+        tags += result.difficulties
+    return routing_inputs(per_task, tags)
 
 
 def think_tasks_of(manifest: dict | None) -> list[str] | None:

@@ -10,7 +10,11 @@ each (its no-think and its think embedding):
 - task-level routing: think exactly for the tasks in which always beat never on validation (train-gate
   records them), one point;
 - the per-input oracle: think exactly where it helps; as a curve, the inputs added in order of gain per
-  token (the best routing for every budget), through the point where every helpful input thinks.
+  token (the best routing for every budget), through the point where every helpful input thinks;
+- the kind oracle, where the data tags its queries (the toy world's difficulty): think for whole kinds
+  (task and tag), added in order of their gain per token on these very queries. No router that reads only
+  an input's kind can do better; the per-input oracle also knows which inputs of a kind the CoT will
+  rescue, which an input's prompt alone cannot tell.
 The area between a curve and the chord over the token share [0, 1] says how much better than a coin it
 routes; the oracle's area is the most any router can reach.
 """
@@ -35,6 +39,7 @@ class RoutingInputs:
     never: torch.Tensor
     think: torch.Tensor
     tokens: torch.Tensor
+    tags: list[str] | None = None  # each query's analysis tag (None: the data has none)
 
     @property
     def never_score(self) -> float:
@@ -51,8 +56,9 @@ class RoutingInputs:
         return share, float((self.weights * torch.where(thinking, self.think, self.never)).sum())
 
 
-def routing_inputs(per_task: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[int]]]) -> RoutingInputs:
-    """From each task's per-query (never score, think score, reasoning tokens); every task weighs alike."""
+def routing_inputs(per_task: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[int]]], tags: Sequence[str] | None = None) -> RoutingInputs:
+    """From each task's per-query (never score, think score, reasoning tokens); every task weighs alike.
+    `tags`: every query's analysis tag, in the same order (none, or all empty: untagged)."""
     tasks, weights, never, think, tokens = [], [], [], [], []
     for name, (task_never, task_think, task_tokens) in per_task.items():
         count = len(task_never)
@@ -62,7 +68,8 @@ def routing_inputs(per_task: Mapping[str, tuple[Sequence[float], Sequence[float]
         think += list(task_think)
         tokens += list(task_tokens)
     return RoutingInputs(tasks, torch.tensor(weights, dtype=torch.float64), torch.tensor(never, dtype=torch.float64),
-                         torch.tensor(think, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64))
+                         torch.tensor(think, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64),
+                         list(tags) if tags is not None and any(tags) else None)
 
 
 def area_above_chord(points: Sequence[tuple[float, float]], never: float, always: float) -> float:
@@ -92,6 +99,25 @@ def oracle_curve(inputs: RoutingInputs) -> list[tuple[float, float]]:
     shares = torch.cumsum(inputs.tokens[order], 0) / total
     scores = inputs.never_score + torch.cumsum(gain[order], 0)
     return list(zip(shares.tolist(), scores.tolist()))
+
+
+def kind_oracle_curve(inputs: RoutingInputs) -> list[tuple[float, float]]:
+    """(share, score) after each kind (task and tag), in order of the kind's weighted gain per token."""
+    kinds: dict[tuple[str, str], list[int]] = {}
+    for row, kind in enumerate(zip(inputs.tasks, inputs.tags or [""] * len(inputs.tasks))):
+        kinds.setdefault(kind, []).append(row)
+    gain = inputs.weights * (inputs.think - inputs.never)
+    total = float(inputs.tokens.sum()) or 1.0
+
+    def per_token(rows: list[int]) -> float:
+        kind_gain, kind_tokens = float(gain[rows].sum()), float(inputs.tokens[rows].sum())
+        return kind_gain / kind_tokens if kind_tokens > 0 else (float("inf") if kind_gain > 0 else float("-inf") if kind_gain < 0 else 0.0)
+
+    curve, share, score = [], 0.0, inputs.never_score
+    for rows in sorted(kinds.values(), key=per_token, reverse=True):
+        share, score = share + float(inputs.tokens[rows].sum()) / total, score + float(gain[rows].sum())
+        curve.append((share, score))
+    return curve
 
 
 def _thinned(curve: list[tuple[float, float]], count: int) -> list[tuple[float, float]]:
@@ -135,6 +161,7 @@ def routing_report(inputs: RoutingInputs, sweep: Sequence[dict], chosen_threshol
             "curve": _thinned(oracle, ORACLE_POINTS), "area": area_above_chord(oracle, never, always),
         },
         "task_level": None,
+        "kind_oracle": None,
     }
     report["gate"]["share_of_oracle_area"] = report["gate"]["area"] / report["oracle"]["area"] if report["oracle"]["area"] > 0 else None
     if think_tasks is not None:
@@ -144,6 +171,10 @@ def routing_report(inputs: RoutingInputs, sweep: Sequence[dict], chosen_threshol
             "tasks": sorted(set(think_tasks) & set(inputs.tasks)), "think_rate": float(thinking.double().mean()),
             "token_share": share, "score": score, "area": area_above_chord([(share, score)], never, always),
         }
+    if inputs.tags is not None:
+        kind_curve = kind_oracle_curve(inputs)
+        best = max(kind_curve, key=lambda point: point[1])
+        report["kind_oracle"] = {"token_share": best[0], "score": best[1], "curve": kind_curve, "area": area_above_chord(kind_curve, never, always)}
     chosen = next((entry for entry in gate if entry["threshold"] == chosen_threshold), None)
     if chosen is not None:
         report["chosen"] = {
