@@ -112,6 +112,16 @@ def test_a_larger_validation_leaves_train_and_test_as_they_were_in_blocks_with_p
         assert any(record.held_out for record in block.records)  # drawn like validation, not like train
 
 
+def test_an_rl_split_is_drawn_like_train_and_leaves_the_other_splits_as_they_were(world):
+    with_rl = generate_world(n=500, seed=0, rl_size=60)
+    for name, split in world.splits.items():
+        assert [r.to_dict() for r in with_rl.splits[name].records] == [r.to_dict() for r in split.records]
+    rl = with_rl.splits["rl"]
+    assert len(rl.records) == 60 and not any(record.held_out for record in rl.records)  # nothing held out, as train
+    assert {(r.task, r.difficulty) for r in rl.records} >= {("t2i", "one_step"), ("t2i", "two_step")}
+    assert not ({r.id for r in rl.records} | set(rl.candidates)) & {r.id for s in world.splits.values() for r in s.records}
+
+
 def test_prepared_validation_blocks_rank_each_query_against_its_own_block(tmp_path):
     from twn_cli.data.prepared import load_prepared
     from twn_cli.toyworld.dataset import write_synthetic_dataset

@@ -245,8 +245,13 @@ class World:
         return self.splits[split]
 
 
-def generate_world(n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES, validation_size: int | None = None) -> World:
+def generate_world(
+    n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES, validation_size: int | None = None, rl_size: int = 0,
+) -> World:
     """A world of `n` records over the splits; the same seed gives the same world.
+
+    `rl_size`: an `rl` split of that many records drawn like train (its phrasings, facts and combinations)
+    that train-embed never reads: queries whose CoTs SFT did not fit, for train-rl.
 
     `validation_size`: validation holds that many records instead of its share of `n`, drawn in blocks the
     size of the test split, each with candidate pools of its own, so that every validation query is ranked
@@ -256,6 +261,8 @@ def generate_world(n: int = 4000, seed: int = 0, split_shares: dict[str, float] 
     counts = _allocate(n, split_shares)
     if validation_size is not None:
         counts["validation"] = 0
+    if rl_size:
+        counts["rl"] = rl_size
     splits = {name: _SplitBuilder(name, seed, held_out).build(count) for name, count in counts.items()}
     more = []
     if validation_size is not None:
