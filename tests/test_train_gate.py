@@ -331,6 +331,7 @@ def test_train_gate_command_end_to_end(make_model, toy_dataset_dir, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "gate")
     assert "threshold τ" in result.stderr and "gate AUROC" in result.stderr and "think rate" in result.stderr
+    assert "expected_hit:" in result.stderr and "hurts" in result.stderr  # the table wraps its rows on a narrow terminal
     model = load_checkpoint(tmp_path / "gate", device="cpu")
     gate = model.manifest["gate"]
     assert model.config.gate_threshold == gate["threshold"] and gate["target"] == "best" and gate["delta"] == 0.01

@@ -187,12 +187,13 @@ def train_gate(
     }.get(summary["target"]) or f"{summary['think_budget']:.0%} think budget"
     table = Table("", "value", title="train-gate")
     table.add_row("threshold τ", f"{summary['threshold']:.6g} ({rule})")
-    table.add_row("labels", f"{labels['inputs']} {labels['split']} inputs, thinking helps {labels['think_helps']} ({labels['think_helps_rate']:.1%}) at δ = {summary['delta']:g}")
+    table.add_row("labels", f"{summary['label']}: {labels['inputs']} {labels['split']} inputs, thinking helps {labels['think_helps']} ({labels['think_helps_rate']:.1%}) at δ = {summary['delta']:g}")
     table.add_row("mean margin change", f"{labels['mean_margin_change']:+.4f}")
     for name, rate in labels.get("think_helps_rate_by_difficulty", {}).items():
         table.add_row(f"  thinking helps, {name}", f"{rate:.1%}")
     heldout = "n/a (one class)" if scores["heldout"] is None else f"{scores['heldout']:.3f}"
-    table.add_row("gate AUROC", f"{heldout} on {scores['heldout_inputs']} held-out labels ({scores['heldout_folds']}-fold)")
+    on = f"{scores['judged_inputs']} held-out inputs thinking helps or hurts" if summary["label"] == "expected_hit" else f"{scores['heldout_inputs']} held-out labels"
+    table.add_row("gate AUROC", f"{heldout} on {on} ({scores['heldout_folds']}-fold)")
     for name in ("task", "task_difficulty"):
         if f"heldout_{name}_lookup" in scores:
             value = scores[f"heldout_{name}_lookup"]
