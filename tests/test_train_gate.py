@@ -365,6 +365,8 @@ def test_expected_hit_labels_count_what_crosses_the_first_rank():
     # candidate 2 is a copy of the gold: neither gold nor negative; the best negative is candidate 0
     assert gate_threshold.pool_margin(scores, gold, negative) == pytest.approx(0.7 - 0.9)
     assert gate_threshold.pool_margin(scores, gold, torch.zeros(4, dtype=torch.bool)) == 0.0
+    no_gold = torch.zeros(4, dtype=torch.bool)  # a miss in either view: no rise to count
+    assert gate_threshold.pool_margin(scores, no_gold, negative) == gate_threshold.pool_margin(scores * 0.5, no_gold, negative) == -2.0
     labelled = gate_labelling.LabelledInputs(
         ids=["across", "far above", "lost"], features=torch.zeros(3, 2),
         margin_never=torch.tensor([-0.05, 0.5, 0.02]), margin_think=torch.tensor([0.05, 0.7, -0.1]),

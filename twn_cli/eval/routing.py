@@ -93,31 +93,28 @@ def oracle_curve(inputs: RoutingInputs) -> list[tuple[float, float]]:
     """(share, score) after each input, in order of weighted gain per token: first those with the most gain for
     their tokens, then the inputs that gain nothing, then those that lose the least per token."""
     gain = inputs.weights * (inputs.think - inputs.never)
-    per_token = torch.where(inputs.tokens > 0, gain / inputs.tokens.clamp(min=1), gain.sign() * float("inf"))
-    order = torch.argsort(per_token, descending=True, stable=True)
-    total = float(inputs.tokens.sum()) or 1.0
-    shares = torch.cumsum(inputs.tokens[order], 0) / total
-    scores = inputs.never_score + torch.cumsum(gain[order], 0)
-    return list(zip(shares.tolist(), scores.tolist()))
+    return _in_order_of_gain_per_token(gain, inputs.tokens, inputs)
 
 
 def kind_oracle_curve(inputs: RoutingInputs) -> list[tuple[float, float]]:
     """(share, score) after each kind (task and tag), in order of the kind's weighted gain per token."""
-    kinds: dict[tuple[str, str], list[int]] = {}
-    for row, kind in enumerate(zip(inputs.tasks, inputs.tags or [""] * len(inputs.tasks))):
-        kinds.setdefault(kind, []).append(row)
+    kinds: dict[tuple[str, str], int] = {}
+    kind_of = torch.tensor([kinds.setdefault(kind, len(kinds)) for kind in zip(inputs.tasks, inputs.tags or [""] * len(inputs.tasks))])
     gain = inputs.weights * (inputs.think - inputs.never)
+    per_kind = [torch.zeros(len(kinds), dtype=torch.float64).index_add_(0, kind_of, values) for values in (gain, inputs.tokens)]
+    return _in_order_of_gain_per_token(*per_kind, inputs)
+
+
+def _in_order_of_gain_per_token(gain: torch.Tensor, tokens: torch.Tensor, inputs: RoutingInputs) -> list[tuple[float, float]]:
+    """(share of all of `inputs`' tokens, score) after each part (an input or a kind) of weighted `gain` and
+    `tokens`, taken in order of gain per token; a part without tokens first if it gains, last if it loses."""
+    unbounded = torch.where(gain == 0, 0.0, gain.sign() * float("inf"))
+    per_token = torch.where(tokens > 0, gain / tokens.clamp(min=1), unbounded)
+    order = torch.argsort(per_token, descending=True, stable=True)
     total = float(inputs.tokens.sum()) or 1.0
-
-    def per_token(rows: list[int]) -> float:
-        kind_gain, kind_tokens = float(gain[rows].sum()), float(inputs.tokens[rows].sum())
-        return kind_gain / kind_tokens if kind_tokens > 0 else (float("inf") if kind_gain > 0 else float("-inf") if kind_gain < 0 else 0.0)
-
-    curve, share, score = [], 0.0, inputs.never_score
-    for rows in sorted(kinds.values(), key=per_token, reverse=True):
-        share, score = share + float(inputs.tokens[rows].sum()) / total, score + float(gain[rows].sum())
-        curve.append((share, score))
-    return curve
+    shares = torch.cumsum(tokens[order], 0) / total
+    scores = inputs.never_score + torch.cumsum(gain[order], 0)
+    return list(zip(shares.tolist(), scores.tolist()))
 
 
 def _thinned(curve: list[tuple[float, float]], count: int) -> list[tuple[float, float]]:

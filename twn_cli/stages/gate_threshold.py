@@ -17,7 +17,7 @@ from twn_cli.engine.model import TWNModel
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import hit_at_1
 from twn_cli.stages.common import CandidateEmbedder
-from twn_cli.stages.gate_labelling import LabelledInputs, Progress, Views, embed_views
+from twn_cli.stages.gate_labelling import LabelledInputs, Progress, embed_views
 from twn_cli.types import ModelInput
 
 if TYPE_CHECKING:
@@ -66,8 +66,16 @@ def task_weights(tasks: list[str]) -> torch.Tensor:
     return torch.tensor([1.0 / (len(sizes) * sizes[task]) for task in tasks], dtype=torch.float64)
 
 
+# The margin of a query whose pool holds no gold (`twn eval` counts it a miss in either view): the lowest
+# a margin of cosine scores can be, the same in both views.
+NO_GOLD_MARGIN = -2.0
+
+
 def pool_margin(scores: torch.Tensor, gold: torch.Tensor, negative: torch.Tensor) -> float:
-    """The best gold's score minus the best negative's (0 where the pool has no negative)."""
+    """The best gold's score minus the best negative's (0 where the pool has no negative, NO_GOLD_MARGIN where
+    it has no gold)."""
+    if not gold.any():
+        return NO_GOLD_MARGIN
     best_gold = float(scores[gold].max())
     return best_gold - float(scores[negative].max()) if negative.any() else 0.0
 
@@ -96,8 +104,9 @@ def pool_views(
     embeddings = dict(zip(needed, CandidateEmbedder(model, dataset.candidates, config.label_batch_size).shared_by(distributed, needed)))
     sampling = Sampling(max_new_tokens=config.max_think_tokens)
 
-    def judge(read_batch: tuple[int, list[dict], list[ModelInput]]) -> tuple[Views, list[list[float]]]:
-        """The batch's views and, per query, [hit never, hit think, margin never, margin think]."""
+    def judge(read_batch: tuple[int, list[dict], list[ModelInput]]) -> tuple[torch.Tensor, list[int], list[str], list[list[float]]]:
+        """The batch's gate inputs, reasoning tokens, CoTs and, per query, [hit never, hit think, margin never,
+        margin think] (the embeddings stay in the process that made them)."""
         start, batch, inputs = read_batch
         views = embed_views(model, inputs, sampling)
         judged = []
@@ -109,7 +118,7 @@ def pool_views(
             negative = torch.tensor([c not in copies for c in pool])
             scores = [pool_embeddings.float() @ view[offset].float() for view in (views.never, views.think)]
             judged.append([*(hit_at_1(view_scores, gold) for view_scores in scores), *(pool_margin(view_scores, gold, negative) for view_scores in scores)])
-        return views, judged
+        return views.last_prompt_state, views.reasoning_tokens, views.cots, judged
 
     def read(start: int) -> tuple[int, list[dict], list[ModelInput]]:
         batch = rows[start : start + config.label_batch_size]
@@ -117,10 +126,10 @@ def pool_views(
 
     features, tokens, cots, judged = [], [], [], []
     progress(phase, 0, len(rows))
-    for views, batch_judged in distributed.map_in_order(judge, range(0, len(rows), config.label_batch_size), prepare=read):
-        features.append(views.last_prompt_state)
-        tokens.extend(views.reasoning_tokens)
-        cots.extend(views.cots)
+    for state, reasoning_tokens, batch_cots, batch_judged in distributed.map_in_order(judge, range(0, len(rows), config.label_batch_size), prepare=read):
+        features.append(state)
+        tokens.extend(reasoning_tokens)
+        cots.extend(batch_cots)
         judged.extend(batch_judged)
         progress(phase, len(judged), len(rows))
     hit_never, hit_think, margin_never, margin_think = (list(column) for column in zip(*judged))

@@ -182,7 +182,8 @@ def run_train_gate(
     trained = (~torch.isin(torch.arange(len(labels)), stopping)).nonzero().flatten()
     progress("gate", 2, 2)
     p_labelled = gate_probabilities(model.gate, labelled.features)
-    p_validation = choosing_probabilities(gate_probabilities(model.gate, validation.features), validation.ids, labelled.ids, p_heldout)
+    p_shipped = gate_probabilities(model.gate, validation.features)
+    p_validation = choosing_probabilities(p_shipped, validation.ids, labelled.ids, p_heldout)
 
     choice = None
     if config.target == "budget":
@@ -197,7 +198,7 @@ def run_train_gate(
     # where the fold gates' thought on 60 %). What transfers is the think rate: τ is the shipped gate's
     # p_think quantile over the validation queries at the rate chosen.
     think_rate = float(thinks(p_validation, chosen).double().mean())
-    tau = threshold_for_budget(gate_probabilities(model.gate, validation.features), think_rate)
+    tau = threshold_for_budget(p_shipped, think_rate)
     model.config.gate_threshold = tau
     folds = min(config.heldout_folds, len(labels))
     routing_by = {"task": [(row["task"],) for row in rows]}
