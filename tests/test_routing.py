@@ -8,7 +8,8 @@ import torch
 
 from twn_cli.eval.routing import area_above_chord, oracle_curve, routing_inputs, routing_report, value_at
 from twn_cli.stages.gate_fitting import heldout_group_auroc
-from twn_cli.stages.gate_threshold import best_threshold, task_weights, threshold_within_noise
+from twn_cli.stages.gate_threshold import best_threshold, threshold_within_noise
+from twn_cli.stages.pool_scoring import task_weights
 
 # Two tasks of two queries each: (never hit, think hit, CoT tokens) per query.
 PER_TASK = {

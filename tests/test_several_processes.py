@@ -221,7 +221,7 @@ def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, 
     assert cache.exit_code == 0, cache.stderr
     options = ["train-rl", toy_dataset_dir, "--checkpoint", checkpoint, "--negatives-cache", tmp_path / "cache.pt",
                "-o", tmp_path / "rl", "--set=batch_size=4", "--set=group_size=2", "--set=max_think_tokens=4",
-               "--set=validation_queries=8", "--set=checkpoint_every=1", "--set=refresh_cache_every=1"]  # 2 held-out batches
+               "--set=validation_queries=8", "--set=heldout_hit_queries=6", "--set=checkpoint_every=1", "--set=refresh_cache_every=1"]  # 2 held-out batches
     first = torchrun("-m", "twn_cli", *options, "--steps", 1)
     assert first.stdout.splitlines() == [str(tmp_path / "rl")]
     resumed = torchrun("-m", "twn_cli", *options, "--steps", 2, "--resume")
@@ -231,6 +231,8 @@ def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, 
     steps = [json.loads(line)["step"] for line in (tmp_path / "rl" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert "held-out reward (8 validation queries)" in resumed.stderr
+    assert "held-out always-think Hit@1 (6 validation queries)" in resumed.stderr
+    assert len(manifest["train_rl"]["heldout_hit"]["by_step"]) == 2
     again = torchrun("-m", "twn_cli", *options, "--steps", 2, "--resume")  # already finished: nothing to train
     assert "held-out reward (8 validation queries)" in again.stderr
     fresh = subprocess.run(

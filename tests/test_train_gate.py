@@ -20,9 +20,10 @@ from twn_cli.engine.decoding import Sampling
 from twn_cli.engine.gate import RoutingGate
 from twn_cli.errors import TWNError
 from twn_cli.eval.metrics import auroc
-from twn_cli.stages import gate_fitting, gate_labelling, gate_threshold
+from twn_cli.stages import gate_fitting, gate_labelling, gate_threshold, pool_scoring
 from twn_cli.stages.gate_labelling import candidate_columns, embed_views, label_inputs, labelling_rows, retrieval_margins, thinking_labels
-from twn_cli.stages.gate_threshold import best_threshold, task_weights, threshold_for_budget
+from twn_cli.stages.gate_threshold import best_threshold, threshold_for_budget
+from twn_cli.stages.pool_scoring import task_weights
 from twn_cli.stages.train_gate import TrainGateConfig, run_train_gate
 
 SMALL = dict(label_queries=12, label_batch_size=6, hard_negatives=2, max_think_tokens=6, epochs=20, batch_size=8, validation_queries=8)
@@ -363,10 +364,10 @@ def test_expected_hit_labels_count_what_crosses_the_first_rank():
     scores = torch.tensor([0.9, 0.7, 0.95, 0.2])
     gold, negative = torch.tensor([False, True, False, False]), torch.tensor([True, False, False, True])
     # candidate 2 is a copy of the gold: neither gold nor negative; the best negative is candidate 0
-    assert gate_threshold.pool_margin(scores, gold, negative) == pytest.approx(0.7 - 0.9)
-    assert gate_threshold.pool_margin(scores, gold, torch.zeros(4, dtype=torch.bool)) == 0.0
+    assert pool_scoring.pool_margin(scores, gold, negative) == pytest.approx(0.7 - 0.9)
+    assert pool_scoring.pool_margin(scores, gold, torch.zeros(4, dtype=torch.bool)) == 0.0
     no_gold = torch.zeros(4, dtype=torch.bool)  # a miss in either view: no rise to count
-    assert gate_threshold.pool_margin(scores, no_gold, negative) == gate_threshold.pool_margin(scores * 0.5, no_gold, negative) == -2.0
+    assert pool_scoring.pool_margin(scores, no_gold, negative) == pool_scoring.pool_margin(scores * 0.5, no_gold, negative) == -2.0
     labelled = gate_labelling.LabelledInputs(
         ids=["across", "far above", "lost"], features=torch.zeros(3, 2),
         margin_never=torch.tensor([-0.05, 0.5, 0.02]), margin_think=torch.tensor([0.05, 0.7, -0.1]),
@@ -399,14 +400,14 @@ def test_expected_hit_labels_are_the_pool_margins_of_each_query_judged_once(make
     dataset = load_prepared(toy_dataset_dir)
     config = TrainGateConfig(**{**SMALL, "label": "expected_hit", "split": split, "label_queries": 6, "delta": 0.01})
     judged = []
-    real_embed_views = gate_threshold.embed_views
-    monkeypatch.setattr(gate_threshold, "embed_views", lambda model, inputs, sampling: judged.extend(inputs) or real_embed_views(model, inputs, sampling))
+    real_embed_views = pool_scoring.embed_views
+    monkeypatch.setattr(pool_scoring, "embed_views", lambda model, inputs, sampling: judged.extend(inputs) or real_embed_views(model, inputs, sampling))
     model = make_model()
     summary = run_train_gate(model, dataset, tmp_path / "run", config)
     rows = labelling_rows(dataset, config)
     expected_judged = config.validation_queries + (len(rows) if split == "train" else 0)
     assert len(judged) == expected_judged  # a validation query labelled is not embedded again
-    views = gate_threshold.pool_views(model, dataset, rows, config)  # train-gate changed only the gate
+    views = pool_scoring.pool_views(model, dataset, rows, batch_size=config.label_batch_size, max_think_tokens=config.max_think_tokens)  # train-gate changed only the gate
     logged = [json.loads(line) for line in (tmp_path / "run" / "train" / "gate-labels.jsonl").read_text().splitlines()]
     assert [r["id"] for r in logged] == [row["id"] for row in rows]
     assert [r["margin_never"] for r in logged] == pytest.approx(views.margin_never.tolist(), abs=1e-5)

@@ -17,9 +17,12 @@ from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.data.training_data import TrainingData
 from twn_cli.engine.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from twn_cli.engine.config import INTERFACES
+from twn_cli.engine.decoding import Sampling
 from twn_cli.engine.training_passes import cot_log_probs, training_views
 from twn_cli.errors import TWNError
+from twn_cli.eval.metrics import hit_at_1
 from twn_cli.stages import train_rl
+from twn_cli.stages.common import CandidateEmbedder
 from twn_cli.stages.grpo import (
     clipped_surrogate,
     embed_rl_reward,
@@ -242,24 +245,83 @@ def test_groups_without_spread_can_be_left_out_of_the_loss(setup):
 def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, tmp_path, monkeypatch):
     model, dataset, cache = setup
     rewards = iter([0.30, 0.32, 0.35, 0.33, 0.31, 0.40])  # before RL, then steps 1-5: best at step 2, falls at 3 and 4
-    monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows, reference=False: next(rewards))
+    monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows: next(rewards))
     weights_at = {}
     record = RLTrainer.record_heldout
 
-    def remember(self, reward):
+    def remember(self, score):
         weights_at[self.step_done] = {name: p.detach().clone() for name, p in self.parameters.items()}
-        return record(self, reward)
+        return record(self, score)
 
     monkeypatch.setattr(RLTrainer, "record_heldout", remember)
     summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=5, checkpoint_every=1))
     assert summary["steps"] == 4 and summary["kept_best"] == {
-        "stopped_at_step": 4, "step": 2, "heldout_reward": 0.35, "why": "the held-out reward fell at 2 checkpoints in a row"
+        "stopped_at_step": 4, "step": 2, "heldout_reward": 0.35, "heldout_hit": None, "why": "the held-out score fell at 2 checkpoints in a row"
     }
     assert summary["heldout_reward"]["before"] == 0.30 and summary["heldout_reward"]["after"] == 0.35
     saved = load_checkpoint(tmp_path / "rl", device="cpu")
     for name, parameter in saved.adapter_parameters("reasoning").items():
         assert torch.equal(parameter.detach(), weights_at[2][name]), name
     assert not all(torch.equal(weights_at[4][name], weights_at[2][name]) for name in weights_at[2])
+
+
+@pytest.mark.parametrize(
+    ("hits", "rewards", "kept_step"),
+    [
+        ([0.50, 0.60, 0.55], [0.30, 0.20, 0.40], 1),  # Hit@1 outranks the reward
+        ([0.50, 0.50, 0.50], [0.30, 0.20, 0.30], 0),  # a tie keeps the earlier checkpoint: RL must beat pre-RL
+    ],
+)
+def test_the_run_keeps_its_checkpoint_with_the_best_heldout_hit_at_1(setup, tmp_path, monkeypatch, hits, rewards, kept_step):
+    model, dataset, cache = setup
+    hit_values, reward_values = iter(hits), iter(rewards)
+    monkeypatch.setattr(RLTrainer, "heldout_hit", lambda self, rows: next(hit_values))
+    monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows: next(reward_values))
+    weights_at = {0: {name: p.detach().clone() for name, p in model.adapter_parameters("reasoning").items()}}
+    record = RLTrainer.record_heldout
+
+    def remember(self, score):
+        weights_at[self.step_done] = {name: p.detach().clone() for name, p in self.parameters.items()}
+        return record(self, score)
+
+    monkeypatch.setattr(RLTrainer, "record_heldout", remember)
+    summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1, heldout_hit_queries=4))
+    assert summary["steps"] == 2 and summary["kept_best"] == {
+        "stopped_at_step": 2, "step": kept_step, "heldout_reward": rewards[kept_step], "heldout_hit": hits[kept_step],
+        "why": "its held-out score was the run's best",
+    }
+    assert summary["heldout_hit"] == {"split": "validation", "queries": 4, "before": hits[0], "after": hits[kept_step], "by_step": [(1, hits[1]), (2, hits[2])]}
+    assert summary["heldout_reward"]["after"] == rewards[kept_step]
+    saved = load_checkpoint(tmp_path / "rl", device="cpu")
+    for name, parameter in saved.adapter_parameters("reasoning").items():
+        assert torch.equal(parameter.detach(), weights_at[kept_step][name]), name
+    assert not all(torch.equal(weights_at[2][name], weights_at[kept_step][name]) for name in weights_at[2])
+
+
+def test_heldout_hit_is_always_think_hit_at_1_of_each_query_against_its_own_pool(make_model, toy_dataset_dir):
+    """What `twn eval --mode always` scores: the greedy CoT's embedding ranked in the query's pool, a mean over tasks."""
+    dataset = load_prepared(toy_dataset_dir)
+    model = make_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # two different non-zero adapters, so that the views differ
+        for part in model.trainable_parameters().values():
+            for parameter in part.values():
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), NegativesCache(["x"], torch.zeros(1, model.embedding_dim)), TrainRLConfig(**SMALL))
+    rows = list(dataset.queries["validation"])
+    candidates = CandidateEmbedder(model, dataset.candidates, 16)
+    by_view = {}
+    for think in ("never", "always"):
+        by_task = {}
+        for row in rows:
+            pool = dataset.candidate_pool(row)
+            with torch.no_grad():
+                query = model.embed([prepared_input(row)], think=think, sampling=Sampling(max_new_tokens=model.config.max_think_tokens)).embeddings[0]
+            scores = candidates(pool).float() @ query.float()
+            by_task.setdefault(row["task"], []).append(hit_at_1(scores, torch.tensor([c in row["positive_ids"] for c in pool])))
+        by_view[think] = sum(sum(hits) / len(hits) for hits in by_task.values()) / len(by_task)
+    assert by_view["always"] != by_view["never"]  # the two views tell apart, so the check below can fail
+    assert trainer.heldout_hit(rows) == pytest.approx(by_view["always"], abs=1e-9)
 
 
 def test_a_copy_of_the_positive_in_the_cache_is_not_a_negative(setup):
@@ -281,14 +343,15 @@ def test_heldout_reward_is_measured_with_fixed_cots_before_rl_and_at_checkpoints
     trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**SMALL))
     rows = [dataset.queries["validation"][i] for i in range(3)]
     untrained = trainer.heldout_reward(rows)
-    assert trainer.heldout_reward(rows) == untrained == trainer.heldout_reward(rows, reference=True)  # one fixed seed
-    # Two steps, a checkpoint after the second: one measurement, which keeping the best cannot overrule.
+    assert trainer.heldout_reward(rows) == untrained == trainer.measure_heldout(rows, [], reference=True).reward  # one fixed seed
+    # Two steps, a checkpoint after the second: one measurement; the run keeps whichever of it and pre-RL is better.
     summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=2), resume=False)
     heldout = summary["heldout_reward"]
     assert heldout["before"] == untrained and heldout["queries"] == 3 and [step for step, _ in heldout["by_step"]] == [2]
-    assert heldout["after"] == heldout["by_step"][-1][1] == trainer.heldout_reward(rows) != untrained
-    # The pre-RL adapter is the reference: measuring with it leaves the trained weights in place.
-    assert trainer.heldout_reward(rows, reference=True) == untrained and trainer.heldout_reward(rows) == heldout["after"]
+    trained = heldout["by_step"][-1][1]
+    assert trained != untrained and heldout["after"] == max(trained, untrained) == trainer.heldout_reward(rows)
+    # The pre-RL adapter is the reference: measuring with it leaves the kept weights in place.
+    assert trainer.measure_heldout(rows, [], reference=True).reward == untrained and trainer.heldout_reward(rows) == heldout["after"]
 
 
 def test_cache_refresh_re_embeds_every_entry_with_the_trained_model(make_model, toy_dataset_dir, setup, tmp_path):

@@ -259,20 +259,25 @@ def train_rl(
     def status(metrics: dict) -> str:
         return (f"reward {metrics['reward_mean']:.3f} ± {metrics['reward_spread']:.3f}, {metrics['zero_spread_groups']:.0%} groups without spread, "
                 f"kl {metrics['kl']:.4f}, CoT {metrics['cot_tokens_mean']:.1f} tokens, {metrics['ended_share']:.0%} ended"
-                + (f", held-out reward {metrics['heldout_reward']:.4f}" if "heldout_reward" in metrics else ""))
+                + (f", held-out reward {metrics['heldout_reward']:.4f}" if "heldout_reward" in metrics else "")
+                + (f", held-out Hit@1 {metrics['heldout_hit']:.1%}" if "heldout_hit" in metrics else ""))
 
     with training_progress("train-rl", config.steps, status, shown=distributed.is_main) as show:
         summary = run_train_rl(model, dataset, cache, output, config, resume=resume, on_step=show)
     if not distributed.is_main:
         return
-    heldout, kept = summary["heldout_reward"], summary["kept_best"]
-    if heldout:
+    reward, hit, kept = summary["heldout_reward"], summary["heldout_hit"], summary["kept_best"]
+    if reward:
         stderr_console().print(
-            f"held-out reward ({heldout['queries']} {heldout['split']} queries): {heldout['before']:.4f} before RL, {heldout['after']:.4f} after"
+            f"held-out reward ({reward['queries']} {reward['split']} queries): {reward['before']:.4f} before RL, {reward['after']:.4f} after"
+        )
+    if hit:
+        stderr_console().print(
+            f"held-out always-think Hit@1 ({hit['queries']} {hit['split']} queries): {hit['before']:.1%} before RL, {hit['after']:.1%} after"
         )
     if kept:
         stderr_console().print(
-            f"stopped at step {kept['stopped_at_step']}: {kept['why']}; the checkpoint keeps the adapter of step {kept['step']}"
+            f"at step {kept['stopped_at_step']}: {kept['why']}; the checkpoint keeps the adapter of step {kept['step']}"
             + (" (the one before RL)" if kept["step"] == 0 else "")
         )
     print(output)

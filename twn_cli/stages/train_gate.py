@@ -63,15 +63,14 @@ from twn_cli.stages.common import stage_record
 from twn_cli.stages.gate_fitting import fit_gate, fitting_targets, gate_probabilities, heldout_group_auroc, heldout_probabilities
 from twn_cli.stages.gate_labelling import LABELS_DIR, LabelledInputs, Progress, label_inputs, labelling_rows
 from twn_cli.stages.gate_threshold import (
-    PoolViews,
     adaptive_outcome,
     best_threshold,
     choosing_probabilities,
-    pool_views,
     threshold_for_budget,
     threshold_within_noise,
     validation_views,
 )
+from twn_cli.stages.pool_scoring import PoolViews, pool_views
 from twn_cli.training import TRAIN_DIR
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,8 @@ def pool_labels(
     (labelling the validation split, no query is embedded twice), the others judged here."""
     known = set(validation.ids)
     missing = [row for row in rows if row["id"] not in known]
-    judged = [validation] + ([pool_views(model, dataset, missing, config, progress, "labelling")] if missing else [])
+    judged = [validation] + ([pool_views(model, dataset, missing, batch_size=config.label_batch_size,
+                                                  max_think_tokens=config.max_think_tokens, progress=progress, phase="labelling")] if missing else [])
     return LabelledInputs.concatenate([views.labelled() for views in judged]).select([row["id"] for row in rows])
 
 

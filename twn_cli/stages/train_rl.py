@@ -15,9 +15,13 @@ One step, for a batch of queries, a micro-batch of them at a time (gradients acc
 Only the reasoning LoRA parameters are in the optimiser, and the loss is backpropagated while the reasoning
 adapter is active, so the embedding adapter, the queries, the gate and the backbone cannot change.
 
-The held-out reward (validation queries, CoTs sampled under one fixed seed) is measured before RL and at
-every checkpoint. If it falls at two checkpoints in a row, the run stops and keeps the adapter of its best
-checkpoint (the pre-RL one, if none was better), and says so.
+The held-out score is measured before RL and at every checkpoint: the held-out reward (validation queries,
+CoTs sampled under one fixed seed) and, where `heldout_hit_queries` asks for it, the held-out always-think
+Hit@1 (validation queries with the CoTs `twn eval` writes, each ranked against its own candidate pool).
+Hit@1 ranks checkpoints first where it is measured: it is what eval reports, while a reward rising on
+sampled CoTs has come with a falling Hit@1. The run's checkpoint keeps the adapter of its best-scoring
+checkpoint (the pre-RL one, if none was better), and says so; if the score falls at two checkpoints in a
+row, the run stops.
 
 One update per sampled batch: the "old" policy is the current one, so the ratio is 1 numerically; the
 clipped form is kept so that several updates per batch only need a loop.
@@ -61,11 +65,12 @@ from twn_cli.stages.grpo import (
     loss_normaliser,
     pick_negatives,
 )
+from twn_cli.stages.pool_scoring import pool_views, weighted_hit_rate
 from twn_cli.training import RunDirectory, finite_optimizer_step, restore_rng_state, resume_latest_state, rng_state
 
 log = logging.getLogger(__name__)
 
-# A held-out reward that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
+# A held-out score that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
 FALLS_TO_STOP = 2
 
 
@@ -107,6 +112,9 @@ class TrainRLConfig:
     # their CoTs sampled under one fixed seed, before RL and at every checkpoint.
     validation_split: str = "validation"
     validation_queries: int = 32
+    # Held-out always-think Hit@1: the first `heldout_hit_queries` queries of `validation_split`, their CoTs
+    # greedy as `twn eval` writes them, each ranked against its own candidate pool, mean over tasks (0: off).
+    heldout_hit_queries: int = 0
     # Re-embed the negatives cache with the current model every this many steps (0: never). Under
     # reasoning-prefill every no-think embedding reads the reasoning adapter's prefill, so RL moves them and
     # the cache drifts from the model; under the other interfaces it cannot.
@@ -126,13 +134,26 @@ class TrainRLConfig:
             "token_cost": NOT_NEGATIVE, "epsilon_low": SHARE, "epsilon_high": NOT_NEGATIVE, "kl_beta": NOT_NEGATIVE,
             "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "micro_batch_size": NOT_NEGATIVE, "learning_rate": POSITIVE,
             "max_grad_norm": POSITIVE, "checkpoint_every": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "validation_queries": NOT_NEGATIVE,
-            "refresh_cache_every": NOT_NEGATIVE,
+            "heldout_hit_queries": NOT_NEGATIVE, "refresh_cache_every": NOT_NEGATIVE,
         })
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise TWNError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size}), or be 0")
         if self.refresh_cache_every and self.checkpoint_every % self.refresh_cache_every:
             # Every saved state is then a refresh point, so a resumed run refreshes to the same cache.
             raise TWNError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of refresh_cache_every ({self.refresh_cache_every})")
+
+
+@dataclass
+class HeldoutScore:
+    """The held-out measures at one checkpoint (None: not measured)."""
+
+    step: int
+    reward: float | None
+    hit: float | None  # always-think Hit@1
+
+    def rank(self) -> tuple[float, ...]:
+        """Checkpoints compare by Hit@1 where measured, then by the reward."""
+        return tuple(value for value in (self.hit, self.reward) if value is not None)
 
 
 # ----------------------------------------------------------------------------------------- trainer
@@ -162,8 +183,8 @@ class RLTrainer:
         self.reference = {name: p.detach().clone() for name, p in self.parameters.items()}
         self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=config.learning_rate, weight_decay=0.0)
         self.step_done = 0
-        # The held-out reward at each checkpoint (step 0: before RL), and the adapter of the best one.
-        self.heldout: list[tuple[int, float]] = []
+        # The held-out score at each checkpoint (step 0: before RL), and the adapter of the best one.
+        self.heldout: list[HeldoutScore] = []
         self.best: tuple[int, dict[str, torch.Tensor]] = (0, self.reference)
 
     # ------------------------------------------------------------------ one step
@@ -300,9 +321,9 @@ class RLTrainer:
         self.cache = NegativesCache(self.cache.ids, self.candidates.shared_by(self.distributed, self.cache.ids).float(), self.cache.path)
 
     # ------------------------------------------------------------------ the held-out reward
-    def heldout_reward(self, rows: list[dict], reference: bool = False) -> float:
+    def heldout_reward(self, rows: list[dict]) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
-        compare); `reference`: with the pre-RL reasoning adapter. Processes share the batches."""
+        compare). Processes share the batches."""
         key = -1  # no training step uses it
 
         def reward_sum(batch: list[dict]) -> float:
@@ -310,17 +331,32 @@ class RLTrainer:
 
         size = self.config.micro_batch_size or self.config.batch_size  # the same batches whatever the number of processes
         batches = [rows[start : start + size] for start in range(0, len(rows), size)]
-        with self._reference_weights() if reference else nullcontext():
-            total = sum(self.distributed.map_in_order(reward_sum, batches, prepare=lambda batch: batch))
+        total = sum(self.distributed.map_in_order(reward_sum, batches, prepare=lambda batch: batch))
         return total / (len(rows) * self.config.group_size)
 
-    def record_heldout(self, reward: float) -> bool:
-        """Note the held-out reward at this step (a checkpoint); True when it has now fallen FALLS_TO_STOP times in a row."""
-        self.heldout.append((self.step_done, reward))
-        if reward > max(value for _, value in self.heldout[:-1]):
-            self.best = (self.step_done, {name: p.detach().clone() for name, p in self.parameters.items()})
-        recent = [value for _, value in self.heldout[-FALLS_TO_STOP - 1 :]]
+    def heldout_hit(self, rows: list[dict]) -> float:
+        """Always-think Hit@1 of `rows` (mean over tasks), each query's greedy CoT ranked against its own
+        candidate pool, as `twn eval` scores it."""
+        views = pool_views(self.model, self.data.dataset, rows, batch_size=self.config.batch_size, max_think_tokens=self.model.config.max_think_tokens)
+        return weighted_hit_rate(views.hit_think, views.weights)
+
+    def record_heldout(self, score: HeldoutScore) -> bool:
+        """Note the held-out score at this step (a checkpoint); True when it has now fallen FALLS_TO_STOP times in a row.
+        Ties keep the earlier checkpoint: RL must beat what it started from."""
+        self.heldout.append(score)
+        if score.rank() > max(earlier.rank() for earlier in self.heldout[:-1]):
+            self.best = (score.step, {name: p.detach().clone() for name, p in self.parameters.items()})
+        recent = [entry.rank() for entry in self.heldout[-FALLS_TO_STOP - 1 :]]
         return len(recent) == FALLS_TO_STOP + 1 and all(later < earlier for earlier, later in zip(recent, recent[1:]))
+
+    def measure_heldout(self, reward_rows: list[dict], hit_rows: list[dict], reference: bool = False) -> HeldoutScore:
+        """The held-out score of the adapter now, or (`reference`) of the pre-RL one, at step 0."""
+        with self._reference_weights() if reference else nullcontext():
+            return HeldoutScore(
+                0 if reference else self.step_done,
+                self.heldout_reward(reward_rows) if reward_rows else None,
+                self.heldout_hit(hit_rows) if hit_rows else None,
+            )
 
     def keep_best(self) -> None:
         """Give the reasoning adapter the weights of the checkpoint with the best held-out reward."""
@@ -343,7 +379,7 @@ class RLTrainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step_done, "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": asdict(self.config),
-            "processes": self.distributed.world_size, "heldout": self.heldout, "best_step": self.best[0], "best_weights": self.best[1],
+            "processes": self.distributed.world_size, "heldout": [asdict(score) for score in self.heldout], "best_step": self.best[0], "best_weights": self.best[1],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -353,7 +389,7 @@ class RLTrainer:
         self.step_done = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
-        self.heldout = [tuple(entry) for entry in state.get("heldout", [])]
+        self.heldout = [HeldoutScore(**entry) for entry in state.get("heldout", [])]
         self.best = (state.get("best_step", 0), state.get("best_weights", self.reference))
 
 
@@ -376,13 +412,15 @@ def run_train_rl(
     stages = manifest["stages"] + [stage_record("train-rl", dataset, config, checkpoint=model.checkpoint_dir, negatives_cache=cache.path)]
     run = RunDirectory(run_dir, tensorboard=config.tensorboard)
     data = TrainingData(dataset, config.split, hard_negatives=0, seed=config.seed)
-    heldout_rows = []
-    if config.validation_queries:
+    reward_rows, hit_rows = [], []
+    if config.validation_queries or config.heldout_hit_queries:
         if config.validation_split not in dataset.queries:
-            raise TWNError(f"prepared dataset '{dataset.path}' has no '{config.validation_split}' split for the held-out reward "
-                           "(set validation_queries: 0 to train without it)")
+            raise TWNError(f"prepared dataset '{dataset.path}' has no '{config.validation_split}' split for the held-out score "
+                           "(set validation_queries: 0 and heldout_hit_queries: 0 to train without it)")
         validation = dataset.queries[config.validation_split]
-        heldout_rows = [validation[i] for i in range(min(config.validation_queries, len(validation)))]
+        reward_rows = [validation[i] for i in range(min(config.validation_queries, len(validation)))]
+        hit_rows = [validation[i] for i in range(min(config.heldout_hit_queries, len(validation)))]
+    measured = bool(reward_rows or hit_rows)
     if config.refresh_cache_every:
         unknown = next((item for item in cache.ids if item not in data.candidate_index), None)
         if unknown is not None:
@@ -395,8 +433,8 @@ def run_train_rl(
         resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
         if config.refresh_cache_every and trainer.step_done:
             trainer.refresh_cache()
-    if heldout_rows and not trainer.heldout:  # a resumed run has it from its state
-        trainer.heldout.append((0, trainer.heldout_reward(heldout_rows, reference=True)))
+    if measured and not trainer.heldout:  # a resumed run has it from its state
+        trainer.heldout.append(trainer.measure_heldout(reward_rows, hit_rows, reference=True))
     started = time.perf_counter()
     history, falling = [], False
     while trainer.step_done < config.steps and not falling:
@@ -404,9 +442,10 @@ def run_train_rl(
         if config.refresh_cache_every and trainer.step_done % config.refresh_cache_every == 0:
             trainer.refresh_cache()
             metrics["cache_refreshed"] = True
-        if heldout_rows and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
-            metrics["heldout_reward"] = trainer.heldout_reward(heldout_rows)
-            falling = trainer.record_heldout(metrics["heldout_reward"])
+        if measured and (trainer.step_done % config.checkpoint_every == 0 or trainer.step_done == config.steps):
+            score = trainer.measure_heldout(reward_rows, hit_rows)
+            metrics.update({f"heldout_{name}": value for name, value in (("reward", score.reward), ("hit", score.hit)) if value is not None})
+            falling = trainer.record_heldout(score)
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
         if distributed.is_main:
@@ -415,32 +454,38 @@ def run_train_rl(
         on_step(metrics)
     run.finish()
     kept_best = None
-    if falling:
+    best_step, _ = trainer.best
+    if measured and best_step != trainer.heldout[-1].step:
         trainer.keep_best()
-        best_step, _ = trainer.best
+        best = next(score for score in trainer.heldout if score.step == best_step)
         kept_best = {
             "stopped_at_step": trainer.step_done,
             "step": best_step,
-            "heldout_reward": dict(trainer.heldout)[best_step],
-            "why": f"the held-out reward fell at {FALLS_TO_STOP} checkpoints in a row",
+            "heldout_reward": best.reward,
+            "heldout_hit": best.hit,
+            "why": f"the held-out score fell at {FALLS_TO_STOP} checkpoints in a row" if falling else "its held-out score was the run's best",
         }
-        log.warning("train-rl stopped at step %d: %s; the checkpoint keeps the adapter of step %d (held-out reward %.4f)",
-                    trainer.step_done, kept_best["why"], best_step, kept_best["heldout_reward"])
+        log.warning("train-rl at step %d: %s; the checkpoint keeps the adapter of step %d", trainer.step_done, kept_best["why"], best_step)
+    kept = next((score for score in trainer.heldout if score.step == best_step), None)
     last = history[-min(len(history), 10) :]
+
+    def heldout_summary(name: str, rows: list[dict]) -> dict | None:
+        if not rows:
+            return None
+        return {
+            "split": config.validation_split,
+            "queries": len(rows),
+            "before": getattr(trainer.heldout[0], name),
+            "after": getattr(kept, name),  # the kept adapter's
+            "by_step": [(score.step, getattr(score, name)) for score in trainer.heldout[1:]],
+        }
+
     summary = {
         "steps": trainer.step_done,
         "negatives_cache_size": len(cache.ids),
         "cache_refreshes": sum(1 for m in history if m.get("cache_refreshed")),
-        "heldout_reward": {
-            "split": config.validation_split,
-            "queries": len(heldout_rows),
-            "before": trainer.heldout[0][1],
-            # The kept adapter's; a resumed run that had finished takes no step: measure the trained adapter now.
-            "after": kept_best["heldout_reward"] if kept_best else trainer.heldout[-1][1] if len(trainer.heldout) > 1 else trainer.heldout_reward(heldout_rows),
-            "by_step": trainer.heldout[1:],
-        }
-        if heldout_rows
-        else None,
+        "heldout_reward": heldout_summary("reward", reward_rows),
+        "heldout_hit": heldout_summary("hit", hit_rows),
         "kept_best": kept_best,
         # Means over the last (up to) ten steps of this process: a smoothed end point of the run.
         "final": {
