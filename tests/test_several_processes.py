@@ -216,6 +216,22 @@ def test_train_gate_with_two_processes_saves_what_one_process_saves(checkpoint, 
     assert len(list((tmp_path / "two" / "train" / "gate-labels").glob("batch-*.safetensors"))) == 4
 
 
+def test_train_gate_with_expected_hit_labels_on_two_processes_saves_what_one_process_saves(checkpoint, toy_dataset_dir, tmp_path):
+    """Labels from pool views: each process judges its share of the labelled and validation queries."""
+    settings = {"label": "expected_hit", "split": "train", "label_queries": 8, "label_batch_size": 2, "validation_queries": 8,
+                "max_think_tokens": 6, "epochs": 20, "batch_size": 8}
+    options = ["--checkpoint", checkpoint, "--target", "best", "--delta", 0.01, *[f"--set={key}={value}" for key, value in settings.items()]]
+    single = run("train-gate", toy_dataset_dir, *options, "-o", tmp_path / "one")
+    assert single.exit_code == 0, single.stderr
+    two = torchrun("-m", "twn_cli", "train-gate", toy_dataset_dir, *options, "-o", tmp_path / "two")
+    assert two.stdout.splitlines() == [str(tmp_path / "two")]
+    gates = {name: json.loads((tmp_path / name / "twn.json").read_text())["gate"] for name in ("one", "two")}
+    assert gates["two"] == gates["one"] and gates["one"]["label"] == "expected_hit"
+    assert (tmp_path / "two" / "gate.safetensors").read_bytes() == (tmp_path / "one" / "gate.safetensors").read_bytes()
+    labels = {name: (tmp_path / name / "train" / "gate-labels.jsonl").read_text() for name in ("one", "two")}
+    assert labels["two"] == labels["one"] and len(labels["one"].splitlines()) == 8
+
+
 def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, toy_dataset_dir, tmp_path):
     cache = run("embed", toy_dataset_dir, "--checkpoint", checkpoint, "-o", tmp_path / "cache.pt")
     assert cache.exit_code == 0, cache.stderr

@@ -27,6 +27,7 @@ from twn_cli.stages.grpo import (
     clipped_surrogate,
     embed_rl_reward,
     group_advantages,
+    hit_reward,
     k3_kl,
     loss_normaliser,
     softmax_reward,
@@ -110,6 +111,16 @@ def test_embed_rl_reward_is_half_top_n_share_and_half_the_gap_to_softmax_weighte
     second_weighted = (0.8 * math.exp(1.6) + 0.6 * math.exp(1.2)) / (math.exp(1.6) + math.exp(1.2))
     expected = torch.tensor([0.5 * 1 + 0.5 * (1.0 - first_weighted), 0.5 * 0 + 0.5 * (-0.6 - second_weighted)])
     assert torch.allclose(reward, expected, atol=1e-6)
+
+
+def test_hit_reward_is_the_share_of_positives_among_the_nearest():
+    cots = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.6, 0.8]])
+    positives = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    negatives = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    # Similarities to (positive, positive, negative, negative): first CoT 1, 0.8, 0, -1; second 0.6, 0.96,
+    # 0.8, -0.6; third -0.6, 0.0, 0.8, 0.6.
+    assert torch.equal(hit_reward(cots, positives, negatives, temperature=1.0, top_n=1), torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.equal(hit_reward(cots, positives, negatives, temperature=1.0, top_n=2), torch.tensor([1.0, 0.5, 0.0]))
 
 
 # ------------------------------------------------------------------------------------------- the cache

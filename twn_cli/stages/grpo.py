@@ -67,7 +67,18 @@ def embed_rl_reward(cot_embeddings: torch.Tensor, positives: torch.Tensor, negat
     return 0.5 * share + 0.5 * (positive_similarity.mean(1) - weighted_negative)
 
 
-REWARDS = {"softmax": softmax_reward, "ume_r1": ume_r1_reward, "embed_rl": embed_rl_reward}
+def hit_reward(cot_embeddings: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, *, temperature: float, top_n: int) -> torch.Tensor:
+    """The share of positives among the n nearest candidates; for n = 1, 1 where a positive ranks first
+    (Hit@1 against the negatives) and 0 elsewhere.
+
+    Only retrieval counts: CoTs that all rank the positive first tie, whatever their wording, so their
+    group has no spread, where a continuous reward's small differences would be scaled up to full
+    advantages by GRPO's normalisation.
+    """
+    return _share_in_top(cot_embeddings @ positives.T, cot_embeddings @ negatives.T, top_n)
+
+
+REWARDS = {"softmax": softmax_reward, "ume_r1": ume_r1_reward, "embed_rl": embed_rl_reward, "hit": hit_reward}
 
 
 def format_reward(ended_with_marker: torch.Tensor, weight: float) -> torch.Tensor:

@@ -84,9 +84,9 @@ class TrainRLConfig:
     top_p: float = 1.0
     max_think_tokens: int = 32
     # The objective.
-    reward: str = "softmax"  # softmax, ume_r1 or embed_rl (twn_cli/stages/grpo.py)
+    reward: str = "softmax"  # softmax, ume_r1, embed_rl or hit (twn_cli/stages/grpo.py)
     reward_temperature: float = 0.05  # softmax: of the probability; embed_rl: of the weights of the negatives
-    reward_top_n: int = 1  # ume_r1 and embed_rl: the share of positives among the n nearest candidates
+    reward_top_n: int = 1  # ume_r1, embed_rl and hit: the share of positives among the n nearest candidates
     hardest_negatives: int = 0  # 0: every cache entry that is not a positive of the query
     random_negatives: int = 0
     format_reward: float = 0.0  # added when the CoT ended with the end marker itself
