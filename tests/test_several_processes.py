@@ -200,36 +200,24 @@ def test_accelerate_sharding_configs_are_refused_rather_than_ignored(plugin, mon
         start_process_group()
 
 
-def test_train_gate_with_two_processes_saves_what_one_process_saves(checkpoint, toy_dataset_dir, tmp_path):
-    settings = {"label_queries": 8, "label_batch_size": 2, "validation_queries": 8, "max_think_tokens": 6, "hard_negatives": 2, "epochs": 20, "batch_size": 8}
+@pytest.mark.parametrize("label", ["margin", "expected_hit"])
+def test_train_gate_with_two_processes_saves_what_one_process_saves(checkpoint, toy_dataset_dir, tmp_path, label):
+    """Four labelling batches: processes 0 and 1 each label two of them (margin: and cache them; expected_hit:
+    judged against their pools, as the validation queries are)."""
+    settings = {"label": label, "split": "train", "label_queries": 8, "label_batch_size": 2, "validation_queries": 8,
+                "max_think_tokens": 6, "epochs": 20, "batch_size": 8, **({"hard_negatives": 2} if label == "margin" else {})}
     options = ["--checkpoint", checkpoint, "--target", "best", "--delta", 0.01, *[f"--set={key}={value}" for key, value in settings.items()]]
     single = run("train-gate", toy_dataset_dir, *options, "-o", tmp_path / "one")
     assert single.exit_code == 0, single.stderr
-    # Four labelling batches: processes 0 and 1 each label (and cache) two of them.
     two = torchrun("-m", "twn_cli", "train-gate", toy_dataset_dir, *options, "-o", tmp_path / "two")
     assert two.stdout.splitlines() == [str(tmp_path / "two")]
     gates = {name: json.loads((tmp_path / name / "twn.json").read_text())["gate"] for name in ("one", "two")}
-    assert gates["two"] == gates["one"]
+    assert gates["two"] == gates["one"] and gates["one"]["label"] == label
     assert (tmp_path / "two" / "gate.safetensors").read_bytes() == (tmp_path / "one" / "gate.safetensors").read_bytes()
     for name in ("gate-labels.jsonl", "gate-metrics.jsonl"):
         assert (tmp_path / "two" / "train" / name).read_text() == (tmp_path / "one" / "train" / name).read_text()
-    assert len(list((tmp_path / "two" / "train" / "gate-labels").glob("batch-*.safetensors"))) == 4
-
-
-def test_train_gate_with_expected_hit_labels_on_two_processes_saves_what_one_process_saves(checkpoint, toy_dataset_dir, tmp_path):
-    """Labels from pool views: each process judges its share of the labelled and validation queries."""
-    settings = {"label": "expected_hit", "split": "train", "label_queries": 8, "label_batch_size": 2, "validation_queries": 8,
-                "max_think_tokens": 6, "epochs": 20, "batch_size": 8}
-    options = ["--checkpoint", checkpoint, "--target", "best", "--delta", 0.01, *[f"--set={key}={value}" for key, value in settings.items()]]
-    single = run("train-gate", toy_dataset_dir, *options, "-o", tmp_path / "one")
-    assert single.exit_code == 0, single.stderr
-    two = torchrun("-m", "twn_cli", "train-gate", toy_dataset_dir, *options, "-o", tmp_path / "two")
-    assert two.stdout.splitlines() == [str(tmp_path / "two")]
-    gates = {name: json.loads((tmp_path / name / "twn.json").read_text())["gate"] for name in ("one", "two")}
-    assert gates["two"] == gates["one"] and gates["one"]["label"] == "expected_hit"
-    assert (tmp_path / "two" / "gate.safetensors").read_bytes() == (tmp_path / "one" / "gate.safetensors").read_bytes()
-    labels = {name: (tmp_path / name / "train" / "gate-labels.jsonl").read_text() for name in ("one", "two")}
-    assert labels["two"] == labels["one"] and len(labels["one"].splitlines()) == 8
+    assert len((tmp_path / "one" / "train" / "gate-labels.jsonl").read_text().splitlines()) == 8
+    assert len(list((tmp_path / "two" / "train" / "gate-labels").glob("batch-*.safetensors"))) == (4 if label == "margin" else 0)
 
 
 def test_train_rl_with_two_processes_trains_checkpoints_and_resumes(checkpoint, toy_dataset_dir, tmp_path):
