@@ -253,7 +253,7 @@ def test_groups_without_spread_can_be_left_out_of_the_loss(setup):
                    for name in first_group_alone)
 
 
-def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, tmp_path, monkeypatch):
+def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, make_model, tmp_path, monkeypatch):
     model, dataset, cache = setup
     rewards = iter([0.30, 0.32, 0.35, 0.33, 0.31, 0.40])  # before RL, then steps 1-5: best at step 2, falls at 3 and 4
     monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows: next(rewards))
@@ -274,6 +274,19 @@ def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_bes
     for name, parameter in saved.adapter_parameters("reasoning").items():
         assert torch.equal(parameter.detach(), weights_at[2][name]), name
     assert not all(torch.equal(weights_at[4][name], weights_at[2][name]) for name in weights_at[2])
+    # Resumed, a run that stopped stays stopped: no step is taken, and the best checkpoint is kept again.
+    resumed = run_train_rl(make_model(), dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=5, checkpoint_every=1), resume=True)
+    assert resumed["steps"] == 4 and resumed["kept_best"]["step"] == 2 and resumed["heldout_reward"]["after"] == 0.35
+
+
+def test_resuming_with_other_heldout_settings_is_refused(setup, make_model, tmp_path):
+    """The scores before and after would measure different things, and the best checkpoint would be chosen across them."""
+    _, dataset, cache = setup
+    config = TrainRLConfig(**SMALL, steps=1, checkpoint_every=1)
+    run_train_rl(make_model(), dataset, cache, tmp_path / "rl", config)
+    for key, value in (("heldout_hit_queries", 2), ("validation_queries", 2)):
+        with pytest.raises(TWNError, match=f"measured with {key}: .*resume with the same setting"):
+            run_train_rl(make_model(), dataset, cache, tmp_path / "rl", TrainRLConfig(**{**SMALL, key: value}, steps=2, checkpoint_every=1), resume=True)
 
 
 @pytest.mark.parametrize(
@@ -299,7 +312,7 @@ def test_the_run_keeps_its_checkpoint_with_the_best_heldout_hit_at_1(setup, tmp_
     summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1, heldout_hit_queries=4))
     assert summary["steps"] == 2 and summary["kept_best"] == {
         "stopped_at_step": 2, "step": kept_step, "heldout_reward": rewards[kept_step], "heldout_hit": hits[kept_step],
-        "why": "its held-out score was the run's best",
+        "why": f"step {kept_step} had the run's best held-out score",
     }
     assert summary["heldout_hit"] == {"split": "validation", "queries": 4, "before": hits[0], "after": hits[kept_step], "by_step": [(1, hits[1]), (2, hits[2])]}
     assert summary["heldout_reward"]["after"] == rewards[kept_step]

@@ -276,8 +276,8 @@ def train_rl(
             f"held-out always-think Hit@1 ({hit['queries']} {hit['split']} queries): {hit['before']:.1%} before RL, {hit['after']:.1%} after"
         )
     if kept:
+        stopped = f"stopped at step {kept['stopped_at_step']}: " if summary["steps"] < config.steps else ""
         stderr_console().print(
-            f"at step {kept['stopped_at_step']}: {kept['why']}; the checkpoint keeps the adapter of step {kept['step']}"
-            + (" (the one before RL)" if kept["step"] == 0 else "")
+            f"{stopped}{kept['why']}; the checkpoint keeps the adapter of step {kept['step']}" + (" (the one before RL)" if kept["step"] == 0 else "")
         )
     print(output)

@@ -27,7 +27,7 @@ One update per sampled batch: the "old" policy is the current one, so the ratio 
 clipped form is kept so that several updates per batch only need a loop.
 
 As trl keeps one trainer module per algorithm, this module holds train-rl's settings, trainer and run
-(about 450 lines); the objective's pieces (negatives, rewards, advantages, the loss) are in `grpo.py`.
+(about 500 lines); the objective's pieces (negatives, rewards, advantages, the loss) are in `grpo.py`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 
 # A held-out score that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
 FALLS_TO_STOP = 2
+# The settings that decide what the held-out score measures (with their defaults before they existed): a
+# resumed run must keep them, or its scores before and after would not compare.
+HELDOUT_SETTINGS = {"validation_split": "validation", "validation_queries": 32, "heldout_hit_queries": 0}
 
 
 @dataclass
@@ -320,7 +323,7 @@ class RLTrainer:
         self.model.eval()
         self.cache = NegativesCache(self.cache.ids, self.candidates.shared_by(self.distributed, self.cache.ids).float(), self.cache.path)
 
-    # ------------------------------------------------------------------ the held-out reward
+    # ------------------------------------------------------------------ the held-out score
     def heldout_reward(self, rows: list[dict]) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
         compare). Processes share the batches."""
@@ -337,7 +340,8 @@ class RLTrainer:
     def heldout_hit(self, rows: list[dict]) -> float:
         """Always-think Hit@1 of `rows` (mean over tasks), each query's greedy CoT ranked against its own
         candidate pool, as `twn eval` scores it."""
-        views = pool_views(self.model, self.data.dataset, rows, batch_size=self.config.batch_size, max_think_tokens=self.model.config.max_think_tokens)
+        batch_size = self.config.micro_batch_size or self.config.batch_size  # the memory a step's sampling fits in
+        views = pool_views(self.model, self.data.dataset, rows, batch_size=batch_size, max_think_tokens=self.model.config.max_think_tokens)
         return weighted_hit_rate(views.hit_think, views.weights)
 
     def record_heldout(self, score: HeldoutScore) -> bool:
@@ -346,6 +350,10 @@ class RLTrainer:
         self.heldout.append(score)
         if score.rank() > max(earlier.rank() for earlier in self.heldout[:-1]):
             self.best = (score.step, {name: p.detach().clone() for name, p in self.parameters.items()})
+        return self.falling()
+
+    def falling(self) -> bool:
+        """Whether the held-out score fell at the last FALLS_TO_STOP checkpoints (also read when resuming a run that stopped)."""
         recent = [entry.rank() for entry in self.heldout[-FALLS_TO_STOP - 1 :]]
         return len(recent) == FALLS_TO_STOP + 1 and all(later < earlier for earlier, later in zip(recent, recent[1:]))
 
@@ -359,7 +367,7 @@ class RLTrainer:
             )
 
     def keep_best(self) -> None:
-        """Give the reasoning adapter the weights of the checkpoint with the best held-out reward."""
+        """Give the reasoning adapter the weights of the checkpoint with the best held-out score."""
         for name, p in self.parameters.items():
             p.data.copy_(self.best[1][name])
 
@@ -386,10 +394,15 @@ class RLTrainer:
         if state.get("processes", 1) != self.distributed.world_size:
             log.warning("resuming on %d processes a run that had %d: each process samples its own stream, so the "
                         "run will not match an uninterrupted one", self.distributed.world_size, state.get("processes", 1))
+        saved = {key: state["config"].get(key, default) for key, default in HELDOUT_SETTINGS.items()}
+        for key, value in saved.items():
+            if getattr(self.config, key) != value:
+                raise TWNError(f"the run's held-out score was measured with {key}: {value}, not {getattr(self.config, key)}: "
+                               "resume with the same setting, or start a new run")
         self.step_done = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
-        self.heldout = [HeldoutScore(**entry) for entry in state.get("heldout", [])]
+        self.heldout = [HeldoutScore(**entry) if isinstance(entry, dict) else HeldoutScore(*entry, None) for entry in state.get("heldout", [])]
         self.best = (state.get("best_step", 0), state.get("best_weights", self.reference))
 
 
@@ -436,7 +449,7 @@ def run_train_rl(
     if measured and not trainer.heldout:  # a resumed run has it from its state
         trainer.heldout.append(trainer.measure_heldout(reward_rows, hit_rows, reference=True))
     started = time.perf_counter()
-    history, falling = [], False
+    history, falling = [], trainer.falling()  # a resumed run that had stopped stays stopped
     while trainer.step_done < config.steps and not falling:
         metrics = run.guarded_step(trainer)
         if config.refresh_cache_every and trainer.step_done % config.refresh_cache_every == 0:
@@ -463,7 +476,7 @@ def run_train_rl(
             "step": best_step,
             "heldout_reward": best.reward,
             "heldout_hit": best.hit,
-            "why": f"the held-out score fell at {FALLS_TO_STOP} checkpoints in a row" if falling else "its held-out score was the run's best",
+            "why": f"the held-out score fell at {FALLS_TO_STOP} checkpoints in a row" if falling else f"step {best_step} had the run's best held-out score",
         }
         log.warning("train-rl at step %d: %s; the checkpoint keeps the adapter of step %d", trainer.step_done, kept_best["why"], best_step)
     kept = next((score for score in trainer.heldout if score.step == best_step), None)
