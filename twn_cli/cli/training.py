@@ -235,9 +235,12 @@ def train_rl(
     the positive against the cache's negatives (hardest by similarity, plus random ones). Group-normalised
     advantages, a clipped surrogate with asymmetric ε, k3 KL to the pre-RL adapter; only the reasoning
     adapter changes. The cache is checked first (dimension, unique ids, finite values; .pt only as plain
-    tensors). States every `checkpoint_every` steps (--resume continues exactly); a NaN loss stops with
-    the last good state named. Under torchrun / accelerate launch each process samples its share of every
-    step's queries and the gradients are summed. Prints the checkpoint (run) directory.
+    tensors). At every checkpoint the held-out score is measured on validation queries (the reward, and
+    always-think Hit@1 against their own pools with `heldout_hit_queries`); the checkpoint keeps the
+    adapter of the best-scoring step, the pre-RL one if none beat it. States every `checkpoint_every`
+    steps (--resume continues exactly); a NaN loss stops with the last good state named. Under torchrun /
+    accelerate launch each process samples its share of every step's queries and the gradients are
+    summed. Prints the checkpoint (run) directory.
     Usage: twn train-rl DATA --checkpoint RUN --negatives-cache cache.pt -o RUN2.
     """
     setup_logging(verbose)
