@@ -285,7 +285,7 @@ def test_resuming_with_other_heldout_settings_is_refused(setup, make_model, tmp_
     config = TrainRLConfig(**SMALL, steps=1, checkpoint_every=1)
     run_train_rl(make_model(), dataset, cache, tmp_path / "rl", config)
     for key, value in (("heldout_hit_queries", 2), ("validation_queries", 2)):
-        with pytest.raises(TWNError, match=f"measured with {key}: .*resume with the same setting"):
+        with pytest.raises(TWNError, match=f"trained with {key}: .*resume with the same setting"):
             run_train_rl(make_model(), dataset, cache, tmp_path / "rl", TrainRLConfig(**{**SMALL, key: value}, steps=2, checkpoint_every=1), resume=True)
 
 

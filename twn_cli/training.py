@@ -15,7 +15,7 @@ import math
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -228,17 +228,26 @@ def load_trainer_state(state_dir: Path) -> dict:
 
 
 
-def resume_latest_state(run: RunDirectory, model, trainer, config, *, main_process: bool = True) -> None:
-    """Load the run's newest state into `model` and `trainer` (which has `load_state_dict` and `step_done`)."""
-    from dataclasses import asdict
+def resume_latest_state(run: RunDirectory, model, trainer, config, *, main_process: bool = True, fixed: Sequence[str] = ()) -> None:
+    """Load the run's newest state into `model` and `trainer` (which has `load_state_dict` and `step_done`).
+
+    A changed setting is a warning, but for the `fixed` ones, which the run's state depends on: those refuse
+    to resume (one a state predates counts with its default)."""
+    from dataclasses import asdict, fields
 
     from twn_cli.engine.checkpoint import load_trained_weights
 
     latest = run.latest_state()
     if latest is None:
         raise TWNError(f"nothing to resume in '{run.run_dir}': it holds no training state")
-    load_trained_weights(model, latest)
     state = load_trainer_state(latest)
+    defaults = {field.name: field.default for field in fields(config)}
+    for key in fixed:
+        saved = state["config"].get(key, defaults[key])
+        if getattr(config, key) != saved:
+            raise TWNError(f"the run in '{run.run_dir}' was trained with {key}: {saved}, not {getattr(config, key)}: "
+                           "resume with the same setting, or start a new run")
+    load_trained_weights(model, latest)
     changed = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
     if changed:
         log.warning("resuming with changed settings (%s): the run will not match an uninterrupted one", ", ".join(changed))

@@ -248,8 +248,10 @@ def pool_labels(
     (labelling the validation split, no query is embedded twice), the others judged here."""
     known = set(validation.ids)
     missing = [row for row in rows if row["id"] not in known]
-    judged = [validation] + ([pool_views(model, dataset, missing, batch_size=config.label_batch_size,
-                                                  max_think_tokens=config.max_think_tokens, progress=progress, phase="labelling")] if missing else [])
+    judged = [validation]
+    if missing:
+        judged.append(pool_views(model, dataset, missing, batch_size=config.label_batch_size, max_think_tokens=config.max_think_tokens,
+                                 progress=progress, phase="labelling"))
     return LabelledInputs.concatenate([views.labelled() for views in judged]).select([row["id"] for row in rows])
 
 

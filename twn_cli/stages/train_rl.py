@@ -72,9 +72,9 @@ log = logging.getLogger(__name__)
 
 # A held-out score that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
 FALLS_TO_STOP = 2
-# The settings that decide what the held-out score measures (with their defaults before they existed): a
-# resumed run must keep them, or its scores before and after would not compare.
-HELDOUT_SETTINGS = {"validation_split": "validation", "validation_queries": 32, "heldout_hit_queries": 0}
+# The settings that decide what the held-out score measures: a resumed run must keep them, or its scores
+# before and after would not compare.
+HELDOUT_SETTINGS = ("validation_split", "validation_queries", "heldout_hit_queries")
 
 
 @dataclass
@@ -394,11 +394,6 @@ class RLTrainer:
         if state.get("processes", 1) != self.distributed.world_size:
             log.warning("resuming on %d processes a run that had %d: each process samples its own stream, so the "
                         "run will not match an uninterrupted one", self.distributed.world_size, state.get("processes", 1))
-        saved = {key: state["config"].get(key, default) for key, default in HELDOUT_SETTINGS.items()}
-        for key, value in saved.items():
-            if getattr(self.config, key) != value:
-                raise TWNError(f"the run's held-out score was measured with {key}: {value}, not {getattr(self.config, key)}: "
-                               "resume with the same setting, or start a new run")
         self.step_done = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
@@ -443,7 +438,7 @@ def run_train_rl(
     trainer = RLTrainer(model, data, cache, config, distributed)
     run.start(resume)  # in every process, so that all of them refuse a used directory, not only the first
     if resume:
-        resume_latest_state(run, model, trainer, config, main_process=distributed.is_main)
+        resume_latest_state(run, model, trainer, config, main_process=distributed.is_main, fixed=HELDOUT_SETTINGS)
         if config.refresh_cache_every and trainer.step_done:
             trainer.refresh_cache()
     if measured and not trainer.heldout:  # a resumed run has it from its state
@@ -468,18 +463,17 @@ def run_train_rl(
     run.finish()
     kept_best = None
     best_step, _ = trainer.best
-    if measured and best_step != trainer.heldout[-1].step:
+    kept = next((score for score in trainer.heldout if score.step == best_step), None)  # None: nothing measured
+    if kept is not None and kept is not trainer.heldout[-1]:
         trainer.keep_best()
-        best = next(score for score in trainer.heldout if score.step == best_step)
         kept_best = {
             "stopped_at_step": trainer.step_done,
             "step": best_step,
-            "heldout_reward": best.reward,
-            "heldout_hit": best.hit,
+            "heldout_reward": kept.reward,
+            "heldout_hit": kept.hit,
             "why": f"the held-out score fell at {FALLS_TO_STOP} checkpoints in a row" if falling else f"step {best_step} had the run's best held-out score",
         }
         log.warning("train-rl at step %d: %s; the checkpoint keeps the adapter of step %d", trainer.step_done, kept_best["why"], best_step)
-    kept = next((score for score in trainer.heldout if score.step == best_step), None)
     last = history[-min(len(history), 10) :]
 
     def heldout_summary(name: str, rows: list[dict]) -> dict | None:
