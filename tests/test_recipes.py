@@ -11,6 +11,7 @@ from twn_cli.cli import app
 from twn_cli.recipes import load_recipe, parse_overrides, stage_settings
 from twn_cli.stages.train_embed import TrainEmbedConfig
 from twn_cli.stages.train_gate import TrainGateConfig
+from twn_cli.stages.train_rl import TrainRLConfig
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 SETTINGS = stage_settings()
@@ -66,3 +67,13 @@ def test_train_embed_accepts_set_for_a_setting_that_also_has_an_option(tmp_path)
         app, ["train-embed", str(tmp_path / "missing"), "--backbone", str(tmp_path), "-o", str(tmp_path / "run"), "--set", "learning_rate=0.002"]
     )
     assert result.exit_code == 1 and "missing" in result.stderr and not isinstance(result.exception, TypeError)
+
+
+@pytest.mark.parametrize("written", ["3e-4", "3E-4", "3.0e-4", "0.0003", "3e-04"])
+def test_a_learning_rate_in_exponent_notation_is_a_number(tmp_path, written):
+    """PyYAML alone reads 3e-4 as the string '3e-4'; recipes and --set read it as Python does."""
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(f"learning_rate: {written}\n")
+    assert load_recipe(recipe, TrainRLConfig).learning_rate == pytest.approx(3e-4)
+    assert parse_overrides([f"learning_rate={written}"]) == {"learning_rate": pytest.approx(3e-4)}
+    assert parse_overrides(["run_name=1e5x"]) == {"run_name": "1e5x"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -32,6 +33,23 @@ def stage_settings() -> dict[str, type]:
     }
 
 
+def read_yaml(text: str):
+    """YAML as recipes mean it: `3e-4` and `1E5` are numbers, as in Python and YAML 1.2 (PyYAML's YAML 1.1
+    reads a number without a dot or a signed exponent, such as a learning rate of 3e-4, as a string)."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    RecipeLoader.yaml_implicit_resolvers = {first: list(resolvers) for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _PLAIN_EXPONENT, list("-+0123456789."))
+    return yaml.load(text, Loader=RecipeLoader)
+
+
+# A number with an exponent that YAML 1.1 misses: no dot in the mantissa or no sign in the exponent.
+_PLAIN_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
 def load_recipe(path: str | Path | None, settings_class: type[Settings], **overrides) -> Settings:
     """`settings_class` filled from the recipe at `path` (if any), then from the non-None `overrides`."""
     import yaml
@@ -42,7 +60,7 @@ def load_recipe(path: str | Path | None, settings_class: type[Settings], **overr
         if not path.is_file():
             raise TWNError(f"recipe '{path}' does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise TWNError(f"recipe '{path}' is not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -134,12 +152,10 @@ def _describe(annotation) -> str:
 def parse_overrides(items: list[str], **options) -> dict:
     """`KEY=VALUE` strings from the command line (values read as YAML: numbers, lists, booleans), then the
     command's own options that were given (not None), which win over a `--set` of the same key."""
-    import yaml
-
     overrides = {}
     for item in items:
         key, separator, value = item.partition("=")
         if not separator:
             raise TWNError(f"--set takes KEY=VALUE, not '{item}'")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = read_yaml(value)
     return overrides | {key: value for key, value in options.items() if value is not None}

@@ -16,8 +16,6 @@ import inspect
 import textwrap
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).parents[1]
 
 
@@ -45,7 +43,7 @@ def cli_reference() -> str:
 
 # ----------------------------------------------------------------------------------------------- recipes
 def recipes_reference() -> str:
-    from twn_cli.recipes import stage_settings
+    from twn_cli.recipes import read_yaml, stage_settings
 
     lines = [
         "# Recipe reference",
@@ -58,7 +56,7 @@ def recipes_reference() -> str:
     ]
     for file_name, settings_class in stage_settings().items():
         recipes = sorted(ROOT.glob(f"recipes/*/{file_name}"))
-        values = {path.parent.name: yaml.safe_load(path.read_text()) or {} for path in recipes}
+        values = {path.parent.name: read_yaml(path.read_text()) or {} for path in recipes}
         comments = _field_comments(settings_class)
         lines += [f"## `{file_name}`: `{settings_class.__module__}.{settings_class.__name__}`", ""]
         lines += [inspect.cleandoc(settings_class.__doc__ or ""), ""]
