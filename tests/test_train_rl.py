@@ -253,6 +253,31 @@ def test_groups_without_spread_can_be_left_out_of_the_loss(setup):
                    for name in first_group_alone)
 
 
+def test_a_step_makes_the_better_rewarded_cots_more_likely(setup):
+    """The policy gradient points uphill: after one step on a batch (no KL), each CoT's log-likelihood moved
+    with its own advantage: a flipped sign, a detached ratio or advantages paired with other CoTs fail."""
+    model, dataset, cache = setup
+    trainer = RLTrainer(model, TrainingData(dataset, "train", 0, 0), cache, TrainRLConfig(**{**SMALL, "batch_size": 4, "group_size": 4, "kl_beta": 0.0}))
+    rows = trainer.local_rows()
+    sampled = trainer.sample_groups(rows)
+    rewards = trainer.rewards(rows, sampled)
+    advantages, zero_spread = group_advantages(rewards)
+    assert not zero_spread.all()
+    encoded = model.prompts.encode([prepared_input(row) for row in rows for _ in range(trainer.config.group_size)])
+
+    def cot_log_likelihoods() -> torch.Tensor:
+        with torch.no_grad():
+            log_probs, mask = cot_log_probs(model, encoded, sampled["cot_ids"])
+        mask[~sampled["ended"], -len(model.prompts.think_end_ids):] = False  # an end marker forced by the budget is no action
+        return (log_probs * mask).sum(1)
+
+    before = cot_log_likelihoods()
+    trainer.update([(rows, sampled, rewards)])
+    moved = cot_log_likelihoods() - before
+    # Near-proportional with Adam's first step (0.94 here); CoTs paired with another CoT's advantage give 0.24.
+    assert float(torch.corrcoef(torch.stack([advantages.flatten(), moved]))[0, 1]) > 0.7
+
+
 def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, make_model, tmp_path, monkeypatch):
     model, dataset, cache = setup
     rewards = iter([0.30, 0.32, 0.35, 0.33, 0.31, 0.40])  # before RL, then steps 1-5: best at step 2, falls at 3 and 4
