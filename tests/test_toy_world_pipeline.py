@@ -23,12 +23,13 @@ from twn_cli.engine.backbone import config_fingerprint, load_backbone
 from twn_cli.toyworld.backbone import build_toy_backbone
 from twn_cli.toyworld.pretrain import PretrainSettings, cot_token_ids, pretrain_toy_backbone, unwritable_tokens, warm_up_vision
 from twn_cli.toyworld.render import PICTURE_SIZE
+from twn_cli.toyworld.world import LAZY_TEACHER_COT
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 
 
-def prepare_synthetic(output, n=150, seed=3):
-    result = CliRunner().invoke(app, ["prepare", "synthetic", "-o", str(output), "--n", str(n), "--seed", str(seed)])
+def prepare_synthetic(output, n=150, seed=3, *options: str):
+    result = CliRunner().invoke(app, ["prepare", "synthetic", "-o", str(output), "--n", str(n), "--seed", str(seed), *options])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(output)
     return load_prepared(output)
@@ -52,6 +53,14 @@ def test_prepare_synthetic_writes_a_self_contained_prepared_dataset(tmp_path):
     assert load_image(picture).size == (PICTURE_SIZE, PICTURE_SIZE)
     analysis = [json.loads(line) for line in (tmp_path / "toy" / "analysis.jsonl").read_text().splitlines()]
     assert len(analysis) == sum(len(rows) for rows in dataset.queries.values())
+
+
+def test_prepare_synthetic_with_a_lazy_teacher_records_it_and_writes_its_cots(tmp_path):
+    dataset = prepare_synthetic(tmp_path / "toy", 150, 3, "--lazy-teacher-share", "1")
+    assert dataset.manifest["world"]["lazy_teacher_share"] == 1.0
+    train = dataset.queries["train"]
+    assert {cot for cot, difficulty in zip(train["cot"], train["difficulty"]) if difficulty in ("one_step", "two_step")} == {LAZY_TEACHER_COT}
+    assert LAZY_TEACHER_COT not in dataset.queries["test"]["cot"]
 
 
 def test_prepare_synthetic_is_deterministic_for_a_seed(tmp_path):

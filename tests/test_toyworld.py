@@ -21,7 +21,7 @@ from twn_cli.toyworld.knowledge import KNOWLEDGE, held_out_elements
 from twn_cli.toyworld.pretraining_data import pretraining_examples
 from twn_cli.toyworld.render import GRID_CELLS, PICTURE_SIZE, SIZE_RADII, Scene, SceneObject, cell_centre, layout_scene, render_scene
 from twn_cli.toyworld.vocabulary import COLOURS, POSITIONS, SHAPES, SIZES, THINK_END, THINK_START
-from twn_cli.toyworld.world import META_TASKS, SceneImage, describe_object, describe_scene, generate_world
+from twn_cli.toyworld.world import LAZY_TEACHER_COT, META_TASKS, SceneImage, describe_object, describe_scene, generate_world
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REASONING = ("one_step", "two_step")
@@ -120,6 +120,21 @@ def test_an_rl_split_is_drawn_like_train_and_leaves_the_other_splits_as_they_wer
     assert len(rl.records) == 60 and not any(record.held_out for record in rl.records)  # nothing held out, as train
     assert {(r.task, r.difficulty) for r in rl.records} >= {("t2i", "one_step"), ("t2i", "two_step")}
     assert not ({r.id for r in rl.records} | set(rl.candidates)) & {r.id for s in world.splits.values() for r in s.records}
+
+
+def test_a_lazy_teacher_changes_only_the_cots_of_trains_clue_queries(world):
+    lazy = generate_world(n=500, seed=0, rl_size=60, lazy_teacher_share=0.5)
+    with_rl = generate_world(n=500, seed=0, rl_size=60)
+    for name, split in with_rl.splits.items():
+        for record, lazy_record in zip(split.records, lazy.splits[name].records, strict=True):
+            assert {**lazy_record.to_dict(), "cot": record.cot} == record.to_dict()
+            if lazy_record.cot != record.cot:
+                assert name in ("train", "rl") and record.difficulty in REASONING
+                assert lazy_record.cot == LAZY_TEACHER_COT and record.resolved not in lazy_record.cot
+    clue_queries = [r for r in with_rl["train"].records if r.difficulty in REASONING]
+    skipped = sum(r.cot == LAZY_TEACHER_COT for r in lazy["train"].records) / len(clue_queries)
+    assert 0.4 < skipped < 0.6
+    assert all(r.cot == LAZY_TEACHER_COT for r in generate_world(n=500, seed=0, lazy_teacher_share=1.0)["train"].records if r.difficulty in REASONING)
 
 
 def test_prepared_validation_blocks_rank_each_query_against_its_own_block(tmp_path):
@@ -284,7 +299,7 @@ def test_pretraining_answers_write_every_word_of_every_cot_and_the_think_markers
     # embeddings), so a reasoning adapter could never write it with confidence (BENCHMARKS.md).
     answers = [example.answer for example in itertools.islice(pretraining_examples(seed=0), 4000)]
     written = set().union(*(words(answer) for answer in answers))
-    cot_words = set().union(*(words(record.cot) for split in world.splits.values() for record in split.records))
+    cot_words = set().union(words(LAZY_TEACHER_COT), *(words(record.cot) for split in world.splits.values() for record in split.records))
     assert cot_words <= written
     thinking = [answer for answer in answers if answer.startswith(THINK_START)]
     assert thinking and all(answer.endswith(THINK_END) and "; so " in answer for answer in thinking)

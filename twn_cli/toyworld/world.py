@@ -80,6 +80,10 @@ LABEL_POOLS = {
     "vqa/count": COUNT_ANSWERS,
 }
 
+# What the lazy teacher writes for the clue queries it skips (`generate_world`): no knowledge, only words the
+# backbone's pre-training writes (a word it never writes, such as the clue phrasings', no adapter can make likely).
+LAZY_TEACHER_COT = "the query names the shape; so the shape"
+
 # (colour form, shape form) a query may take: "direct" names the value, a fact kind gives a clue, None
 # leaves the attribute out.
 QUERY_FORMS = {
@@ -247,6 +251,7 @@ class World:
 
 def generate_world(
     n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES, validation_size: int | None = None, rl_size: int = 0,
+    lazy_teacher_share: float = 0.0,
 ) -> World:
     """A world of `n` records over the splits; the same seed gives the same world.
 
@@ -256,6 +261,11 @@ def generate_world(
     `validation_size`: validation holds that many records instead of its share of `n`, drawn in blocks the
     size of the test split, each with candidate pools of its own, so that every validation query is ranked
     against a pool like a test query's; train and test stay as they are.
+
+    `lazy_teacher_share`: an imperfect teacher. That share of the clue queries of train (and rl) get the teacher
+    CoT `LAZY_TEACHER_COT`, which resolves nothing: SFT then learns to think without writing the knowledge
+    out, which RL rewarded from the embedding space can unlearn. Validation and test keep the
+    resolving CoTs (they only describe the records), and the rest of the world does not change.
     """
     held_out = held_out_elements(seed)
     counts = _allocate(n, split_shares)
@@ -263,7 +273,7 @@ def generate_world(
         counts["validation"] = 0
     if rl_size:
         counts["rl"] = rl_size
-    splits = {name: _SplitBuilder(name, seed, held_out).build(count) for name, count in counts.items()}
+    splits = {name: _SplitBuilder(name, seed, held_out, lazy_teacher_share=lazy_teacher_share).build(count) for name, count in counts.items()}
     more = []
     if validation_size is not None:
         block_count = max(1, math.ceil(validation_size / max(1, counts["test"])))
@@ -341,13 +351,16 @@ def random_scene(
 class _SplitBuilder:
     """Draws the records of one split, registering their candidates and pools as it goes."""
 
-    def __init__(self, name: str, seed: int, held_out: HeldOut, block: int = 1):
+    def __init__(self, name: str, seed: int, held_out: HeldOut, block: int = 1, lazy_teacher_share: float = 0.0):
         self.name = name
         # Ids and the random stream of a split's first block are those of a world drawn without more blocks.
         self.id_prefix = name if block == 1 else f"{name}-{block}"
         self.draws_held_out = name in HELD_OUT_SPLITS
         self.held_out = held_out
         self.rng = random.Random(f"toyworld/{seed}/{self.id_prefix}")
+        # A stream of its own, so that a lazy teacher changes CoTs and nothing else of the world.
+        self.teacher_rng = random.Random(f"toyworld/{seed}/{self.id_prefix}/teacher")
+        self.lazy_teacher_share = 0.0 if self.draws_held_out else lazy_teacher_share
         self.allowed_pairs = [(c, s) for c in COLOURS for s in SHAPES if self.draws_held_out or (c, s) not in held_out.combinations]
         self.allowed_facts: dict[tuple[str, str], list[Fact]] = defaultdict(list)
         for fact in KNOWLEDGE:
@@ -426,6 +439,11 @@ class _SplitBuilder:
                 templates = [template for template in templates if template in self.held_out.templates]
         fact, template, swap = self.rng.choice(facts), self.rng.choice(templates), self.rng.random() < 0.5
         return Clue.of(fact, template, swap)
+
+    def _teacher_cot(self, difficulty: str, steps: list[str]) -> str:
+        """The rule-made CoT, or, for a clue query the lazy teacher skips, one that resolves nothing."""
+        lazy = self.teacher_rng.random() < self.lazy_teacher_share
+        return LAZY_TEACHER_COT if lazy and difficulty in ("one_step", "two_step") else "; ".join(steps)
 
     # -- candidates ---------------------------------------------------------------------------------------
 
@@ -520,7 +538,7 @@ class _SplitBuilder:
             positive_ids=(self._add_image("t2i", scene),),
             hard_negative_ids=tuple(self._add_image("t2i", negative) for negative in negatives),
             pool="t2i",
-            cot="; ".join([*steps, f"so {resolved}"]),
+            cot=self._teacher_cot(difficulty, [*steps, f"so {resolved}"]),
             difficulty=difficulty,
             resolved=resolved,
             clues=clues,
@@ -631,7 +649,7 @@ class _SplitBuilder:
             positive_ids=(self._add_text(pool, answer),),
             hard_negative_ids=tuple(self._add_text(pool, lure) for lure in lures),
             pool=pool,
-            cot="; ".join([*steps, f"so {answer}"]),
+            cot=self._teacher_cot(difficulty, [*steps, f"so {answer}"]),
             difficulty=difficulty,
             resolved=answer,
             clues=clues,
