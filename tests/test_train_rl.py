@@ -278,10 +278,8 @@ def test_a_step_makes_the_better_rewarded_cots_more_likely(setup):
     assert float(torch.corrcoef(torch.stack([advantages.flatten(), moved]))[0, 1]) > 0.7
 
 
-def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, make_model, tmp_path, monkeypatch):
-    model, dataset, cache = setup
-    rewards = iter([0.30, 0.32, 0.35, 0.33, 0.31, 0.40])  # before RL, then steps 1-5: best at step 2, falls at 3 and 4
-    monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows: next(rewards))
+def weights_at_checkpoints(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """The reasoning adapter's weights at each checkpoint a run records, by step (filled as the run goes)."""
     weights_at = {}
     record = RLTrainer.record_heldout
 
@@ -290,6 +288,14 @@ def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_bes
         return record(self, score)
 
     monkeypatch.setattr(RLTrainer, "record_heldout", remember)
+    return weights_at
+
+
+def test_a_run_whose_heldout_reward_falls_twice_in_a_row_stops_and_keeps_its_best_checkpoint(setup, make_model, tmp_path, monkeypatch):
+    model, dataset, cache = setup
+    rewards = iter([0.30, 0.32, 0.35, 0.33, 0.31, 0.40])  # before RL, then steps 1-5: best at step 2, falls at 3 and 4
+    monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows: next(rewards))
+    weights_at = weights_at_checkpoints(monkeypatch)
     summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=5, checkpoint_every=1))
     assert summary["steps"] == 4 and summary["kept_best"] == {
         "stopped_at_step": 4, "step": 2, "heldout_reward": 0.35, "heldout_hit": None, "why": "the held-out score fell at 2 checkpoints in a row"
@@ -326,14 +332,8 @@ def test_the_run_keeps_its_checkpoint_with_the_best_heldout_hit_at_1(setup, tmp_
     hit_values, reward_values = iter(hits), iter(rewards)
     monkeypatch.setattr(RLTrainer, "heldout_hit", lambda self, rows: next(hit_values))
     monkeypatch.setattr(RLTrainer, "heldout_reward", lambda self, rows: next(reward_values))
-    weights_at = {0: {name: p.detach().clone() for name, p in model.adapter_parameters("reasoning").items()}}
-    record = RLTrainer.record_heldout
-
-    def remember(self, score):
-        weights_at[self.step_done] = {name: p.detach().clone() for name, p in self.parameters.items()}
-        return record(self, score)
-
-    monkeypatch.setattr(RLTrainer, "record_heldout", remember)
+    weights_at = weights_at_checkpoints(monkeypatch)
+    weights_at[0] = {name: p.detach().clone() for name, p in model.adapter_parameters("reasoning").items()}
     summary = run_train_rl(model, dataset, cache, tmp_path / "rl", TrainRLConfig(**SMALL, steps=2, checkpoint_every=1, heldout_hit_queries=4))
     assert summary["steps"] == 2 and summary["kept_best"] == {
         "stopped_at_step": 2, "step": kept_step, "heldout_reward": rewards[kept_step], "heldout_hit": hits[kept_step],

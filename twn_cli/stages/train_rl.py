@@ -180,6 +180,9 @@ class RLTrainer:
         self.micro_batch = min(config.micro_batch_size or self.share, self.share)
         if self.share % self.micro_batch:
             raise TWNError(f"each process's {self.share} queries per step must split into micro-batches of {self.micro_batch}")
+        # Held-out batches: a micro-batch of the whole step (memory a step's sampling fits in), the same batches
+        # whatever the number of processes.
+        self.heldout_batch = config.micro_batch_size or config.batch_size
         self.candidates = CandidateEmbedder(model, data.candidates, batch_size=64)
         self.parameters = model.adapter_parameters("reasoning")
         # The frozen reference: the reasoning adapter as it was before RL.
@@ -332,16 +335,14 @@ class RLTrainer:
         def reward_sum(batch: list[dict]) -> float:
             return self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
 
-        size = self.config.micro_batch_size or self.config.batch_size  # the same batches whatever the number of processes
-        batches = [rows[start : start + size] for start in range(0, len(rows), size)]
+        batches = [rows[start : start + self.heldout_batch] for start in range(0, len(rows), self.heldout_batch)]
         total = sum(self.distributed.map_in_order(reward_sum, batches, prepare=lambda batch: batch))
         return total / (len(rows) * self.config.group_size)
 
     def heldout_hit(self, rows: list[dict]) -> float:
         """Always-think Hit@1 of `rows` (mean over tasks), each query's greedy CoT ranked against its own
         candidate pool, as `twn eval` scores it."""
-        batch_size = self.config.micro_batch_size or self.config.batch_size  # the memory a step's sampling fits in
-        views = pool_views(self.model, self.data.dataset, rows, batch_size=batch_size, max_think_tokens=self.model.config.max_think_tokens)
+        views = pool_views(self.model, self.data.dataset, rows, batch_size=self.heldout_batch, max_think_tokens=self.model.config.max_think_tokens)
         return weighted_hit_rate(views.hit_think, views.weights)
 
     def record_heldout(self, score: HeldoutScore) -> bool:
