@@ -23,7 +23,7 @@ from twn_cli.engine.backbone import config_fingerprint, load_backbone
 from twn_cli.toyworld.backbone import build_toy_backbone
 from twn_cli.toyworld.pretrain import PretrainSettings, cot_token_ids, pretrain_toy_backbone, unwritable_tokens, warm_up_vision
 from twn_cli.toyworld.render import PICTURE_SIZE
-from twn_cli.toyworld.world import LAZY_TEACHER_COT
+from twn_cli.toyworld.world import LAZY_TEACHER_COT, generate_world
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 
@@ -61,6 +61,18 @@ def test_prepare_synthetic_with_a_lazy_teacher_records_it_and_writes_its_cots(tm
     train = dataset.queries["train"]
     assert {cot for cot, difficulty in zip(train["cot"], train["difficulty"]) if difficulty in ("one_step", "two_step")} == {LAZY_TEACHER_COT}
     assert LAZY_TEACHER_COT not in dataset.queries["test"]["cot"]
+
+
+def test_prepare_synthetic_with_a_near_miss_teacher_records_it_and_refuses_two_teachers_for_one_query(tmp_path):
+    dataset = prepare_synthetic(tmp_path / "toy", 150, 3, "--near-miss-teacher-share", "1")
+    assert dataset.manifest["world"]["near_miss_teacher_share"] == 1.0
+    right = {record.id: record for record in generate_world(n=150, seed=3)["train"].records}
+    train = dataset.queries["train"]
+    clue_cots = [(right[i], cot) for i, cot, difficulty in zip(train["id"], train["cot"], train["difficulty"]) if difficulty in ("one_step", "two_step")]
+    assert clue_cots and all(cot != record.cot and not cot.endswith(record.resolved) for record, cot in clue_cots)
+    result = CliRunner().invoke(app, ["prepare", "synthetic", "-o", str(tmp_path / "both"), "--n", "50", "--lazy-teacher-share", "0.5", "--near-miss-teacher-share", "0.6"])
+    assert result.exit_code != 0 and "add up to more than 1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "both").exists()
 
 
 def test_prepare_synthetic_is_deterministic_for_a_seed(tmp_path):

@@ -137,6 +137,35 @@ def test_a_lazy_teacher_changes_only_the_cots_of_trains_clue_queries(world):
     assert all(r.cot == LAZY_TEACHER_COT for r in generate_world(n=500, seed=0, lazy_teacher_share=1.0)["train"].records if r.difficulty in REASONING)
 
 
+def test_a_near_miss_teacher_resolves_trains_clue_queries_to_their_hard_negative(world):
+    erring = generate_world(n=500, seed=0, rl_size=60, near_miss_teacher_share=0.5)
+    with_rl = generate_world(n=500, seed=0, rl_size=60)
+    for name, split in with_rl.splits.items():
+        candidates = erring.splits[name].candidates
+        for record, erring_record in zip(split.records, erring.splits[name].records, strict=True):
+            assert {**erring_record.to_dict(), "cot": record.cot} == record.to_dict()
+            if erring_record.cot == record.cot:
+                continue
+            assert name in ("train", "rl") and record.difficulty in REASONING
+            right_steps, wrong_steps = record.cot.split("; "), erring_record.cot.split("; ")
+            assert len(wrong_steps) == len(right_steps) and sum(a != b for a, b in zip(right_steps, wrong_steps)) == 2
+            if record.task == "t2i":
+                near_misses = {describe_object(scene.objects[0].colour, scene.objects[0].shape) for scene in (candidates[i].images[0].scene for i in record.hard_negative_ids)}
+            else:
+                near_misses = {candidates[record.hard_negative_ids[0]].text}
+            assert wrong_steps[-1].removeprefix("so ") in near_misses and record.resolved not in wrong_steps[-1]
+    clue_queries = [r for r in with_rl["train"].records if r.difficulty in REASONING]
+    erred = sum(a.cot != b.cot for a, b in zip(with_rl["train"].records, erring["train"].records)) / len(clue_queries)
+    assert 0.4 < erred < 0.6
+    # Adding near misses leaves a lazy teacher's choices as they were.
+    both = generate_world(n=500, seed=0, lazy_teacher_share=0.3, near_miss_teacher_share=0.3)["train"].records
+    lazy = generate_world(n=500, seed=0, lazy_teacher_share=0.3)["train"].records
+    assert [r.cot == LAZY_TEACHER_COT for r in both] == [r.cot == LAZY_TEACHER_COT for r in lazy]
+    assert sum(a.cot not in (b.cot, LAZY_TEACHER_COT) for a, b in zip(both, lazy)) > 0.2 * len(clue_queries)
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        generate_world(n=100, seed=0, lazy_teacher_share=0.6, near_miss_teacher_share=0.6)
+
+
 def test_prepared_validation_blocks_rank_each_query_against_its_own_block(tmp_path):
     from twn_cli.data.prepared import load_prepared
     from twn_cli.toyworld.dataset import write_synthetic_dataset

@@ -95,6 +95,7 @@ def prepare(
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
     rl_size: int = typer.Option(0, min=0, help="synthetic: queries of an `rl` split drawn like train that train-embed never reads (train-rl's queries; 0: none)."),
     lazy_teacher_share: float = typer.Option(0.0, min=0.0, max=1.0, help="synthetic: share of train's clue queries whose teacher CoT resolves nothing (an imperfect teacher, for RL to improve on; 0: none)."),
+    near_miss_teacher_share: float = typer.Option(0.0, min=0.0, max=1.0, help="synthetic: share of train's clue queries whose teacher CoT is a near miss: it resolves a clue to the hard negative's value, as a real teacher errs (for RL to improve on; 0: none)."),
     validation_size: int | None = typer.Option(None, min=1, help="synthetic: validation queries instead of its 10 % share of --n, drawn in blocks the size of test, each with pools of its own (train and test stay as they are): what train-gate learns and chooses τ on."),
     image_size: int | None = typer.Option(None, min=28, help="synthetic: side of the rendered pictures in pixels (default: the toy backbone's, which puts one of its image tokens on each grid cell)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),
@@ -126,7 +127,9 @@ def prepare(
         from twn_cli.toyworld.dataset import write_synthetic_dataset
         from twn_cli.toyworld.render import PICTURE_SIZE
 
-        write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size or PICTURE_SIZE, validation_size=validation_size, rl_size=rl_size, lazy_teacher_share=lazy_teacher_share)
+        if lazy_teacher_share + near_miss_teacher_share > 1:
+            raise TWNError("--lazy-teacher-share and --near-miss-teacher-share add up to more than 1: a query has one teacher")
+        write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size or PICTURE_SIZE, validation_size=validation_size, rl_size=rl_size, lazy_teacher_share=lazy_teacher_share, near_miss_teacher_share=near_miss_teacher_share)
         _print_prepared_summary(output)
         return
     with progress_bar(

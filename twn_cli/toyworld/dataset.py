@@ -21,13 +21,13 @@ from twn_cli.toyworld.world import Record, SceneImage, Split, generate_world
 ANALYSIS_FILE = "analysis.jsonl"
 
 
-def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = PICTURE_SIZE, validation_size: int | None = None, rl_size: int = 0, lazy_teacher_share: float = 0.0) -> dict:
+def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0, image_size: int = PICTURE_SIZE, validation_size: int | None = None, rl_size: int = 0, lazy_teacher_share: float = 0.0, near_miss_teacher_share: float = 0.0) -> dict:
     """Generate the toy world of `n` queries for `seed` (validation: `validation_size` queries instead of its
-    share), an `rl` split of `rl_size` and a lazy teacher (see `generate_world`), and write it to `output_dir`;
+    share), an `rl` split of `rl_size` and an imperfect teacher (see `generate_world`), and write it to `output_dir`;
     returns the manifest counts."""
     output_dir = Path(output_dir).resolve()
     check_output_dir(output_dir)
-    world = generate_world(n=n, seed=seed, validation_size=validation_size, rl_size=rl_size, lazy_teacher_share=lazy_teacher_share)
+    world = generate_world(n=n, seed=seed, validation_size=validation_size, rl_size=rl_size, lazy_teacher_share=lazy_teacher_share, near_miss_teacher_share=near_miss_teacher_share)
     pictures: dict[str, SceneImage] = {}
 
     def picture_paths(kind: str, item_id: str, images) -> list[str]:
@@ -89,6 +89,7 @@ def write_synthetic_dataset(output_dir: str | Path, n: int = 4000, seed: int = 0
                     "validation_size": validation_size,
                     "rl_size": rl_size,
                     "lazy_teacher_share": lazy_teacher_share,
+                    "near_miss_teacher_share": near_miss_teacher_share,
                     "image_size": image_size,
                     "held_out": {
                         "combinations": sorted(" ".join(pair) for pair in world.held_out.combinations),

@@ -252,6 +252,7 @@ class World:
 def generate_world(
     n: int = 4000, seed: int = 0, split_shares: dict[str, float] = SPLIT_SHARES, validation_size: int | None = None, rl_size: int = 0,
     lazy_teacher_share: float = 0.0,
+    near_miss_teacher_share: float = 0.0,
 ) -> World:
     """A world of `n` records over the splits; the same seed gives the same world.
 
@@ -266,14 +267,22 @@ def generate_world(
     CoT `LAZY_TEACHER_COT`, which resolves nothing: SFT then learns to think without writing the knowledge
     out, which RL rewarded from the embedding space can unlearn. Validation and test keep the
     resolving CoTs (they only describe the records), and the rest of the world does not change.
+
+    `near_miss_teacher_share`: a teacher that errs as a real one does. That share of the clue queries of
+    train (and rl) get the CoT of a near miss: a text-to-image query's CoT resolves one of its clues to the
+    value its hard negative carries (`_misresolved`), a question's CoT answers with the first hard negative's
+    value. SFT then learns to err that often when it samples; a wrong CoT retrieves the hard negative, so
+    the reward RL reads from the embedding space ranks it below the right one.
     """
+    if lazy_teacher_share + near_miss_teacher_share > 1:
+        raise ValueError(f"the lazy and near-miss teacher shares add up to more than 1 ({lazy_teacher_share} + {near_miss_teacher_share})")
     held_out = held_out_elements(seed)
     counts = _allocate(n, split_shares)
     if validation_size is not None:
         counts["validation"] = 0
     if rl_size:
         counts["rl"] = rl_size
-    splits = {name: _SplitBuilder(name, seed, held_out, lazy_teacher_share=lazy_teacher_share).build(count) for name, count in counts.items()}
+    splits = {name: _SplitBuilder(name, seed, held_out, teacher_errors=(lazy_teacher_share, near_miss_teacher_share)).build(count) for name, count in counts.items()}
     more = []
     if validation_size is not None:
         block_count = max(1, math.ceil(validation_size / max(1, counts["test"])))
@@ -316,6 +325,12 @@ def hedge(rng: random.Random, templates: tuple[str, ...], answer: str, lure: str
     return rng.choice(templates).format(x=first, y=second)
 
 
+def _misresolved(clue: Clue, wrong: str) -> str:
+    """The CoT step of `clue` resolved to `wrong`, in the clue's own order of a mix's colours."""
+    swapped = clue.explanation != clue.fact.explanation(swap=False)
+    return replace(clue.fact, answer=wrong).explanation(swap=swapped)
+
+
 def _spoken(question: str, answer: str) -> str:
     """An answer as a CoT says it: 'a pentagon', 'on the left', 'green'."""
     if question == "shape":
@@ -351,16 +366,19 @@ def random_scene(
 class _SplitBuilder:
     """Draws the records of one split, registering their candidates and pools as it goes."""
 
-    def __init__(self, name: str, seed: int, held_out: HeldOut, block: int = 1, lazy_teacher_share: float = 0.0):
+    def __init__(self, name: str, seed: int, held_out: HeldOut, block: int = 1, teacher_errors: tuple[float, float] = (0.0, 0.0)):
         self.name = name
         # Ids and the random stream of a split's first block are those of a world drawn without more blocks.
         self.id_prefix = name if block == 1 else f"{name}-{block}"
         self.draws_held_out = name in HELD_OUT_SPLITS
         self.held_out = held_out
         self.rng = random.Random(f"toyworld/{seed}/{self.id_prefix}")
-        # A stream of its own, so that a lazy teacher changes CoTs and nothing else of the world.
+        # Streams of their own, so that an imperfect teacher changes CoTs and nothing else of the world, and a
+        # near miss's choice of clue leaves the draws that decide each query's teacher as they were.
         self.teacher_rng = random.Random(f"toyworld/{seed}/{self.id_prefix}/teacher")
-        self.lazy_teacher_share = 0.0 if self.draws_held_out else lazy_teacher_share
+        self.near_miss_rng = random.Random(f"toyworld/{seed}/{self.id_prefix}/teacher/near-miss")
+        # (lazy share, near-miss share) of the clue queries: the held-out splits only describe their records.
+        self.lazy_teacher_share, self.near_miss_teacher_share = (0.0, 0.0) if self.draws_held_out else teacher_errors
         self.allowed_pairs = [(c, s) for c in COLOURS for s in SHAPES if self.draws_held_out or (c, s) not in held_out.combinations]
         self.allowed_facts: dict[tuple[str, str], list[Fact]] = defaultdict(list)
         for fact in KNOWLEDGE:
@@ -440,10 +458,17 @@ class _SplitBuilder:
         fact, template, swap = self.rng.choice(facts), self.rng.choice(templates), self.rng.random() < 0.5
         return Clue.of(fact, template, swap)
 
-    def _teacher_cot(self, difficulty: str, steps: list[str]) -> str:
-        """The rule-made CoT, or, for a clue query the lazy teacher skips, one that resolves nothing."""
-        lazy = self.teacher_rng.random() < self.lazy_teacher_share
-        return LAZY_TEACHER_COT if lazy and difficulty in ("one_step", "two_step") else "; ".join(steps)
+    def _teacher_cot(self, difficulty: str, steps: list[str], near_miss_steps: list[str]) -> str:
+        """The rule-made CoT; for a clue query the imperfect teacher gets wrong, one that resolves nothing
+        (lazy) or the near miss's. One draw decides, so a lazy teacher's CoTs do not depend on the near misses."""
+        draw = self.teacher_rng.random()
+        if difficulty not in ("one_step", "two_step"):
+            return "; ".join(steps)
+        if draw < self.lazy_teacher_share:
+            return LAZY_TEACHER_COT
+        if draw < self.lazy_teacher_share + self.near_miss_teacher_share:
+            return "; ".join(near_miss_steps)
+        return "; ".join(steps)
 
     # -- candidates ---------------------------------------------------------------------------------------
 
@@ -530,6 +555,13 @@ class _SplitBuilder:
             steps = [f"the query names {resolved} directly"]
         else:
             steps = [clue.explanation for clue in clues]
+        near_miss_steps = []
+        if clues:
+            # The near miss resolves one clue to its hard negative's value; the other clue stays right.
+            missed = clues[self.near_miss_rng.randrange(len(clues))]
+            wrong = {"colour": lure_colour, "shape": lure_shape}[missed.fact.attribute]
+            near_miss = describe_object(wrong, shape) if missed.fact.attribute == "colour" else describe_object(colour, wrong)
+            near_miss_steps = [_misresolved(clue, wrong) if clue is missed else clue.explanation for clue in clues] + [f"so {near_miss}"]
         self._draft(
             "t2i",
             INSTRUCTIONS["t2i"],
@@ -538,7 +570,7 @@ class _SplitBuilder:
             positive_ids=(self._add_image("t2i", scene),),
             hard_negative_ids=tuple(self._add_image("t2i", negative) for negative in negatives),
             pool="t2i",
-            cot=self._teacher_cot(difficulty, [*steps, f"so {resolved}"]),
+            cot=self._teacher_cot(difficulty, [*steps, f"so {resolved}"], near_miss_steps),
             difficulty=difficulty,
             resolved=resolved,
             clues=clues,
@@ -640,6 +672,8 @@ class _SplitBuilder:
             steps = [hedge(rng, hedges, _spoken(question, answer), _spoken(question, lures[0]))]
         else:
             steps = [*(clue.explanation for clue in clues), observation]
+        # The near miss reads the picture wrong: it sees the first hard negative's value where the answer is.
+        near_miss_steps = [*(clue.explanation for clue in clues), observation.removesuffix(_spoken(question, answer)) + _spoken(question, lures[0]), f"so {lures[0]}"]
         pool = f"vqa/{question}"
         self._draft(
             "vqa",
@@ -649,7 +683,7 @@ class _SplitBuilder:
             positive_ids=(self._add_text(pool, answer),),
             hard_negative_ids=tuple(self._add_text(pool, lure) for lure in lures),
             pool=pool,
-            cot=self._teacher_cot(difficulty, [*steps, f"so {answer}"]),
+            cot=self._teacher_cot(difficulty, [*steps, f"so {answer}"], near_miss_steps),
             difficulty=difficulty,
             resolved=answer,
             clues=clues,
