@@ -119,3 +119,51 @@ def test_hub_backbones_counts_video_tokens_and_computes_memory(scripts, tmp_path
     assert 4.3e9 < figures["memory"]["qwen3-vl-4b"]["parameters"] < 4.5e9
     assert figures["memory"]["qwen3-vl-30b-a3b language model"]["adapted_percent"] < 5
     assert json.loads((tmp_path / "hub.json").read_text())["video_tokens"] == figures["video_tokens"]
+
+
+def test_rl_headroom_scores_the_teacher_cot_as_train_rl_scores_a_sampled_one(scripts, make_model, toy_dataset_dir, tmp_path):
+    import torch
+    import yaml
+    from parameter_checks import distinct_adapters
+
+    from twn_cli.data.negatives_cache import NegativesCache
+    from twn_cli.data.prepared import load_prepared, prepared_input
+    from twn_cli.data.training_data import TrainingData
+    from twn_cli.engine.checkpoint import save_checkpoint
+    from twn_cli.stages.train_rl import HELDOUT_KEY, RLTrainer, TrainRLConfig
+
+    model = make_model()
+    distinct_adapters(model)
+    checkpoint = save_checkpoint(model, tmp_path / "start", stages=[{"stage": "train-gate"}])
+    dataset = load_prepared(str(toy_dataset_dir))
+    ids = list(dataset.candidates["id"])
+    with torch.no_grad():
+        embeddings = torch.cat([model.embed([prepared_input(dataset.candidates[i]) for i in range(start, min(start + 64, len(ids)))]).embeddings for start in range(0, len(ids), 64)])
+    torch.save({"ids": ids, "embeddings": embeddings}, tmp_path / "cache.pt")
+    # Near-greedy sampling: every CoT of a group is the policy's greedy one.
+    settings = {"group_size": 2, "max_think_tokens": 6, "temperature": 1e-4, "batch_size": 4, "hardest_negatives": 4, "random_negatives": 4}
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(settings))
+    arguments = ["--checkpoint", str(checkpoint), "--data", str(toy_dataset_dir), "--cache", str(tmp_path / "cache.pt"), "--recipe", str(tmp_path / "rl.yaml"),
+                 "--split", "validation", "--queries", "8", "-o", str(tmp_path / "headroom.json")]
+    figures = scripts("rl_headroom").main(arguments)
+
+    trainer = RLTrainer(model, TrainingData(dataset, "validation", hard_negatives=0, seed=0), NegativesCache(ids, embeddings), TrainRLConfig(**settings, split="validation"))
+    rows = list(dataset.queries["validation"])[:8]
+    overall = figures["results"][0]
+    assert overall["difficulty"] == "all" and overall["queries"] == 8
+    assert overall["sampled"] == pytest.approx(trainer.heldout_reward(rows), abs=1e-4)  # train-rl's held-out reward
+    assert all(row["best_of_group"] >= row["sampled"] - 1e-6 for row in figures["results"])
+    assert sum(row["queries"] for row in figures["results"][1:]) == 8
+    assert json.loads((tmp_path / "headroom.json").read_text())["results"] == figures["results"]
+
+    # A teacher that writes what the policy writes earns what the policy's CoT earns, query by query; the
+    # same CoTs given to the wrong queries earn something else.
+    batch = rows[:4]
+    with torch.no_grad():
+        groups = trainer.sample_groups(batch, key=HELDOUT_KEY)
+        sampled = trainer.rewards(batch, groups, key=HELDOUT_KEY)[:, 0]
+        written = [groups["cot_ids"][index * settings["group_size"]] for index in range(len(batch))]
+        taught = scripts("rl_headroom").forced_cot_rewards(trainer, batch, groups, written)
+        shifted = scripts("rl_headroom").forced_cot_rewards(trainer, batch, groups, written[1:] + written[:1])
+    assert torch.allclose(taught, sampled, atol=1e-4)
+    assert not torch.allclose(shifted, sampled, atol=1e-3)

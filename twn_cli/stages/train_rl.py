@@ -71,6 +71,8 @@ from twn_cli.training import RunDirectory, finite_optimizer_step, restore_rng_st
 log = logging.getLogger(__name__)
 
 # A held-out score that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
+# The sampling and negatives key of the held-out reward: no training step uses it, so values at different steps compare.
+HELDOUT_KEY = -1
 FALLS_TO_STOP = 2
 # The settings that decide what the held-out score measures: a resumed run must keep them, or its scores
 # before and after would not compare.
@@ -330,10 +332,8 @@ class RLTrainer:
     def heldout_reward(self, rows: list[dict]) -> float:
         """Mean reward over `rows` with CoTs sampled under one fixed seed (so that values at different steps
         compare). Processes share the batches."""
-        key = -1  # no training step uses it
-
         def reward_sum(batch: list[dict]) -> float:
-            return self.rewards(batch, self.sample_groups(batch, key), key).sum().item()
+            return self.rewards(batch, self.sample_groups(batch, HELDOUT_KEY), HELDOUT_KEY).sum().item()
 
         batches = [rows[start : start + self.heldout_batch] for start in range(0, len(rows), self.heldout_batch)]
         total = sum(self.distributed.map_in_order(reward_sum, batches, prepare=lambda batch: batch))
