@@ -1,17 +1,20 @@
 """How much reward train-rl could gain: the policy's sampled CoTs against the best of each group and the teacher's CoT.
 
     python benchmarks/rl_headroom.py --checkpoint runs/toy/gate --data runs/toy/data --cache runs/toy/cache.pt \
-        [--recipe recipes/toy/train-rl.yaml] [--split validation] [--queries 64] [-o result.json]
+        [--recipe recipes/toy/train-rl.yaml] [--split validation] [--queries 64] [--device cpu] [-o result.json]
 
 On the queries train-rl's held-out reward reads (the first --queries of the split; CoTs sampled under its
 fixed seed, G per query, rewarded against the cache as the recipe says), three rewards per query:
-- *sampled*: the mean over the group, which is train-rl's held-out reward;
+- *sampled*: the mean over the group, which is train-rl's held-out reward (run on the device train-rl ran
+  on: a GPU's generator samples other CoTs than a CPU's);
 - *best of group*: the group's best CoT, what a policy that always wrote the best of its own samples earns;
 - *teacher*: the dataset's CoT written in place of a sampled one (teacher-forced into the interface's think
   view, as in train-embed), what a policy that reasoned like the teacher earns.
 The embedding adapter, which train-rl does not train, is the same in all three, so teacher / sampled bounds
 the rise a reasoning adapter can bring, and best / sampled the part its own samples already show GRPO.
-By difficulty tag too; queries without a teacher CoT count in sampled and best only.
+By difficulty tag too; queries without a teacher CoT count in sampled and best only, and teacher / sampled
+compares the queries with one. Teacher CoTs longer than the recipe's max_think_tokens, which the policy
+could not write, are counted.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
-from dataclasses import replace
 
 import torch
 
@@ -29,6 +31,7 @@ from twn_cli.data.prepared import load_prepared, prepared_input
 from twn_cli.data.training_data import TrainingData
 from twn_cli.engine.factory import LoadOptions, load_model
 from twn_cli.engine.training_passes import training_views
+from twn_cli.errors import TWNError
 from twn_cli.recipes import load_recipe
 from twn_cli.stages.train_rl import HELDOUT_KEY, RLTrainer, TrainRLConfig
 
@@ -56,20 +59,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default=None, help="train-rl recipe: G, temperature, CoT length, reward (default: built-in)")
     parser.add_argument("--split", default=None, help="default: the recipe's validation split")
     parser.add_argument("--queries", type=int, default=None, help="default: the recipe's validation_queries")
+    # A CUDA generator samples other CoTs than a CPU one under the same seed.
+    parser.add_argument("--device", default="cpu", help="the device train-rl ran on, for its held-out reward's CoTs (cpu, cuda)")
     parser.add_argument("-o", "--output")
     arguments = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = load_model(arguments.checkpoint, options=LoadOptions(device="cpu"))
-    dataset = load_prepared(arguments.data)
-    recipe = load_recipe(arguments.recipe, TrainRLConfig)
-    split = arguments.split or recipe.validation_split
+    try:
+        model = load_model(arguments.checkpoint, options=LoadOptions(device=arguments.device))
+        dataset = load_prepared(arguments.data)
+        config = load_recipe(arguments.recipe, TrainRLConfig)
+        cache = load_negatives_cache(arguments.cache, model.embedding_dim)
+    except TWNError as error:
+        parser.error(str(error))
+    split = arguments.split or config.validation_split
     if split not in dataset.queries:
         parser.error(f"'{arguments.data}' has no split '{split}' (it has {', '.join(dataset.queries)})")
-    count = arguments.queries or recipe.validation_queries
-    config = replace(recipe, split=split)
-    trainer = RLTrainer(model, TrainingData(dataset, split, hard_negatives=0, seed=config.seed), load_negatives_cache(arguments.cache, model.embedding_dim), config)
-    rows = list(dataset.queries[split])[:count]
+    count = config.validation_queries if arguments.queries is None else arguments.queries
+    if count < 1:
+        parser.error(f"--queries (or the recipe's validation_queries) must be at least 1, not {count}")
+    trainer = RLTrainer(model, TrainingData(dataset, split, hard_negatives=0, seed=config.seed), cache, config)
+    queries = dataset.queries[split]
+    rows = [queries[index] for index in range(min(count, len(queries)))]
 
     per_difficulty: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with torch.no_grad():
@@ -77,26 +88,33 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in common.batched(rows, trainer.heldout_batch):
             groups = trainer.sample_groups(batch, key=HELDOUT_KEY)
             sampled = trainer.rewards(batch, groups, key=HELDOUT_KEY)
-            teacher_cots = [trainer.model.prompts.cot_token_ids([row["cot"]])[0] if row["cot"] else None for row in batch]
+            teacher_cots = [model.prompts.cot_token_ids([row["cot"]])[0] if row["cot"] else None for row in batch]
             teacher = forced_cot_rewards(trainer, batch, groups, teacher_cots)
-            for row, group, taught in zip(batch, sampled, teacher.tolist()):
+            for row, group, taught, cot in zip(batch, sampled, teacher.tolist(), teacher_cots):
                 for tag in ("all", row.get("difficulty") or "-"):
-                    per_difficulty[tag]["sampled"].append(group.mean().item())
-                    per_difficulty[tag]["best"].append(group.max().item())
-                    if row["cot"]:
-                        per_difficulty[tag]["teacher"].append(taught)
+                    tagged = per_difficulty[tag]
+                    tagged["sampled"].append(group.mean().item())
+                    tagged["best"].append(group.max().item())
+                    if cot is not None:
+                        tagged["teacher"].append(taught)
+                        tagged["sampled_where_taught"].append(group.mean().item())
+                        tagged["teacher_over_budget"].append(len(cot) > config.max_think_tokens)
 
     def mean(values: list[float]) -> float | None:
         return round(sum(values) / len(values), 4) if values else None
 
+    # teacher / sampled compares the same queries: those with a teacher CoT.
     results = [
         {"difficulty": tag, "queries": len(values["sampled"]), "sampled": mean(values["sampled"]), "best_of_group": mean(values["best"]),
-         "teacher": mean(values["teacher"]), "with_teacher_cot": len(values["teacher"])}
+         "teacher": mean(values["teacher"]), "with_teacher_cot": len(values["teacher"]),
+         "teacher_over_sampled": round(sum(values["teacher"]) / sum(values["sampled_where_taught"]), 4) if sum(values["sampled_where_taught"]) else None,
+         "teacher_cots_over_budget": sum(values["teacher_over_budget"])}
         for tag, values in sorted(per_difficulty.items(), key=lambda item: item[0] != "all")
     ]
     figures = {
         "benchmark": "rl_headroom",
         "split": split,
+        "queries": len(rows),
         "group_size": config.group_size,
         "temperature": config.temperature,
         "reward": config.reward,
@@ -105,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": common.machine_info(model.device),
     }
     common.print_table(
-        ["difficulty", "queries", "sampled", "best of group", "teacher CoT", "teacher / sampled"],
-        [[row["difficulty"], row["queries"], row["sampled"], row["best_of_group"], row["teacher"],
-          f"{row['teacher'] / row['sampled']:.2f}" if row["teacher"] is not None and row["sampled"] else "-"] for row in results],
+        ["difficulty", "queries", "sampled", "best of group", "teacher CoT", "teacher / sampled", f"teacher CoTs over {config.max_think_tokens} tokens"],
+        [[row["difficulty"], row["queries"], row["sampled"], row["best_of_group"], row["teacher"], row["teacher_over_sampled"] or "-",
+          row["teacher_cots_over_budget"]] for row in results],
     )
     common.finish(figures, arguments.output)
     return figures

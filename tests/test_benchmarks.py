@@ -140,8 +140,7 @@ def test_rl_headroom_scores_the_teacher_cot_as_train_rl_scores_a_sampled_one(scr
     with torch.no_grad():
         embeddings = torch.cat([model.embed([prepared_input(dataset.candidates[i]) for i in range(start, min(start + 64, len(ids)))]).embeddings for start in range(0, len(ids), 64)])
     torch.save({"ids": ids, "embeddings": embeddings}, tmp_path / "cache.pt")
-    # Near-greedy sampling: every CoT of a group is the policy's greedy one.
-    settings = {"group_size": 2, "max_think_tokens": 6, "temperature": 1e-4, "batch_size": 4, "hardest_negatives": 4, "random_negatives": 4}
+    settings = {"group_size": 2, "max_think_tokens": 6, "temperature": 1.0, "batch_size": 4, "hardest_negatives": 4, "random_negatives": 4}
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(settings))
     arguments = ["--checkpoint", str(checkpoint), "--data", str(toy_dataset_dir), "--cache", str(tmp_path / "cache.pt"), "--recipe", str(tmp_path / "rl.yaml"),
                  "--split", "validation", "--queries", "8", "-o", str(tmp_path / "headroom.json")]
@@ -152,7 +151,8 @@ def test_rl_headroom_scores_the_teacher_cot_as_train_rl_scores_a_sampled_one(scr
     overall = figures["results"][0]
     assert overall["difficulty"] == "all" and overall["queries"] == 8
     assert overall["sampled"] == pytest.approx(trainer.heldout_reward(rows), abs=1e-4)  # train-rl's held-out reward
-    assert all(row["best_of_group"] >= row["sampled"] - 1e-6 for row in figures["results"])
+    assert all(row["best_of_group"] >= row["sampled"] - 1e-6 for row in figures["results"]) and overall["best_of_group"] > overall["sampled"]
+    assert overall["teacher_over_sampled"] == pytest.approx(overall["teacher"] / overall["sampled"], abs=1e-3)  # every toy query has a CoT
     assert sum(row["queries"] for row in figures["results"][1:]) == 8
     assert json.loads((tmp_path / "headroom.json").read_text())["results"] == figures["results"]
 

@@ -95,7 +95,7 @@ def prepare(
     seed: int = typer.Option(0, help="synthetic: seed of the toy world (the same seed gives the same dataset)."),
     rl_size: int = typer.Option(0, min=0, help="synthetic: queries of an `rl` split drawn like train that train-embed never reads (train-rl's queries; 0: none)."),
     lazy_teacher_share: float = typer.Option(0.0, min=0.0, max=1.0, help="synthetic: share of train's clue queries whose teacher CoT resolves nothing (an imperfect teacher, for RL to improve on; 0: none)."),
-    near_miss_teacher_share: float = typer.Option(0.0, min=0.0, max=1.0, help="synthetic: share of train's clue queries whose teacher CoT is a near miss: it resolves a clue to the hard negative's value, as a real teacher errs (for RL to improve on; 0: none)."),
+    near_miss_teacher_share: float = typer.Option(0.0, min=0.0, max=1.0, help="synthetic: share of train's clue queries whose teacher CoT is a near miss, as a real teacher errs: it resolves a clue to the hard negative's value (a question: reads the picture wrong and answers with it; for RL to improve on; 0: none)."),
     validation_size: int | None = typer.Option(None, min=1, help="synthetic: validation queries instead of its 10 % share of --n, drawn in blocks the size of test, each with pools of its own (train and test stay as they are): what train-gate learns and chooses τ on."),
     image_size: int | None = typer.Option(None, min=28, help="synthetic: side of the rendered pictures in pixels (default: the toy backbone's, which puts one of its image tokens on each grid cell)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log details on stderr."),

@@ -70,9 +70,9 @@ from twn_cli.training import RunDirectory, finite_optimizer_step, restore_rng_st
 
 log = logging.getLogger(__name__)
 
-# A held-out score that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
 # The sampling and negatives key of the held-out reward: no training step uses it, so values at different steps compare.
 HELDOUT_KEY = -1
+# A held-out score that falls at this many checkpoints in a row stops the run (the best checkpoint is kept).
 FALLS_TO_STOP = 2
 # The settings that decide what the held-out score measures: a resumed run must keep them, or its scores
 # before and after would not compare.

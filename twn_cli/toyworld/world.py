@@ -270,8 +270,9 @@ def generate_world(
 
     `near_miss_teacher_share`: a teacher that errs as a real one does. That share of the clue queries of
     train (and rl) get the CoT of a near miss: a text-to-image query's CoT resolves one of its clues to the
-    value its hard negative carries (`_misresolved`), a question's CoT answers with the first hard negative's
-    value. SFT then learns to err that often when it samples; a wrong CoT retrieves the hard negative, so
+    value its hard negative carries (`_misresolved`: the step's own arithmetic or mix may then disagree with
+    its conclusion, as a careless teacher's does), a question's CoT reads the picture wrong and answers with
+    the first hard negative's value. SFT then learns to err that often when it samples; a wrong CoT retrieves the hard negative, so
     the reward RL reads from the embedding space ranks it below the right one.
     """
     if lazy_teacher_share + near_miss_teacher_share > 1:
@@ -282,7 +283,7 @@ def generate_world(
         counts["validation"] = 0
     if rl_size:
         counts["rl"] = rl_size
-    splits = {name: _SplitBuilder(name, seed, held_out, teacher_errors=(lazy_teacher_share, near_miss_teacher_share)).build(count) for name, count in counts.items()}
+    splits = {name: _SplitBuilder(name, seed, held_out, lazy_teacher_share=lazy_teacher_share, near_miss_teacher_share=near_miss_teacher_share).build(count) for name, count in counts.items()}
     more = []
     if validation_size is not None:
         block_count = max(1, math.ceil(validation_size / max(1, counts["test"])))
@@ -366,7 +367,9 @@ def random_scene(
 class _SplitBuilder:
     """Draws the records of one split, registering their candidates and pools as it goes."""
 
-    def __init__(self, name: str, seed: int, held_out: HeldOut, block: int = 1, teacher_errors: tuple[float, float] = (0.0, 0.0)):
+    def __init__(
+        self, name: str, seed: int, held_out: HeldOut, block: int = 1, lazy_teacher_share: float = 0.0, near_miss_teacher_share: float = 0.0
+    ):
         self.name = name
         # Ids and the random stream of a split's first block are those of a world drawn without more blocks.
         self.id_prefix = name if block == 1 else f"{name}-{block}"
@@ -377,8 +380,9 @@ class _SplitBuilder:
         # near miss's choice of clue leaves the draws that decide each query's teacher as they were.
         self.teacher_rng = random.Random(f"toyworld/{seed}/{self.id_prefix}/teacher")
         self.near_miss_rng = random.Random(f"toyworld/{seed}/{self.id_prefix}/teacher/near-miss")
-        # (lazy share, near-miss share) of the clue queries: the held-out splits only describe their records.
-        self.lazy_teacher_share, self.near_miss_teacher_share = (0.0, 0.0) if self.draws_held_out else teacher_errors
+        # The held-out splits only describe their records: their teacher is always right.
+        self.lazy_teacher_share = 0.0 if self.draws_held_out else lazy_teacher_share
+        self.near_miss_teacher_share = 0.0 if self.draws_held_out else near_miss_teacher_share
         self.allowed_pairs = [(c, s) for c in COLOURS for s in SHAPES if self.draws_held_out or (c, s) not in held_out.combinations]
         self.allowed_facts: dict[tuple[str, str], list[Fact]] = defaultdict(list)
         for fact in KNOWLEDGE:
@@ -672,8 +676,12 @@ class _SplitBuilder:
             steps = [hedge(rng, hedges, _spoken(question, answer), _spoken(question, lures[0]))]
         else:
             steps = [*(clue.explanation for clue in clues), observation]
-        # The near miss reads the picture wrong: it sees the first hard negative's value where the answer is.
-        near_miss_steps = [*(clue.explanation for clue in clues), observation.removesuffix(_spoken(question, answer)) + _spoken(question, lures[0]), f"so {lures[0]}"]
+        # The near miss reads the picture wrong: it sees the first hard negative's value where the answer is
+        # (questions with clues end their observation with the spoken answer).
+        near_miss_steps = []
+        if clues:
+            misread = observation.removesuffix(_spoken(question, answer)) + _spoken(question, lures[0])
+            near_miss_steps = [*(clue.explanation for clue in clues), misread, f"so {lures[0]}"]
         pool = f"vqa/{question}"
         self._draft(
             "vqa",
