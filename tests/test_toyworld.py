@@ -148,12 +148,17 @@ def test_a_near_miss_teacher_resolves_trains_clue_queries_to_their_hard_negative
                 continue
             assert name in ("train", "rl") and record.difficulty in REASONING
             right_steps, wrong_steps = record.cot.split("; "), erring_record.cot.split("; ")
-            assert len(wrong_steps) == len(right_steps) and sum(a != b for a, b in zip(right_steps, wrong_steps)) == 2
+            changed = [index for index, (right, wrong) in enumerate(zip(right_steps, wrong_steps, strict=True)) if right != wrong]
+            assert len(changed) == 2 and changed[1] == len(right_steps) - 1  # one step and the conclusion
             if record.task == "t2i":
-                near_misses = {describe_object(scene.objects[0].colour, scene.objects[0].shape) for scene in (candidates[i].images[0].scene for i in record.hard_negative_ids)}
+                # The missed clue's attribute picks the hard negative: the first differs in colour, the second in shape.
+                missed = record.clues[changed[0]]
+                scene = candidates[record.hard_negative_ids[0 if missed.fact.attribute == "colour" else 1]].images[0].scene
+                near_miss = describe_object(scene.objects[0].colour, scene.objects[0].shape)
             else:
-                near_misses = {candidates[record.hard_negative_ids[0]].text}
-            assert wrong_steps[-1].removeprefix("so ") in near_misses and record.resolved not in wrong_steps[-1]
+                assert changed[0] == len(record.clues)  # the clues stay right; the picture is misread
+                near_miss = candidates[record.hard_negative_ids[0]].text
+            assert wrong_steps[-1] == f"so {near_miss}" and record.resolved not in wrong_steps[-1]
     clue_queries = [r for r in with_rl["train"].records if r.difficulty in REASONING]
     erred = sum(a.cot != b.cot for a, b in zip(with_rl["train"].records, erring["train"].records)) / len(clue_queries)
     assert 0.4 < erred < 0.6
