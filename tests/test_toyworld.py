@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from twn_cli.engine.config import TWNConfig
+from twn_cli.errors import TWNError
 from twn_cli.toyworld.backbone import ToyBackboneSpec, tokenizer_corpus
 from twn_cli.toyworld.knowledge import KNOWLEDGE, held_out_elements
 from twn_cli.toyworld.pretraining_data import pretraining_examples
@@ -167,7 +168,7 @@ def test_a_near_miss_teacher_resolves_trains_clue_queries_to_their_hard_negative
     lazy = generate_world(n=500, seed=0, lazy_teacher_share=0.3)["train"].records
     assert [r.cot == LAZY_TEACHER_COT for r in both] == [r.cot == LAZY_TEACHER_COT for r in lazy]
     assert sum(a.cot not in (b.cot, LAZY_TEACHER_COT) for a, b in zip(both, lazy)) > 0.2 * len(clue_queries)
-    with pytest.raises(ValueError, match="add up to more than 1"):
+    with pytest.raises(TWNError, match="add up to more than 1"):
         generate_world(n=100, seed=0, lazy_teacher_share=0.6, near_miss_teacher_share=0.6)
 
 

@@ -127,8 +127,6 @@ def prepare(
         from twn_cli.toyworld.dataset import write_synthetic_dataset
         from twn_cli.toyworld.render import PICTURE_SIZE
 
-        if lazy_teacher_share + near_miss_teacher_share > 1:
-            raise TWNError("--lazy-teacher-share and --near-miss-teacher-share add up to more than 1: a query has one teacher")
         write_synthetic_dataset(output, n=n, seed=seed, image_size=image_size or PICTURE_SIZE, validation_size=validation_size, rl_size=rl_size, lazy_teacher_share=lazy_teacher_share, near_miss_teacher_share=near_miss_teacher_share)
         _print_prepared_summary(output)
         return

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from PIL import Image
 
+from twn_cli.errors import TWNError
 from twn_cli.toyworld.knowledge import CLUE_TEMPLATES, KNOWLEDGE, Clue, Fact, HeldOut, held_out_elements, with_article
 from twn_cli.toyworld.render import PICTURE_SIZE, Scene, SceneObject, render_scene
 from twn_cli.toyworld.vocabulary import (
@@ -276,7 +277,7 @@ def generate_world(
     the reward RL reads from the embedding space ranks it below the right one.
     """
     if lazy_teacher_share + near_miss_teacher_share > 1:
-        raise ValueError(f"the lazy and near-miss teacher shares add up to more than 1 ({lazy_teacher_share} + {near_miss_teacher_share})")
+        raise TWNError(f"the lazy and near-miss teacher shares add up to more than 1 ({lazy_teacher_share} + {near_miss_teacher_share}): a query has one teacher")
     held_out = held_out_elements(seed)
     counts = _allocate(n, split_shares)
     if validation_size is not None:
