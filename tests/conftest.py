@@ -70,6 +70,19 @@ def make_model(toy_backbone_dir):
     return build
 
 
+def cache_for(model, dataset):
+    """A negatives cache of every candidate of a prepared dataset, embedded by `model` without thinking (as `twn embed` writes one)."""
+    from twn_cli.data.negatives_cache import NegativesCache
+    from twn_cli.data.prepared import prepared_input
+
+    ids = list(dataset.candidates["id"])
+    with torch.no_grad():
+        embeddings = torch.cat(
+            [model.embed([prepared_input(dataset.candidates[i]) for i in range(start, min(start + 64, len(ids)))]).embeddings for start in range(0, len(ids), 64)]
+        )
+    return NegativesCache(ids, embeddings.cpu())
+
+
 @pytest.fixture(scope="session")
 def toy_dataset_dir(tmp_path_factory) -> Path:
     """A small toy world as a prepared dataset (pictures rendered into it)."""

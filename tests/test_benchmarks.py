@@ -124,10 +124,10 @@ def test_hub_backbones_counts_video_tokens_and_computes_memory(scripts, tmp_path
 def test_rl_headroom_scores_the_teacher_cot_as_train_rl_scores_a_sampled_one(scripts, make_model, toy_dataset_dir, tmp_path):
     import torch
     import yaml
+    from conftest import cache_for
     from parameter_checks import distinct_adapters
 
-    from twn_cli.data.negatives_cache import NegativesCache
-    from twn_cli.data.prepared import load_prepared, prepared_input
+    from twn_cli.data.prepared import load_prepared
     from twn_cli.data.training_data import TrainingData
     from twn_cli.engine.checkpoint import save_checkpoint
     from twn_cli.stages.train_rl import HELDOUT_KEY, RLTrainer, TrainRLConfig
@@ -136,17 +136,15 @@ def test_rl_headroom_scores_the_teacher_cot_as_train_rl_scores_a_sampled_one(scr
     distinct_adapters(model)
     checkpoint = save_checkpoint(model, tmp_path / "start", stages=[{"stage": "train-gate"}])
     dataset = load_prepared(str(toy_dataset_dir))
-    ids = list(dataset.candidates["id"])
-    with torch.no_grad():
-        embeddings = torch.cat([model.embed([prepared_input(dataset.candidates[i]) for i in range(start, min(start + 64, len(ids)))]).embeddings for start in range(0, len(ids), 64)])
-    torch.save({"ids": ids, "embeddings": embeddings}, tmp_path / "cache.pt")
+    cache = cache_for(model, dataset)
+    torch.save({"ids": cache.ids, "embeddings": cache.embeddings}, tmp_path / "cache.pt")
     settings = {"group_size": 2, "max_think_tokens": 6, "temperature": 1.0, "batch_size": 4, "hardest_negatives": 4, "random_negatives": 4}
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(settings))
     arguments = ["--checkpoint", str(checkpoint), "--data", str(toy_dataset_dir), "--cache", str(tmp_path / "cache.pt"), "--recipe", str(tmp_path / "rl.yaml"),
                  "--split", "validation", "--queries", "8", "-o", str(tmp_path / "headroom.json")]
     figures = scripts("rl_headroom").main(arguments)
 
-    trainer = RLTrainer(model, TrainingData(dataset, "validation", hard_negatives=0, seed=0), NegativesCache(ids, embeddings), TrainRLConfig(**settings, split="validation"))
+    trainer = RLTrainer(model, TrainingData(dataset, "validation", hard_negatives=0, seed=0), cache, TrainRLConfig(**settings, split="validation"))
     rows = list(dataset.queries["validation"])[:8]
     overall = figures["results"][0]
     assert overall["difficulty"] == "all" and overall["queries"] == 8

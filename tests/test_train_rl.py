@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import cache_for
 from typer.testing import CliRunner
 
 from twn_cli.cli import app
@@ -165,15 +166,6 @@ def test_read_inputs_gives_a_prepared_datasets_candidates(toy_dataset_dir):
 
 
 # ------------------------------------------------------------------------------------------- training
-def cache_for(model, dataset) -> NegativesCache:
-    ids = list(dataset.candidates["id"])
-    with torch.no_grad():
-        embeddings = torch.cat(
-            [model.embed([prepared_input(dataset.candidates[i]) for i in range(start, min(start + 64, len(ids)))]).embeddings for start in range(0, len(ids), 64)]
-        )
-    return NegativesCache(ids, embeddings.cpu())
-
-
 @pytest.fixture
 def setup(make_model, toy_dataset_dir):
     dataset = load_prepared(toy_dataset_dir)
